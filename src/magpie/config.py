@@ -1,0 +1,176 @@
+"""Run configuration: defaults < config file < environment < flags.
+
+A config file is TOML (``.toml``) or YAML (``.yaml``/``.yml``) holding the same
+settings as the ``generate`` flags (see configs/).  Environment variables are
+``MAGPIE_<KEY>`` (``MAGPIE_INSTRUCTION_TEMPERATURE`` for nested keys) and
+``OLLAMA_HOST``.  Everything is validated by pydantic; an error names the bad
+key and where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from magpie.backends.base import Sampling
+from magpie.errors import UsageError
+from magpie.pipeline import default_instruction_sampling, default_response_sampling
+from magpie.retry import RetryPolicy
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BackendName = Literal["auto", "ollama", "embedded"]
+
+
+class RunConfig(BaseModel):
+    """Every setting of ``magpie generate``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num: int = Field(100, gt=0, description="records the output should hold")
+    output: str = Field("-", min_length=1, description="output JSONL path, - for stdout")
+    overwrite: bool = False
+    backend: BackendName = "auto"
+    model: str | None = None
+    host: str | None = None
+    template: str = "auto"
+    system: str | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    concurrency: int | Literal["auto"] = "auto"
+    timeout: float = Field(300.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    unreachable_budget: float = Field(120.0, ge=0)
+    keep_truncated: bool = False
+    extra_stop: list[str] = Field(default_factory=list)
+    n_ctx: int = Field(4096, ge=256)
+    threads: int | None = Field(None, ge=1)
+    keep_alive: str | None = None
+    instruction: Sampling = Field(default_factory=default_instruction_sampling)
+    response: Sampling = Field(default_factory=default_response_sampling)
+    quiet: bool = False
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(max_retries=self.max_retries, unreachable_budget=self.unreachable_budget)
+
+
+_NESTED = ("instruction", "response")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or YAML config file into a dict (exit 2 on any problem)."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text("utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"config file not found: {p}") from None
+    except IsADirectoryError:
+        raise UsageError(f"config file is a directory: {p}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read config file {p}: {exc}") from None
+    if p.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UsageError(
+                f"config file {p} is not valid YAML: {' '.join(str(exc).split())}"
+            ) from None
+        data = {} if data is None else data
+    else:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"config file {p} is not valid TOML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"config file {p} must hold a table of settings, not {type(data).__name__}"
+        )
+    return data
+
+
+def env_settings(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Settings from ``MAGPIE_*`` variables and ``OLLAMA_HOST``."""
+    out: dict[str, Any] = {}
+    if environ.get("OLLAMA_HOST"):
+        out["host"] = environ["OLLAMA_HOST"]
+    fields = RunConfig.model_fields
+    for key, value in environ.items():
+        if not key.startswith("MAGPIE_") or value == "":
+            continue
+        name = key[len("MAGPIE_") :].lower()
+        for nested in _NESTED:
+            if name.startswith(nested + "_"):
+                out.setdefault(nested, {})[name[len(nested) + 1 :]] = value
+                break
+        else:
+            if name in fields and name not in _NESTED:
+                out[name] = value.split(",") if name == "extra_stop" else value
+    return out
+
+
+def _merge(
+    base: dict[str, Any], over: Mapping[str, Any], source: str, sources: dict[str, str]
+) -> None:
+    for key, value in over.items():
+        if value is None:
+            continue
+        if key in _NESTED and isinstance(value, Mapping):
+            sub = base.setdefault(key, {})
+            if not isinstance(sub, dict):
+                sub = base[key] = {}
+            for k, v in value.items():
+                if v is not None:
+                    sub[k] = v
+                    sources[f"{key}.{k}"] = source
+        else:
+            base[key] = value
+            sources[key] = source
+
+
+def build_config(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    config_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> RunConfig:
+    """Merge defaults < config file < environment < flags, and validate."""
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if config_file is not None:
+        _merge(merged, load_config_file(config_file), f"config file {config_file}", sources)
+    _merge(merged, env_settings(os.environ if environ is None else environ), "environment", sources)
+    _merge(merged, flags or {}, "command line", sources)
+    # Nested tables start from the defaults so a partial [instruction] table
+    # changes only what it names.
+    for nested, factory in (
+        ("instruction", default_instruction_sampling),
+        ("response", default_response_sampling),
+    ):
+        if isinstance(merged.get(nested), dict):
+            merged[nested] = {**factory().model_dump(), **merged[nested]}
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        parts = loc.split(".")
+        key = ".".join(parts[:2]) if parts[0] in _NESTED else parts[0]
+        where = sources.get(key) or sources.get(parts[0]) or "settings"
+        if err["type"] == "extra_forbidden":
+            raise UsageError(
+                f"unknown setting {loc!r} in {where}; known settings: "
+                + ", ".join(RunConfig.model_fields)
+            ) from None
+        value = err.get("input")
+        shown = f" {value!r}" if not isinstance(value, dict) else ""
+        raise UsageError(f"bad value{shown} for {loc} (from {where}): {err['msg']}") from None

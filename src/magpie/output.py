@@ -1,0 +1,212 @@
+"""JSONL output: append-only, one complete line per record, safe to resume.
+
+* :func:`scan_output` reads an existing output (read-only) and says how many
+  valid records it holds and where a top-up run continues.  A file that is not a
+  magpie JSONL is refused (exit 2), never touched.
+* :class:`JsonlWriter` appends one record per ``write()`` call as a single
+  ``os.write`` of a complete line, flushed at once and fsynced every
+  ``fsync_every`` records and at close.  A torn last line left by a hard kill is
+  moved to ``<output>.torn`` before anything is appended.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from pydantic import ValidationError
+
+from magpie.errors import UsageError
+from magpie.records import Record
+
+STDOUT = "-"
+
+
+@dataclass
+class ExistingOutput:
+    """What an existing output file holds."""
+
+    path: Path | None
+    count: int = 0
+    next_index: int = 0
+    seed: int | None = None
+    model: str | None = None
+    template: str | None = None
+    #: Byte offset just after the last complete line.
+    good_bytes: int = 0
+    #: Bytes after the last newline that do not form a record (a torn write).
+    torn: bytes = b""
+    ids: set[str] = field(default_factory=set)
+    duplicates: int = 0
+
+
+def check_output_path(output: str) -> Path | None:
+    """Validate ``--output`` before any work starts (exit 2 on a bad path)."""
+    if output == STDOUT:
+        return None
+    p = Path(output).expanduser()
+    if p.is_dir():
+        raise UsageError(f"output {p} is a directory: give a file path such as {p / 'data.jsonl'}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.exists():
+        raise UsageError(f"output directory {parent} does not exist: create it first")
+    if not parent.is_dir():
+        raise UsageError(f"output {p}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UsageError(f"output {p} is not writable: check the permissions of {parent}")
+    return p
+
+
+def _record_error(path: Path, lineno: int, exc: Exception) -> UsageError:
+    detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        detail = f"{'.'.join(str(x) for x in err['loc']) or 'record'}: {err['msg']}"
+    return UsageError(
+        f"{path} is not a magpie JSONL (line {lineno}: {detail}); refusing to touch it: "
+        "pick another --output, or pass --overwrite to replace it"
+    )
+
+
+def scan_output(path: Path | None) -> ExistingOutput:
+    """Read an existing output without changing it."""
+    result = ExistingOutput(path=path)
+    if path is None or not path.exists() or path.stat().st_size == 0:
+        return result
+    offset = 0
+    lineno = 0
+    with path.open("rb") as fh:
+        for raw in fh:
+            lineno += 1
+            if not raw.endswith(b"\n"):
+                # The last line has no newline: a torn write, unless it is a
+                # whole record that only lost its newline.
+                try:
+                    rec = Record.model_validate_json(raw)
+                except (ValidationError, ValueError):
+                    result.torn = raw
+                    break
+                result.torn = b""
+                _count(result, rec)
+                offset += len(raw)
+                result.good_bytes = offset
+                break
+            offset += len(raw)
+            if not raw.strip():
+                result.good_bytes = offset
+                continue
+            try:
+                rec = Record.model_validate_json(raw)
+            except (ValidationError, ValueError) as exc:
+                raise _record_error(path, lineno, exc) from None
+            _count(result, rec)
+            result.good_bytes = offset
+    return result
+
+
+def _count(result: ExistingOutput, rec: Record) -> None:
+    if rec.id in result.ids:
+        result.duplicates += 1
+        return
+    result.ids.add(rec.id)
+    result.count += 1
+    result.next_index = max(result.next_index, rec.index + 1)
+    result.seed, result.model, result.template = rec.seed, rec.model, rec.template
+
+
+class JsonlWriter:
+    """Append records to a file (or stdout), one complete line per write."""
+
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        overwrite: bool = False,
+        existing: ExistingOutput | None = None,
+        fsync_every: int = 64,
+        stdout: BinaryIO | None = None,
+    ) -> None:
+        self.path = path
+        self.overwrite = overwrite
+        self.existing = existing
+        self.fsync_every = max(1, fsync_every)
+        self._stdout = stdout
+        self._fd: int | None = None
+        self._since_sync = 0
+        self.written = 0
+        self.torn_path: Path | None = None
+
+    def _open(self) -> None:
+        """Open lazily, at the first record: a run that fails before it leaves
+        the old file (and --overwrite) untouched."""
+        assert self.path is not None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        if self.overwrite:
+            flags |= os.O_TRUNC
+        fd = os.open(self.path, flags, 0o644)
+        ex = self.existing
+        if not self.overwrite and ex is not None and (ex.torn or ex.good_bytes < _size(fd)):
+            self._set_aside(fd, ex)
+        self._fd = fd
+
+    def _set_aside(self, fd: int, ex: ExistingOutput) -> None:
+        assert self.path is not None
+        with open(self.path, "rb") as fh:
+            fh.seek(ex.good_bytes)
+            tail = fh.read()
+        if tail:
+            self.torn_path = self.path.with_name(self.path.name + ".torn")
+            with open(self.torn_path, "ab") as t:
+                t.write(tail if tail.endswith(b"\n") else tail + b"\n")
+                t.flush()
+                os.fsync(t.fileno())
+        os.ftruncate(fd, ex.good_bytes)
+        os.fsync(fd)
+
+    def prepare(self) -> Path | None:
+        """Set a torn tail aside now (before a run), returning where it went."""
+        if self.path is not None and self._fd is None and self.existing and self.existing.torn:
+            self._open()
+        return self.torn_path
+
+    def write(self, record: Record) -> None:
+        data = (record.model_dump_json() + "\n").encode("utf-8")
+        if self.path is None:
+            out = self._stdout or sys.stdout.buffer
+            out.write(data)
+            out.flush()
+            self.written += 1
+            return
+        if self._fd is None:
+            self._open()
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self.written += 1
+        self._since_sync += 1
+        if self._since_sync >= self.fsync_every:
+            os.fsync(self._fd)
+            self._since_sync = 0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _size(fd: int) -> int:
+    return os.fstat(fd).st_size

@@ -1,0 +1,244 @@
+"""The Magpie pipeline: pre-query -> instruction -> clean -> response -> record.
+
+:class:`Pipeline` turns attempt indexes into :class:`~magpie.records.Record` or
+:class:`~magpie.records.Rejection` objects.  ``run()`` keeps up to
+``concurrency`` attempts in flight and yields results in index order, so a run's
+output depends only on its seed (and the model), never on timing: a resumed run
+and an uninterrupted one write the same records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from magpie.backends.base import Backend, Completion, Sampling
+from magpie.clean import clean_instruction
+from magpie.errors import MagpieError
+from magpie.records import (
+    Message,
+    Record,
+    Rejection,
+    StageInfo,
+    derive_seed,
+    record_id,
+    utcnow,
+)
+from magpie.retry import RetryPolicy, call_with_retry
+from magpie.stats import RunStats
+from magpie.templates import PreQuery
+
+#: An instruction filter returns a reject reason, or None to keep the instruction.
+InstructionFilter = Callable[[str], "str | None"]
+
+
+def default_instruction_sampling() -> Sampling:
+    # The reference: temperature 1.0, top_p 1.0, no top-k narrowing.
+    return Sampling(temperature=1.0, top_p=1.0, top_k=0, repeat_penalty=1.0, max_tokens=512)
+
+
+def default_response_sampling() -> Sampling:
+    # The reference answers greedily.
+    return Sampling(temperature=0.0, top_p=1.0, top_k=0, repeat_penalty=1.0, max_tokens=2048)
+
+
+class PipelineSettings(BaseModel):
+    """Library-level settings of the generation pipeline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instruction: Sampling = Field(default_factory=default_instruction_sampling)
+    response: Sampling = Field(default_factory=default_response_sampling)
+    #: Stop strings added to the template's own for instruction requests.
+    extra_stop: list[str] = Field(default_factory=list)
+    concurrency: int = Field(1, ge=1, le=1024)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    #: Give up when this many attempts in a row were rejected (a template that
+    #: does not fit the model would otherwise burn tokens forever).
+    max_reject_streak: int = Field(50, ge=1)
+    #: Keep responses cut by the token limit (finish reason "length") instead of
+    #: rejecting them as ``response_truncated``.
+    keep_truncated: bool = False
+
+
+@dataclass
+class Instruction:
+    index: int
+    text: str
+    completion: Completion
+    seed: int
+
+
+def _stage(sampling: Sampling, seed: int, c: Completion) -> StageInfo:
+    return StageInfo(
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        repeat_penalty=sampling.repeat_penalty,
+        max_tokens=sampling.max_tokens,
+        seed=seed,
+        finish_reason=c.finish_reason,
+        prompt_tokens=c.prompt_tokens,
+        completion_tokens=c.completion_tokens,
+    )
+
+
+class Pipeline:
+    """Generate Magpie pairs from one backend with one pre-query template."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        pre_query: PreQuery,
+        *,
+        seed: int,
+        settings: PipelineSettings | None = None,
+        stats: RunStats | None = None,
+        filters: list[InstructionFilter] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.pre_query = pre_query
+        self.seed = seed
+        self.settings = settings or PipelineSettings()
+        self.stats = stats or RunStats()
+        self.filters = list(filters or [])
+        self._stop = list(dict.fromkeys([*pre_query.stop, *self.settings.extra_stop]))
+
+    def _on_retry(self, cause: str) -> None:
+        self.stats.retries[cause] += 1
+
+    async def _call(self, fn: Callable[[], object]) -> Completion:
+        return await call_with_retry(fn, self.settings.retry, self._on_retry)  # type: ignore[arg-type]
+
+    async def instruction(self, index: int) -> Instruction | Rejection:
+        """Stage 1-3: raw completion of the pre-query, then cleaning."""
+        sampling = self.settings.instruction
+        seed = derive_seed(self.seed, index, "instruction")
+        completion = await self._call(
+            lambda: self.backend.complete(
+                self.pre_query.text, sampling=sampling, stop=self._stop, seed=seed
+            )
+        )
+        self.stats.add_tokens(completion.prompt_tokens, completion.completion_tokens)
+        text, reason = clean_instruction(completion, self.pre_query.forbidden)
+        for flt in self.filters:
+            if reason is not None:
+                break
+            reason = flt(text)
+        if reason is not None:
+            return Rejection(index=index, reason=reason, stage="instruction", text=text)
+        return Instruction(index=index, text=text, completion=completion, seed=seed)
+
+    async def response(self, inst: Instruction) -> Record | Rejection:
+        """Stage 4-5: answer the instruction with the model's chat template."""
+        sampling = self.settings.response
+        seed = derive_seed(self.seed, inst.index, "response")
+        completion = await self._call(
+            lambda: self.backend.chat(
+                [{"role": "user", "content": inst.text}], sampling=sampling, seed=seed
+            )
+        )
+        self.stats.add_tokens(completion.prompt_tokens, completion.completion_tokens)
+        answer = completion.text.strip()
+        if not answer:
+            return Rejection(
+                index=inst.index, reason="empty_response", stage="response", text=inst.text
+            )
+        if completion.finish_reason == "length" and not self.settings.keep_truncated:
+            return Rejection(
+                index=inst.index, reason="response_truncated", stage="response", text=inst.text
+            )
+        return Record(
+            id=record_id(self.backend.model, self.pre_query.text, self.seed, inst.index),
+            index=inst.index,
+            instruction=inst.text,
+            response=answer,
+            messages=[
+                Message(role="user", content=inst.text),
+                Message(role="assistant", content=answer),
+            ],
+            model=self.backend.model,
+            backend=self.backend.name,
+            host=self.backend.host,
+            template=self.pre_query.name,
+            template_source=self.pre_query.source,
+            system=self.pre_query.system,
+            instruction_generation=_stage(self.settings.instruction, inst.seed, inst.completion),
+            response_generation=_stage(sampling, seed, completion),
+            seed=self.seed,
+            created_at=utcnow(),
+        )
+
+    async def attempt(self, index: int) -> Record | Rejection:
+        """One full attempt: instruction, then (if kept) its response."""
+        inst = await self.instruction(index)
+        if isinstance(inst, Rejection):
+            return inst
+        return await self.response(inst)
+
+    async def run(
+        self,
+        target: int,
+        start_index: int = 0,
+        stop: asyncio.Event | None = None,
+    ) -> AsyncIterator[Record | Rejection]:
+        """Yield results in index order until ``target`` records were yielded.
+
+        Up to ``concurrency`` attempts run at once.  Setting ``stop`` ends the run
+        early: no new attempts start and those in flight are dropped.
+        """
+        if target <= 0:
+            return
+        k = self.settings.concurrency
+        window = max(4 * k, 8)
+        pending: dict[int, asyncio.Task[Record | Rejection]] = {}
+        done: dict[int, Record | Rejection] = {}
+        next_index = next_emit = start_index
+        kept = streak = 0
+        stop_wait = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        try:
+            while kept < target:
+                if stop is not None and stop.is_set():
+                    return
+                potential = kept + len(pending) + sum(isinstance(r, Record) for r in done.values())
+                while len(pending) < k and potential < target and next_index - next_emit < window:
+                    pending[next_index] = asyncio.ensure_future(self.attempt(next_index))
+                    next_index += 1
+                    potential += 1
+                waits: list[asyncio.Future[object]] = list(pending.values())  # type: ignore[arg-type]
+                if stop_wait is not None:
+                    waits.append(stop_wait)
+                finished, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for idx, task in list(pending.items()):
+                    if task in finished:
+                        del pending[idx]
+                        done[idx] = task.result()  # re-raises a failed attempt
+                while next_emit in done:
+                    result = done.pop(next_emit)
+                    next_emit += 1
+                    self.stats.attempts += 1
+                    if isinstance(result, Record):
+                        kept += 1
+                        streak = 0
+                    else:
+                        self.stats.rejected[result.reason] += 1
+                        streak += 1
+                    yield result
+                    if kept >= target:
+                        return
+                    if streak >= self.settings.max_reject_streak:
+                        raise MagpieError(
+                            f"the last {streak} instructions were all rejected "
+                            f"({', '.join(f'{r} {n}' for r, n in self.stats.rejected.most_common())}): "
+                            "the template probably does not fit this model; check --template "
+                            "and --system (`magpie templates list`)"
+                        )
+        finally:
+            for task in pending.values():
+                task.cancel()
+            if stop_wait is not None:
+                stop_wait.cancel()
+            await asyncio.gather(*pending.values(), return_exceptions=True)

@@ -1,0 +1,65 @@
+"""Retrying failed backend requests: one policy for every backend."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from magpie.errors import BackendError, BackendUnavailable
+
+T = TypeVar("T")
+
+
+class RetryPolicy(BaseModel):
+    """Exponential backoff with full jitter.
+
+    ``max_retries`` bounds retries of failed requests (5xx, 429, timeouts, resets,
+    mid-stream errors, empty raw replies).  A backend that is unreachable
+    (connection refused) is retried for up to ``unreachable_budget`` seconds
+    instead: a restarting server is waited for, a dead one ends the run.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_retries: int = Field(5, ge=0)
+    backoff_base: float = Field(0.5, ge=0.0)
+    backoff_max: float = Field(20.0, ge=0.0)
+    unreachable_budget: float = Field(120.0, ge=0.0)
+
+    def delay(self, attempt: int) -> float:
+        cap = min(self.backoff_max, self.backoff_base * (2 ** max(0, attempt - 1)))
+        return random.uniform(cap / 2, cap) if cap > 0 else 0.0
+
+
+async def call_with_retry(
+    fn: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    on_retry: Callable[[str], None] | None = None,
+) -> T:
+    """Await ``fn()`` until it succeeds, retrying what is worth retrying."""
+    attempt = 0
+    down_since: float | None = None
+    while True:
+        try:
+            return await fn()
+        except BackendUnavailable:
+            now = time.monotonic()
+            down_since = down_since if down_since is not None else now
+            if now - down_since >= policy.unreachable_budget:
+                raise
+            attempt += 1
+            cause = "unreachable"
+        except BackendError as exc:
+            if not exc.retryable or attempt >= policy.max_retries:
+                raise
+            attempt += 1
+            cause = exc.cause
+            down_since = None
+        if on_retry is not None:
+            on_retry(cause)
+        await asyncio.sleep(policy.delay(attempt))

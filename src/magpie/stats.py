@@ -1,0 +1,63 @@
+"""Counters of a run: what was kept, rejected (by reason), retried (by cause)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RunStats:
+    written: int = 0
+    attempts: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    retries: Counter[str] = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+    #: Records that were already in the output before this run (top-up).
+    existing: int = 0
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+    @property
+    def elapsed(self) -> float:
+        return max(1e-9, time.monotonic() - self.started)
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.written / self.elapsed
+
+    def add_tokens(self, prompt: int | None, completion: int | None) -> None:
+        self.prompt_tokens += prompt or 0
+        self.completion_tokens += completion or 0
+
+    def summary(self) -> str:
+        """The one-line summary printed at the end of a run."""
+        parts = [f"{self.written} written"]
+        if self.existing:
+            parts.append(f"{self.existing} already there")
+        rej = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items()))
+        parts.append(f"{self.rejected_total} rejected" + (f" ({rej})" if rej else ""))
+        if self.retries:
+            ret = ", ".join(f"{k} {v}" for k, v in sorted(self.retries.items()))
+            parts.append(f"{sum(self.retries.values())} retries ({ret})")
+        parts.append(f"{self.prompt_tokens + self.completion_tokens} tokens")
+        parts.append(f"{self.elapsed:.1f} s")
+        parts.append(f"{self.pairs_per_second:.2f} pairs/s")
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "written": self.written,
+            "existing": self.existing,
+            "attempts": self.attempts,
+            "rejected": dict(self.rejected),
+            "retries": dict(self.retries),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "elapsed_s": round(self.elapsed, 3),
+        }

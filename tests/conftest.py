@@ -1,0 +1,61 @@
+"""Shared fixtures.
+
+Every test runs with an isolated environment: no MAGPIE_* variables and an
+OLLAMA_HOST that points at a closed port, so that no test ever reaches a real
+Ollama server by accident and ``--backend auto`` behaves the same everywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CLOSED_PORT = free_port()
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    for key in list(os.environ):
+        if key.startswith("MAGPIE_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("OLLAMA_HOST", f"http://127.0.0.1:{CLOSED_PORT}")
+    monkeypatch.chdir(tmp_path)
+    yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from magpie.backends.embedded import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_info(smollm2_path: Path):  # type: ignore[no-untyped-def]
+    from magpie.backends.embedded import EmbeddedBackend
+
+    backend = EmbeddedBackend(smollm2_path, n_ctx=1024)
+
+    async def describe():  # type: ignore[no-untyped-def]
+        try:
+            return await backend.describe()
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(describe())
