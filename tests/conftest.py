@@ -59,3 +59,33 @@ def smollm2_info(smollm2_path: Path):  # type: ignore[no-untyped-def]
             await backend.aclose()
 
     return asyncio.run(describe())
+
+
+@pytest.fixture(scope="session")
+def llama_ollama():  # type: ignore[no-untyped-def]
+    """An Ollama-protocol server backed by the real SmolLM2 model (``smollm2:135m``)."""
+    from ollama_server import LlamaEngine, OllamaTestServer, smollm2_model
+
+    with OllamaTestServer([smollm2_model(LlamaEngine())]) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def real_ollama(llama_ollama):  # type: ignore[no-untyped-def]
+    llama_ollama.clear_requests()
+    llama_ollama.clear_faults()
+    return llama_ollama
+
+
+@pytest.fixture()
+def scripted_ollama():  # type: ignore[no-untyped-def]
+    """A server with several public models' templates and a scripted engine:
+    for tests whose subject is the wire format, not generation."""
+    from ollama_server import OllamaTestServer, ScriptedEngine, build_models
+
+    engine = ScriptedEngine()
+    models = build_models(
+        ["smollm2", "llama3.1", "llama3", "gemma2", "phi3", "mistral", "qwen2.5"], engine
+    )
+    with OllamaTestServer(models) as srv:
+        yield srv

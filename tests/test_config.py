@@ -63,7 +63,11 @@ def test_yaml_config(tmp_path: Path) -> None:
         ("bad.yaml", "num: [1,\n", "not valid YAML"),
         ("list.yaml", "- 1\n- 2\n", "must hold a table"),
         ("unknown.toml", "numm = 3\n", "unknown setting 'numm'"),
-        ("nested.toml", "[instruction]\ntemprature = 1\n", "unknown setting 'instruction.temprature'"),
+        (
+            "nested.toml",
+            "[instruction]\ntemprature = 1\n",
+            "unknown setting 'instruction.temprature'",
+        ),
         ("range.toml", "[response]\ntemperature = 9\n", "response.temperature"),
         ("neg.toml", "num = -1\n", "num"),
         ("type.toml", 'num = "many"\n', "num"),

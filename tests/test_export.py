@@ -15,7 +15,12 @@ from test_output import make_record
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     p = tmp_path / "data.jsonl"
-    p.write_text("".join(make_record(i, instruction=f"Q{i}?", response=f"A{i}.").model_dump_json() + "\n" for i in range(3)))
+    p.write_text(
+        "".join(
+            make_record(i, instruction=f"Q{i}?", response=f"A{i}.").model_dump_json() + "\n"
+            for i in range(3)
+        )
+    )
     return p
 
 
@@ -26,13 +31,17 @@ def read(p: Path) -> list[dict]:
 def test_openai(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.jsonl"
     assert export_file(str(data), "openai", str(out)) == 3
-    assert read(out)[1] == {"messages": [{"role": "user", "content": "Q1?"}, {"role": "assistant", "content": "A1."}]}
+    assert read(out)[1] == {
+        "messages": [{"role": "user", "content": "Q1?"}, {"role": "assistant", "content": "A1."}]
+    }
 
 
 def test_sharegpt(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.jsonl"
     export_file(str(data), "sharegpt", str(out))
-    assert read(out)[0] == {"conversations": [{"from": "human", "value": "Q0?"}, {"from": "gpt", "value": "A0."}]}
+    assert read(out)[0] == {
+        "conversations": [{"from": "human", "value": "Q0?"}, {"from": "gpt", "value": "A0."}]
+    }
 
 
 def test_alpaca(data: Path, tmp_path: Path) -> None:

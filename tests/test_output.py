@@ -22,7 +22,10 @@ def make_record(index: int, seed: int = 1, instruction: str = "Q?", response: st
         index=index,
         instruction=instruction,
         response=response,
-        messages=[Message(role="user", content=instruction), Message(role="assistant", content=response)],
+        messages=[
+            Message(role="user", content=instruction),
+            Message(role="assistant", content=response),
+        ],
         model="m",
         backend="embedded",
         template="chatml",
@@ -72,7 +75,7 @@ def test_complete_last_line_without_newline_counts(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    ['{\n  "a": 1\n}\n', '{"a": 1}\n', "not json at all\n", '[1, 2]\n'],
+    ['{\n  "a": 1\n}\n', '{"a": 1}\n', "not json at all\n", "[1, 2]\n"],
 )
 def test_foreign_file_is_refused(tmp_path: Path, content: str) -> None:
     out = tmp_path / "other.json"
@@ -114,7 +117,9 @@ text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=200)
 
 @settings(max_examples=60, deadline=None)
 @given(instruction=text, response=text, index=st.integers(0, 10**9), seed=st.integers(0, 2**62))
-def test_record_round_trips_through_jsonl(instruction: str, response: str, index: int, seed: int) -> None:
+def test_record_round_trips_through_jsonl(
+    instruction: str, response: str, index: int, seed: int
+) -> None:
     rec = make_record(index, seed, instruction, response)
     line = rec.model_dump_json()
     assert "\n" not in line  # one record, one line, whatever the text holds

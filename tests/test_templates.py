@@ -37,7 +37,16 @@ REFERENCE = {
     "gemma": ("<bos><start_of_turn>user\n\n", ["<eos>", "<bos>", "<end_of_turn>"]),
     "phi3": (
         "<s> <|user|>\n",
-        ["</s>", "<s>", "<unk>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"],
+        [
+            "</s>",
+            "<s>",
+            "<unk>",
+            "<|endoftext|>",
+            "<|user|>",
+            "<|assistant|>",
+            "<|system|>",
+            "<|end|>",
+        ],
     ),
     "mistral": ("<s> [INST] ", ["<s>", "</s>", "[INST]", "[/INST]"]),
     "vicuna": (
@@ -91,7 +100,10 @@ def test_unknown_family_lists_known_ones() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n", "<|start_header_id|>user<|end_header_id|>\n\n"),
+        (
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
+            "<|start_header_id|>user<|end_header_id|>\n\n",
+        ),
         ("<bos><start_of_turn>user\n\n", "<start_of_turn>user\n\n"),
         ("<s> [INST] ", "[INST] "),
         ("<s> <|user|>\n", "<|user|>\n"),
@@ -216,7 +228,10 @@ def test_jinja_derivation_for_unknown_gguf_with_bos() -> None:
     assert pq.name == "gguf-jinja:llama3"
     assert set(get_family("llama3").stop) <= set(pq.stop)
     info.adds_bos = False
-    assert resolve_pre_query("auto", info).text == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+    assert (
+        resolve_pre_query("auto", info).text
+        == "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+    )
 
 
 def test_jinja_split_and_stops_for_plain_text_template() -> None:

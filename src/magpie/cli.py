@@ -50,7 +50,8 @@ def fail(exc: BaseException, debug: bool) -> typer.Exit:
     if isinstance(exc, MagpieError):
         err(f"magpie: error: {exc}")
         return typer.Exit(int(exc.exit_status))
-    err(f"magpie: error: {exc.__class__.__name__}: {exc} (run with --debug for a traceback)")
+    first = (str(exc).strip().splitlines() or [""])[0]
+    err(f"magpie: error: {exc.__class__.__name__}: {first} (run with --debug for a traceback)")
     return typer.Exit(int(ExitStatus.ERROR))
 
 
@@ -335,9 +336,24 @@ def export(
         )
 
 
-def main() -> None:
-    """Console-script entry point."""
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: usage errors too are one line, exit 2."""
+    try:  # typer >= 0.29 vendors click
+        from typer._click import exceptions as click_exc
+    except ImportError:  # pragma: no cover
+        from click import exceptions as click_exc  # type: ignore[no-redef]
+
     try:
-        app()
-    except KeyboardInterrupt:
+        rv = app(args=argv, prog_name="magpie", standalone_mode=False)
+    except click_exc.NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click_exc.UsageError as exc:
+        where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        err(f"magpie: error: {exc.format_message()}{where}")
+        sys.exit(int(ExitStatus.USAGE))
+    except click_exc.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (click_exc.Abort, KeyboardInterrupt):
         sys.exit(int(ExitStatus.INTERRUPTED))
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -13,9 +13,16 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from magpie.backends.base import Sampling
 from magpie.errors import UsageError
@@ -44,7 +51,7 @@ class RunConfig(BaseModel):
     template: str = "auto"
     system: str | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
-    concurrency: int | Literal["auto"] = "auto"
+    concurrency: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
     timeout: float = Field(300.0, gt=0)
     max_retries: int = Field(5, ge=0)
     unreachable_budget: float = Field(120.0, ge=0)
@@ -56,6 +63,19 @@ class RunConfig(BaseModel):
     instruction: Sampling = Field(default_factory=default_instruction_sampling)
     response: Sampling = Field(default_factory=default_response_sampling)
     quiet: bool = False
+
+    @field_validator("instruction", "response", mode="before")
+    @classmethod
+    def _over_stage_defaults(cls, value: Any, info: ValidationInfo) -> Any:
+        """A partial table changes only the keys it names."""
+        if isinstance(value, Mapping):
+            factory = (
+                default_instruction_sampling
+                if info.field_name == "instruction"
+                else default_response_sampling
+            )
+            return {**factory().model_dump(), **value}
+        return value
 
     @property
     def retry(self) -> RetryPolicy:
@@ -150,26 +170,28 @@ def build_config(
         _merge(merged, load_config_file(config_file), f"config file {config_file}", sources)
     _merge(merged, env_settings(os.environ if environ is None else environ), "environment", sources)
     _merge(merged, flags or {}, "command line", sources)
-    # Nested tables start from the defaults so a partial [instruction] table
-    # changes only what it names.
-    for nested, factory in (
-        ("instruction", default_instruction_sampling),
-        ("response", default_response_sampling),
-    ):
-        if isinstance(merged.get(nested), dict):
-            merged[nested] = {**factory().model_dump(), **merged[nested]}
     try:
         return RunConfig.model_validate(merged)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        parts = loc.split(".")
+        full = ".".join(str(x) for x in err["loc"])
+        known = {*RunConfig.model_fields, *Sampling.model_fields}
+        # Union branches add names such as "constrained-int" to the location.
+        loc = ".".join(str(x) for x in err["loc"] if str(x) in known) or full
+        parts = full.split(".")
         key = ".".join(parts[:2]) if parts[0] in _NESTED else parts[0]
         where = sources.get(key) or sources.get(parts[0]) or "settings"
         if err["type"] == "extra_forbidden":
+            names = (
+                Sampling.model_fields
+                if parts[0] in _NESTED and len(parts) > 1
+                else RunConfig.model_fields
+            )
             raise UsageError(
-                f"unknown setting {loc!r} in {where}; known settings: "
-                + ", ".join(RunConfig.model_fields)
+                f"unknown setting {full!r} in {where}; known settings"
+                + (f" of [{parts[0]}]" if len(parts) > 1 else "")
+                + ": "
+                + ", ".join(names)
             ) from None
         value = err.get("input")
         shown = f" {value!r}" if not isinstance(value, dict) else ""

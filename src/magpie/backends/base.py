@@ -32,8 +32,9 @@ class Sampling(BaseModel):
 
     temperature: float = Field(1.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    repeat_penalty: float | None = Field(None, gt=0.0)
+    #: 0 disables top-k.  Sent explicitly: servers default to 40 otherwise.
+    top_k: int | None = Field(0, ge=0)
+    repeat_penalty: float | None = Field(1.0, gt=0.0)
     max_tokens: int = Field(512, gt=0)
 
 
