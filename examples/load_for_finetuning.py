@@ -26,8 +26,11 @@ def read_pairs(stream):  # type: ignore[no-untyped-def]
 
 
 def main() -> int:
-    stream = open(sys.argv[1], encoding="utf-8") if len(sys.argv) > 1 else sys.stdin
-    rows = list(read_pairs(stream))
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], encoding="utf-8") as fh:
+            rows = list(read_pairs(fh))
+    else:
+        rows = list(read_pairs(sys.stdin))
     print(f"{len(rows)} conversations", file=sys.stderr)
     try:
         from datasets import Dataset

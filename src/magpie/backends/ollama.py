@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import Any
@@ -243,7 +244,5 @@ class OllamaBackend(Backend):
         )
 
     async def aclose(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # closing is best effort
             await self._client.close()
-        except Exception:  # noqa: BLE001, S110 - closing is best effort
-            pass
