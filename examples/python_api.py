@@ -1,7 +1,7 @@
 """Use magpie as a library: the same pipeline the command runs.
 
-    python examples/python_api.py            # embedded SmolLM2, 3 pairs
-    python examples/python_api.py llama3.1   # an Ollama model
+python examples/python_api.py            # embedded SmolLM2, 3 pairs
+python examples/python_api.py llama3.1   # an Ollama model
 """
 
 from __future__ import annotations
