@@ -11,6 +11,7 @@ EMPTY = "empty"
 TRUNCATED = "truncated"
 SPECIAL_TOKEN = "special_token"
 ROLE_LEAK = "role_leak"
+REPETITION = "repetition"
 
 # A role header leaked as plain text: "User:" / "### Assistant:" at the start of a
 # line, or a line that is only a role word ("assistant" after a lost header).
@@ -27,6 +28,8 @@ def clean_instruction(completion: Completion, forbidden: list[str]) -> tuple[str
         return text, EMPTY
     if completion.finish_reason == "length":
         return text, TRUNCATED
+    if completion.finish_reason == "abort":
+        return text, REPETITION
     if any(tok in text for tok in forbidden) or _TOKEN_RE.search(text):
         return text, SPECIAL_TOKEN
     if _ROLE_LEAK_RE.search(text):

@@ -27,6 +27,7 @@ from magpie.records import (
     record_id,
     utcnow,
 )
+from magpie.repetition import RepetitionGuard
 from magpie.retry import RetryPolicy, call_with_retry
 from magpie.stats import RunStats
 from magpie.templates import PreQuery
@@ -62,6 +63,9 @@ class PipelineSettings(BaseModel):
     #: Keep responses cut by the token limit (finish reason "length") instead of
     #: rejecting them as ``response_truncated``.
     keep_truncated: bool = False
+    #: Stop a generation caught in a loop (the same block repeated) at once and
+    #: reject it as ``repetition`` instead of letting it run to max_tokens.
+    stop_repetition: bool = True
 
 
 @dataclass
@@ -106,6 +110,11 @@ class Pipeline:
         self.stats = stats or RunStats()
         self.filters = list(filters or [])
         self._stop = list(dict.fromkeys([*pre_query.stop, *self.settings.extra_stop]))
+        #: The first attempt index not yet yielded by ``run()``.
+        self.next_index = 0
+
+    def _guard(self) -> RepetitionGuard | None:
+        return RepetitionGuard() if self.settings.stop_repetition else None
 
     def _on_retry(self, cause: str) -> None:
         self.stats.retries[cause] += 1
@@ -119,7 +128,11 @@ class Pipeline:
         seed = derive_seed(self.seed, index, "instruction")
         completion = await self._call(
             lambda: self.backend.complete(
-                self.pre_query.text, sampling=sampling, stop=self._stop, seed=seed
+                self.pre_query.text,
+                sampling=sampling,
+                stop=self._stop,
+                seed=seed,
+                abort=self._guard(),
             )
         )
         self.stats.add_tokens(completion.prompt_tokens, completion.completion_tokens)
@@ -138,11 +151,18 @@ class Pipeline:
         seed = derive_seed(self.seed, inst.index, "response")
         completion = await self._call(
             lambda: self.backend.chat(
-                [{"role": "user", "content": inst.text}], sampling=sampling, seed=seed
+                [{"role": "user", "content": inst.text}],
+                sampling=sampling,
+                seed=seed,
+                abort=self._guard(),
             )
         )
         self.stats.add_tokens(completion.prompt_tokens, completion.completion_tokens)
         answer = completion.text.strip()
+        if completion.finish_reason == "abort":
+            return Rejection(
+                index=inst.index, reason="response_repetition", stage="response", text=inst.text
+            )
         if not answer:
             return Rejection(
                 index=inst.index, reason="empty_response", stage="response", text=inst.text
@@ -184,41 +204,60 @@ class Pipeline:
         target: int,
         start_index: int = 0,
         stop: asyncio.Event | None = None,
+        grace: float = 0.0,
     ) -> AsyncIterator[Record | Rejection]:
         """Yield results in index order until ``target`` records were yielded.
 
         Up to ``concurrency`` attempts run at once.  Setting ``stop`` ends the run
-        early: no new attempts start and those in flight are dropped.
+        early: no new attempts start, attempts in flight get ``grace`` seconds to
+        finish (those that complete in index order are still yielded), the rest
+        are dropped.  ``self.next_index`` is then the first index not yet
+        yielded: where a resumed run continues.
         """
+        self.next_index = start_index
         if target <= 0:
             return
+        loop = asyncio.get_running_loop()
         k = self.settings.concurrency
         window = max(4 * k, 8)
         pending: dict[int, asyncio.Task[Record | Rejection]] = {}
         done: dict[int, Record | Rejection] = {}
-        next_index = next_emit = start_index
+        next_index = start_index
         kept = streak = 0
+        deadline: float | None = None  # set once stopping: the end of the grace period
         stop_wait = asyncio.ensure_future(stop.wait()) if stop is not None else None
         try:
             while kept < target:
-                if stop is not None and stop.is_set():
-                    return
-                potential = kept + len(pending) + sum(isinstance(r, Record) for r in done.values())
-                while len(pending) < k and potential < target and next_index - next_emit < window:
-                    pending[next_index] = asyncio.ensure_future(self.attempt(next_index))
-                    next_index += 1
-                    potential += 1
+                if stop is not None and stop.is_set() and deadline is None:
+                    if grace <= 0 or not pending:
+                        return
+                    deadline = loop.time() + grace
+                if deadline is None:
+                    potential = (
+                        kept + len(pending) + sum(isinstance(r, Record) for r in done.values())
+                    )
+                    while (
+                        len(pending) < k
+                        and potential < target
+                        and next_index - self.next_index < window
+                    ):
+                        pending[next_index] = asyncio.ensure_future(self.attempt(next_index))
+                        next_index += 1
+                        potential += 1
                 waits: list[asyncio.Future[object]] = list(pending.values())  # type: ignore[arg-type]
-                if stop_wait is not None:
+                if stop_wait is not None and deadline is None:
                     waits.append(stop_wait)
-                finished, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                timeout = None if deadline is None else max(0.0, deadline - loop.time())
+                finished, _ = await asyncio.wait(
+                    waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
                 for idx, task in list(pending.items()):
                     if task in finished:
                         del pending[idx]
                         done[idx] = task.result()  # re-raises a failed attempt
-                while next_emit in done:
-                    result = done.pop(next_emit)
-                    next_emit += 1
+                while self.next_index in done:
+                    result = done.pop(self.next_index)
+                    self.next_index += 1
                     self.stats.attempts += 1
                     if isinstance(result, Record):
                         kept += 1
@@ -230,12 +269,16 @@ class Pipeline:
                     if kept >= target:
                         return
                     if streak >= self.settings.max_reject_streak:
+                        reasons = ", ".join(
+                            f"{r} {n}" for r, n in self.stats.rejected.most_common()
+                        )
                         raise MagpieError(
-                            f"the last {streak} instructions were all rejected "
-                            f"({', '.join(f'{r} {n}' for r, n in self.stats.rejected.most_common())}): "
+                            f"the last {streak} instructions were all rejected ({reasons}): "
                             "the template probably does not fit this model; check --template "
                             "and --system (`magpie templates list`)"
                         )
+                if deadline is not None and (not pending or loop.time() >= deadline):
+                    return
         finally:
             for task in pending.values():
                 task.cancel()

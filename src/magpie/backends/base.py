@@ -8,6 +8,10 @@ A backend can
 (c) ``describe`` the model: its name, chat template text, default system prompt,
     family and digest, for template detection and the run manifest.
 
+``abort`` (optional) is called with the text generated so far while a request
+runs; when it returns True the backend stops the generation and returns what it
+has with finish reason ``"abort"``.
+
 Backends raise :class:`magpie.errors.BackendUnavailable` (server down),
 :class:`magpie.errors.ModelNotFound` (model missing) and
 :class:`magpie.errors.BackendError` (a failed request, ``retryable`` when a retry
@@ -18,11 +22,15 @@ all backends.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FinishReason = Literal["stop", "length", "error", "unknown"]
+#: "abort": the caller's ``abort`` check stopped the generation (a loop).
+FinishReason = Literal["stop", "length", "abort", "error", "unknown"]
+#: Called with the text generated so far, as it streams; True stops the generation.
+AbortCheck = Callable[[str], bool]
 
 
 class Sampling(BaseModel):
@@ -93,6 +101,7 @@ class Backend(abc.ABC):
         sampling: Sampling,
         stop: list[str],
         seed: int | None = None,
+        abort: AbortCheck | None = None,
     ) -> Completion:
         """Complete a raw prompt; no chat template is applied."""
 
@@ -103,6 +112,7 @@ class Backend(abc.ABC):
         *,
         sampling: Sampling,
         seed: int | None = None,
+        abort: AbortCheck | None = None,
     ) -> Completion:
         """Answer chat messages with the model's own chat template."""
 

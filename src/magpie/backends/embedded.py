@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from magpie.backends.base import Backend, Completion, ModelInfo, Sampling
+from magpie.backends.base import AbortCheck, Backend, Completion, ModelInfo, Sampling
 from magpie.errors import BackendUnavailable, UsageError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -114,24 +114,35 @@ class EmbeddedBackend(Backend):
                         raise UsageError(f"cannot load model {self._path}: {exc}") from None
         return self._llm
 
-    def _cancel_processor(self) -> Any:
-        """A logits processor that forces EOS once the backend is closed, so a
-        generation running in the worker thread ends at its next token."""
+    def _watch(self, abort: AbortCheck | None) -> tuple[Any, dict[str, bool]]:
+        """A logits processor that forces EOS when the backend is closed or
+        ``abort`` trips, so a generation in the worker thread ends at its next
+        token.  Returns it with a flag dict that says whether ``abort`` fired."""
         from llama_cpp import LogitsProcessorList
 
-        eos = self.llm.token_eos()
+        llm = self.llm
+        eos = llm.token_eos()
+        state = {"aborted": False}
+        start: list[int] = []
 
-        def force_eos(_ids: Any, scores: Any) -> Any:
-            if self._cancelled:
+        def force_eos(ids: Any, scores: Any) -> Any:
+            if not start:
+                start.append(len(ids))  # the first call sees the prompt only
+            stop = self._cancelled or state["aborted"]
+            generated = len(ids) - start[0]
+            if not stop and abort is not None and generated and generated % 8 == 0:
+                text = llm.detokenize(list(ids[start[0] :])).decode("utf-8", "replace")
+                stop = state["aborted"] = abort(text)
+            if stop:
                 scores[:] = float("-inf")
                 scores[eos] = 0.0
             return scores
 
-        return LogitsProcessorList([force_eos])
+        return LogitsProcessorList([force_eos]), state
 
-    def _kwargs(self, sampling: Sampling, seed: int | None) -> dict[str, Any]:
+    def _kwargs(self, sampling: Sampling, seed: int | None, processor: Any) -> dict[str, Any]:
         return {
-            "logits_processor": self._cancel_processor(),
+            "logits_processor": processor,
             "max_tokens": sampling.max_tokens,
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
@@ -150,37 +161,54 @@ class EmbeddedBackend(Backend):
                 raise asyncio.CancelledError
             return fn(llm, *args, **kwargs)
 
-    async def complete(
-        self, prompt: str, *, sampling: Sampling, stop: list[str], seed: int | None = None
-    ) -> Completion:
-        def call(llm: Any) -> Any:
-            return llm.create_completion(prompt, stop=list(stop), **self._kwargs(sampling, seed))
-
-        out = await asyncio.to_thread(self._run, call)
+    @staticmethod
+    def _completion(out: Any, text: str, aborted: bool) -> Completion:
         choice = out["choices"][0]
         usage = out.get("usage") or {}
         return Completion(
-            text=choice.get("text") or "",
-            finish_reason=choice.get("finish_reason") or "unknown",
+            text=text,
+            finish_reason="abort" if aborted else (choice.get("finish_reason") or "unknown"),
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
         )
+
+    async def complete(
+        self,
+        prompt: str,
+        *,
+        sampling: Sampling,
+        stop: list[str],
+        seed: int | None = None,
+        abort: AbortCheck | None = None,
+    ) -> Completion:
+        def call(llm: Any) -> tuple[Any, bool]:
+            processor, state = self._watch(abort)
+            out = llm.create_completion(
+                prompt, stop=list(stop), **self._kwargs(sampling, seed, processor)
+            )
+            return out, state["aborted"]
+
+        out, aborted = await asyncio.to_thread(self._run, call)
+        return self._completion(out, out["choices"][0].get("text") or "", aborted)
 
     async def chat(
-        self, messages: list[dict[str, str]], *, sampling: Sampling, seed: int | None = None
+        self,
+        messages: list[dict[str, str]],
+        *,
+        sampling: Sampling,
+        seed: int | None = None,
+        abort: AbortCheck | None = None,
     ) -> Completion:
-        def call(llm: Any) -> Any:
-            return llm.create_chat_completion(messages=messages, **self._kwargs(sampling, seed))
+        def call(llm: Any) -> tuple[Any, bool]:
+            processor, state = self._watch(abort)
+            out = llm.create_chat_completion(
+                messages=messages, **self._kwargs(sampling, seed, processor)
+            )
+            return out, state["aborted"]
 
-        out = await asyncio.to_thread(self._run, call)
-        choice = out["choices"][0]
-        usage = out.get("usage") or {}
-        return Completion(
-            text=(choice.get("message") or {}).get("content") or "",
-            finish_reason=choice.get("finish_reason") or "unknown",
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-        )
+        out, aborted = await asyncio.to_thread(self._run, call)
+        text = (out["choices"][0].get("message") or {}).get("content") or ""
+        return self._completion(out, text, aborted)
 
     async def describe(self) -> ModelInfo:
         llm = await asyncio.to_thread(lambda: self.llm)

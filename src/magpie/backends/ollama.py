@@ -7,7 +7,7 @@ import os
 import re
 from typing import Any
 
-from magpie.backends.base import Backend, Completion, ModelInfo, Sampling
+from magpie.backends.base import AbortCheck, Backend, Completion, ModelInfo, Sampling
 from magpie.errors import BackendError, BackendUnavailable, ModelNotFound, UsageError
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
@@ -144,14 +144,29 @@ class OllamaBackend(Backend):
             )
         return exc  # type: ignore[return-value]
 
-    async def _stream(self, call: Any, piece: Any) -> Completion:
-        """Run a streaming request and gather its chunks into one Completion."""
+    async def _stream(self, call: Any, piece: Any, abort: AbortCheck | None) -> Completion:
+        """Run a streaming request and gather its chunks into one Completion.
+
+        When ``abort`` says so, the stream is closed (Ollama then cancels the
+        generation) and the text so far comes back with finish reason "abort".
+        """
+        text = ""
+        chunks = 0
+        last = None
         try:
-            parts: list[str] = []
-            last = None
-            async for chunk in await call():
-                parts.append(piece(chunk))
-                last = chunk
+            stream = await call()
+            try:
+                async for chunk in stream:
+                    text += piece(chunk)
+                    chunks += 1
+                    last = chunk
+                    if abort is not None and not chunk.done and abort(text):
+                        # One chunk per token: the count stands in for eval_count.
+                        return Completion(
+                            text=text, finish_reason="abort", completion_tokens=chunks
+                        )
+            finally:
+                await stream.aclose()
         except Exception as exc:  # noqa: BLE001 - translated below
             translated = self._translate(exc)
             if translated is exc:
@@ -161,7 +176,7 @@ class OllamaBackend(Backend):
             raise BackendError("Ollama closed the stream before it was done", cause="connection")
         reason = last.done_reason or "unknown"
         return Completion(
-            text="".join(parts),
+            text=text,
             finish_reason=reason if reason in ("stop", "length") else "unknown",
             prompt_tokens=last.prompt_eval_count,
             completion_tokens=last.eval_count,
@@ -169,7 +184,13 @@ class OllamaBackend(Backend):
 
     # -- the contract -------------------------------------------------------
     async def complete(
-        self, prompt: str, *, sampling: Sampling, stop: list[str], seed: int | None = None
+        self,
+        prompt: str,
+        *,
+        sampling: Sampling,
+        stop: list[str],
+        seed: int | None = None,
+        abort: AbortCheck | None = None,
     ) -> Completion:
         options = _options(sampling, seed, stop)
         result = await self._stream(
@@ -182,6 +203,7 @@ class OllamaBackend(Backend):
                 keep_alive=self._keep_alive,
             ),
             lambda c: c.response or "",
+            abort,
         )
         if not result.text and not result.completion_tokens:
             # Concurrent raw requests against a cold model can come back empty
@@ -190,7 +212,12 @@ class OllamaBackend(Backend):
         return result
 
     async def chat(
-        self, messages: list[dict[str, str]], *, sampling: Sampling, seed: int | None = None
+        self,
+        messages: list[dict[str, str]],
+        *,
+        sampling: Sampling,
+        seed: int | None = None,
+        abort: AbortCheck | None = None,
     ) -> Completion:
         options = _options(sampling, seed, None)
         return await self._stream(
@@ -202,6 +229,7 @@ class OllamaBackend(Backend):
                 keep_alive=self._keep_alive,
             ),
             lambda c: (c.message.content or "") if c.message else "",
+            abort,
         )
 
     async def version(self) -> str:
