@@ -93,6 +93,12 @@ def generate(
         help="Start the output afresh instead of topping it up.",
         show_default=False,
     ),
+    allow_mixed: bool | None = typer.Option(
+        None,
+        "--allow-mixed",
+        help="Top up a file made with another model or template.",
+        show_default=False,
+    ),
     backend: str | None = typer.Option(
         None, "--backend", help="auto (Ollama if it is running, else embedded), ollama or embedded."
     ),
@@ -145,8 +151,26 @@ def generate(
     max_retries: int | None = typer.Option(
         None, "--max-retries", help="Retries of a failed request (default 5)."
     ),
+    unreachable_budget: float | None = typer.Option(
+        None,
+        "--unreachable-budget",
+        help="Seconds the backend may stay unreachable before the run stops with exit 3 (default 120).",
+    ),
+    grace_period: float | None = typer.Option(
+        None,
+        "--grace-period",
+        help="Seconds pairs in flight get to finish after Ctrl-C/SIGTERM (default 10).",
+    ),
     config: Path | None = typer.Option(
         None, "--config", help="TOML or YAML file with these settings."
+    ),
+    log_file: Path | None = typer.Option(
+        None,
+        "--log-file",
+        help="Append start, summary and errors to this file (always, even with --quiet).",
+    ),
+    log_format: str = typer.Option(
+        "text", "--log-format", help="text or json (stderr and --log-file)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors on stderr."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
@@ -156,6 +180,7 @@ def generate(
         "num": num,
         "output": output,
         "overwrite": overwrite,
+        "allow_mixed": allow_mixed,
         "backend": backend,
         "model": model,
         "host": host,
@@ -166,6 +191,8 @@ def generate(
         "keep_truncated": keep_truncated,
         "timeout": timeout,
         "max_retries": max_retries,
+        "unreachable_budget": unreachable_budget,
+        "grace_period": grace_period,
         "instruction": {
             "temperature": instruction_temperature,
             "top_p": instruction_top_p,
@@ -179,70 +206,123 @@ def generate(
     }
     if quiet:
         flags["quiet"] = True
+    from magpie.report import Reporter
+
     try:
-        status = _generate(flags, config)
-    except (MagpieError, Exception) as exc:  # noqa: BLE001 - reported as one line
+        reporter = Reporter(quiet=quiet, log_file=log_file, fmt=log_format)  # type: ignore[arg-type]
+    except MagpieError as exc:
         raise fail(exc, debug) from None
+    try:
+        status = _generate(flags, config, reporter, debug)
+    finally:
+        reporter.close()
     raise typer.Exit(int(status))
 
 
-def _generate(flags: dict[str, Any], config_file: Path | None) -> ExitStatus:
-    from magpie.backends.ollama import validate_host
+def _generate(
+    flags: dict[str, Any], config_file: Path | None, reporter: Any, debug: bool
+) -> ExitStatus:
     from magpie.config import build_config
-    from magpie.generate import agenerate, validate_model_path
+    from magpie.generate import RunControl, agenerate
     from magpie.progress import Progress
 
-    cfg = build_config(flags, config_file=config_file)
-    if cfg.host is not None:
-        validate_host(cfg.host)
-    validate_model_path(cfg)
-    say = (lambda _msg: None) if cfg.quiet else err
-    progress = Progress(enabled=not cfg.quiet)
-    received: list[int] = []
+    try:
+        cfg = build_config(flags, config_file=config_file)
+    except MagpieError as exc:
+        return _report_error(exc, reporter, debug)
+    if cfg.quiet:
+        reporter.quiet = True
+    progress = Progress(enabled=not cfg.quiet and reporter.fmt == "text")
+    interrupts: list[int] = []
 
     def on_start(prep: Any, existing: Any, target: int) -> None:
-        say(f"magpie: {prep.reason}")
-        say(
-            f"magpie: template {prep.pre_query.name} ({prep.pre_query.source}): {json.dumps(prep.pre_query.text)}"
+        reporter.info(
+            prep.reason, event="backend", backend=prep.backend.name, model=prep.backend.model
+        )
+        reporter.info(
+            f"template {prep.pre_query.name} ({prep.pre_query.source}): {json.dumps(prep.pre_query.text)}",
+            event="template",
+            template=prep.pre_query.name,
         )
         if existing.count:
-            say(f"magpie: {cfg.output} holds {existing.count} records; generating {target} more")
+            reporter.info(
+                f"{cfg.output} holds {existing.count} records; generating {target} more",
+                event="top_up",
+                existing=existing.count,
+                target=target,
+            )
         progress.start(total=existing.count + target, initial=existing.count)
 
     async def run() -> Any:
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        control = RunControl()
+        statuses = {signal.SIGINT: ExitStatus.INTERRUPTED, signal.SIGTERM: ExitStatus.TERMINATED}
 
         def on_signal(signum: int) -> None:
-            if received:  # a second signal: leave now; every written line is whole
-                os._exit(128 + received[0])
-            received.append(signum)
-            stop.set()
-            say(
-                "magpie: stopping; in-flight pairs are dropped (press Ctrl-C again to quit at once)"
+            if interrupts:  # a second signal: leave now; every written line is whole
+                os._exit(128 + interrupts[0])
+            interrupts.append(signum)
+            control.request_stop(statuses[signal.Signals(signum)])
+            reporter.info(
+                f"stopping after the pairs in flight (up to {cfg.grace_period:g} s); "
+                "press Ctrl-C again to quit at once",
+                event="stopping",
+                signal=signal.Signals(signum).name,
             )
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in statuses:
             loop.add_signal_handler(sig, on_signal, int(sig))
         try:
-            return await agenerate(cfg, on_start=on_start, on_result=progress.update, stop=stop)
+            return await agenerate(
+                cfg, on_start=on_start, on_result=progress.update, control=control
+            )
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in statuses:
                 loop.remove_signal_handler(sig)
 
     try:
         result = asyncio.run(run())
-    finally:
+    except MagpieError as exc:
         progress.close()
+        partial = getattr(exc, "result", None)
+        if partial is not None:
+            _report_summary(partial, reporter)
+        return _report_error(exc, reporter, debug)
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, traceback with --debug
+        progress.close()
+        return _report_error(exc, reporter, debug)
+    progress.close()
+    _report_summary(result, reporter)
+    return result.exit_status
+
+
+def _report_summary(result: Any, reporter: Any) -> None:
     if result.torn_path is not None:
-        say(f"magpie: a torn last line was moved to {result.torn_path}")
+        reporter.info(
+            f"a torn last line was moved to {result.torn_path}",
+            event="torn",
+            path=str(result.torn_path),
+        )
     for note in result.notes:
-        say(f"magpie: {note}")
+        reporter.info(note, event="note")
     if not result.notes:
-        say(f"magpie: {result.stats.summary()}")
-    if received:
-        return ExitStatus.INTERRUPTED if received[0] == signal.SIGINT else ExitStatus.TERMINATED
-    return ExitStatus.OK
+        reporter.info(
+            result.stats.summary(),
+            event="summary",
+            exit_status=int(result.exit_status),
+            **result.stats.as_dict(),
+        )
+
+
+def _report_error(exc: BaseException, reporter: Any, debug: bool) -> ExitStatus:
+    if debug:
+        traceback.print_exception(exc)
+    if isinstance(exc, MagpieError):
+        reporter.error(str(exc), exit_status=int(exc.exit_status))
+        return exc.exit_status
+    first = (str(exc).strip().splitlines() or [""])[0]
+    reporter.error(f"{exc.__class__.__name__}: {first} (run with --debug for a traceback)")
+    return ExitStatus.ERROR
 
 
 # --------------------------------------------------------------------------- templates

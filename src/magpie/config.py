@@ -55,6 +55,9 @@ class RunConfig(BaseModel):
     timeout: float = Field(300.0, gt=0)
     max_retries: int = Field(5, ge=0)
     unreachable_budget: float = Field(120.0, ge=0)
+    #: Seconds pairs in flight get to finish after SIGINT/SIGTERM.
+    grace_period: float = Field(10.0, ge=0)
+    allow_mixed: bool = False
     keep_truncated: bool = False
     extra_stop: list[str] = Field(default_factory=list)
     n_ctx: int = Field(4096, ge=256)

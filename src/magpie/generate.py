@@ -4,21 +4,38 @@
 >>> result = generate(RunConfig(num=10, output="data.jsonl"))   # doctest: +SKIP
 
 The CLI is a thin layer over :func:`agenerate`: it builds the :class:`RunConfig`,
-wires a progress bar to ``on_result`` and turns errors into exit codes.
+wires progress and signals to a :class:`RunControl` and turns errors into exit
+codes.
+
+A run on a file output:
+
+1. takes ``<output>.lock`` (a second run on the same output fails at once, exit 4);
+2. reads the output: valid records count toward ``num``; generation continues
+   with the file's seed at the next index (top-up);
+3. refuses to mix another model or template into the file (``allow_mixed``);
+4. writes each record as one line, and ``<output>.manifest.json`` at start, every
+   ``MANIFEST_EVERY`` results and at the end, whatever the end was.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+from magpie import __version__
 from magpie.backends.base import Backend, ModelInfo
 from magpie.backends.select import choose_backend
 from magpie.config import RunConfig
-from magpie.errors import ExitStatus, UsageError
+from magpie.errors import ExitStatus, MagpieError, UsageError
+from magpie.lock import OutputLock
+from magpie.manifest import Manifest, RunEntry, file_sha256, read_manifest, write_manifest
 from magpie.output import ExistingOutput, JsonlWriter, check_output_path, scan_output
 from magpie.pipeline import Pipeline, PipelineSettings
 from magpie.records import Record, Rejection
@@ -29,6 +46,26 @@ from magpie.templates import PreQuery, resolve_pre_query
 #: time; an Ollama server queues what it cannot run in parallel, and a few
 #: requests in flight hide the client's own latency.
 AUTO_CONCURRENCY = {"embedded": 1, "ollama": 4}
+#: Rewrite the manifest after this many results (records or rejections).
+MANIFEST_EVERY = 50
+
+
+@dataclass
+class RunControl:
+    """Lets a caller (the CLI's signal handlers) stop a run cleanly."""
+
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The exit status a stopped run reports (130 for SIGINT, 143 for SIGTERM).
+    stop_status: ExitStatus = ExitStatus.INTERRUPTED
+
+    def request_stop(self, status: ExitStatus = ExitStatus.INTERRUPTED) -> None:
+        if not self.stop.is_set():
+            self.stop_status = status
+            self.stop.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop.is_set()
 
 
 @dataclass
@@ -43,7 +80,9 @@ class RunResult:
     seed: int = 0
     exit_status: ExitStatus = ExitStatus.OK
     torn_path: Path | None = None
+    next_index: int = 0
     notes: list[str] = field(default_factory=list)
+    error: MagpieError | None = None
 
 
 @dataclass
@@ -62,6 +101,29 @@ def concurrency_for(config: RunConfig, backend: Backend) -> int:
     return int(config.concurrency)
 
 
+def validate_config(config: RunConfig) -> Path | None:
+    """Every check that needs no backend (exit 2), before any work starts."""
+    from magpie.backends.embedded import check_gguf
+    from magpie.backends.ollama import validate_host
+    from magpie.backends.select import looks_like_gguf
+    from magpie.templates import get_family, load_family_file
+
+    if config.host is not None:
+        validate_host(config.host)
+    if config.model and config.backend != "ollama" and looks_like_gguf(config.model):
+        check_gguf(config.model)
+    spec = config.template.strip()
+    if spec.lower() != "auto":
+        fam = (
+            load_family_file(spec)
+            if spec.endswith((".toml", ".tml")) or "/" in spec or Path(spec).is_file()
+            else get_family(spec)
+        )
+        if config.system is not None:
+            fam.render(config.system)  # a family without a system slot refuses here
+    return check_output_path(config.output)
+
+
 async def prepare(config: RunConfig) -> Prepared:
     """Choose and open the backend, describe the model, resolve the template.
 
@@ -77,33 +139,115 @@ async def prepare(config: RunConfig) -> Prepared:
     return Prepared(choice.backend, info, pre_query, choice.reason)
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_mixed(
+    path: Path,
+    existing: ExistingOutput,
+    previous: Manifest | None,
+    prep: Prepared,
+    digest: str | None,
+) -> None:
+    """Refuse to add records of another model or template to a file."""
+    model, template = prep.backend.model, prep.pre_query.name
+    problems = []
+    if existing.count and existing.model is not None and existing.model != model:
+        problems.append(f"model {existing.model!r} (this run: {model!r})")
+    if existing.count and existing.template is not None and existing.template != template:
+        problems.append(f"template {existing.template!r} (this run: {template!r})")
+    if previous is not None and existing.count:
+        if previous.model_digest and digest and previous.model_digest != digest:
+            problems.append(f"model digest {previous.model_digest[:19]} (this run: {digest[:19]})")
+        old_text = (previous.template or {}).get("text")
+        if old_text is not None and old_text != prep.pre_query.text and not problems:
+            problems.append("a different pre-query text (system prompt or template)")
+    if problems:
+        raise UsageError(
+            f"{path} holds records made with {'; '.join(problems)}: pass --allow-mixed to add "
+            "them anyway, or pick another --output"
+        )
+
+
+def _model_digest(
+    prep: Prepared, previous: Manifest | None
+) -> tuple[str | None, dict[str, Any] | None]:
+    path = prep.info.extra.get("path")
+    if path:
+        info = file_sha256(Path(path), previous.model_file if previous else None)
+        return f"sha256:{info['sha256']}", info
+    return prep.info.digest, None
+
+
+def _settings(config: RunConfig, settings: PipelineSettings) -> dict[str, Any]:
+    return {
+        "instruction": settings.instruction.model_dump(),
+        "response": settings.response.model_dump(),
+        "extra_stop": settings.extra_stop,
+        "keep_truncated": settings.keep_truncated,
+        "concurrency": settings.concurrency,
+        "max_retries": config.max_retries,
+        "timeout": config.timeout,
+        "unreachable_budget": config.unreachable_budget,
+    }
+
+
 async def agenerate(
     config: RunConfig,
     *,
     on_start: Callable[[Prepared, ExistingOutput, int], None] | None = None,
     on_result: Callable[[Record | Rejection, RunStats], None] | None = None,
-    stop: asyncio.Event | None = None,
+    control: RunControl | None = None,
     stats: RunStats | None = None,
     prepared: Prepared | None = None,
 ) -> RunResult:
     """Generate until the output holds ``config.num`` records (top-up semantics).
 
-    An existing output file is read first: its valid records count toward
-    ``num`` and the run continues its seed and indexes.  ``--overwrite`` starts
-    from scratch.  Setting ``stop`` ends the run after the records already
-    written; the file stays valid.
+    Errors that end the run (backend gone for longer than the budget, retries
+    exhausted, every instruction rejected) are raised after the records written
+    so far are flushed and the manifest records the failure; ``result`` is then
+    attached to the exception as ``exc.result``.
     """
-    path = check_output_path(config.output)
-    existing = (
-        scan_output(path) if (path is not None and not config.overwrite) else ExistingOutput(path)
-    )
+    path = validate_config(config)
+    lock = OutputLock(path) if path is not None else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return await _agenerate(config, path, on_start, on_result, control, stats, prepared)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+async def _agenerate(
+    config: RunConfig,
+    path: Path | None,
+    on_start: Callable[[Prepared, ExistingOutput, int], None] | None,
+    on_result: Callable[[Record | Rejection, RunStats], None] | None,
+    control: RunControl | None,
+    stats: RunStats | None,
+    prepared: Prepared | None,
+) -> RunResult:
+    fresh = path is None or config.overwrite
+    existing = ExistingOutput(path) if fresh else scan_output(path)
+    previous = None if fresh or path is None else read_manifest(path)
     stats = stats or RunStats()
     stats.existing = existing.count
     target = max(0, config.num - existing.count)
     seed = config.seed if config.seed is not None else existing.seed
+    if seed is None and previous is not None and existing.count:
+        seed = previous.seed
     if seed is None:
         seed = secrets.randbelow(2**31 - 1)
-    result = RunResult(stats=stats, output=path, seed=seed)
+    start_index = existing.next_index
+    if previous is not None and previous.seed == seed and existing.count:
+        # Continue after rejected attempts too, so no request seed repeats.
+        for run in reversed(previous.runs):
+            if run.next_index is not None:
+                start_index = max(start_index, run.next_index)
+                break
+    result = RunResult(stats=stats, output=path, seed=seed, next_index=start_index)
     if target == 0:
         result.notes.append(
             f"{path} already holds {existing.count} records (asked for {config.num}): nothing to do"
@@ -123,34 +267,116 @@ async def agenerate(
     )
     pipeline = Pipeline(backend, pre_query, seed=seed, settings=settings, stats=stats)
     writer = JsonlWriter(path, overwrite=config.overwrite, existing=existing)
+    manifest: Manifest | None = None
+    entry: RunEntry | None = None
     try:
+        if path is not None:
+            digest, model_file = _model_digest(prep, previous)
+            if not config.allow_mixed:
+                _check_mixed(path, existing, previous, prep, digest)
+            runs = list(previous.runs) if previous is not None else []
+            for old in runs:
+                if old.status == "running":
+                    old.status = "crashed"  # killed before it could say so
+            entry = RunEntry(
+                started_at=_now(),
+                pid=os.getpid(),
+                requested=config.num,
+                existing_before=existing.count,
+                start_index=start_index,
+                next_index=start_index,
+            )
+            manifest = Manifest(
+                output=path.name,
+                magpie_version=__version__,
+                backend=backend.name,
+                host=backend.host,
+                model=backend.model,
+                model_digest=digest,
+                model_file=model_file,
+                template=pre_query.model_dump(),
+                settings=_settings(config, settings),
+                seed=seed,
+                records=existing.count,
+                runs=[*runs, entry],
+            )
+            write_manifest(path, manifest)
         result.torn_path = writer.prepare()
         if on_start is not None:
             on_start(prep, existing, target)
-        async for item in pipeline.run(target, start_index=existing.next_index, stop=stop):
+        stop = control.stop if control is not None else None
+        since_manifest = 0
+        last_manifest = time.monotonic()
+        async for item in pipeline.run(target, start_index, stop=stop, grace=config.grace_period):
             if isinstance(item, Record):
                 writer.write(item)
                 stats.written += 1
             if on_result is not None:
                 on_result(item, stats)
+            since_manifest += 1
+            if manifest is not None and (
+                since_manifest >= MANIFEST_EVERY or time.monotonic() - last_manifest > 30
+            ):
+                _update(manifest, entry, stats, pipeline, existing)
+                write_manifest(path, manifest)  # type: ignore[arg-type]
+                since_manifest, last_manifest = 0, time.monotonic()
+        if control is not None and control.stopped:
+            result.exit_status = control.stop_status
+    except MagpieError as exc:
+        result.error = exc
+        result.exit_status = exc.exit_status
+        exc.result = result  # type: ignore[attr-defined]
+        raise
+    except BaseException:
+        result.exit_status = ExitStatus.ERROR
+        raise
     finally:
         writer.close()
         await backend.aclose()
+        result.next_index = pipeline.next_index
+        if manifest is not None and entry is not None:
+            _update(manifest, entry, stats, pipeline, existing)
+            entry.ended_at = _now()
+            entry.exit_status = int(result.exit_status)
+            entry.status = {
+                ExitStatus.OK: "done",
+                ExitStatus.INTERRUPTED: "interrupted",
+                ExitStatus.TERMINATED: "terminated",
+            }.get(result.exit_status, "failed")
+            entry.error = str(result.error) if result.error is not None else None
+            write_manifest(path, manifest)  # type: ignore[arg-type]
     return result
 
 
-def generate(config: RunConfig, **kwargs: object) -> RunResult:
+def _update(
+    manifest: Manifest,
+    entry: RunEntry | None,
+    stats: RunStats,
+    pipeline: Pipeline,
+    existing: ExistingOutput,
+) -> None:
+    manifest.records = existing.count + stats.written
+    if entry is None:
+        return
+    entry.next_index = pipeline.next_index
+    entry.written = stats.written
+    entry.rejected = dict(stats.rejected)
+    entry.retries = dict(stats.retries)
+    entry.prompt_tokens = stats.prompt_tokens
+    entry.completion_tokens = stats.completion_tokens
+
+
+def generate(config: RunConfig, **kwargs: Any) -> RunResult:
     """Synchronous wrapper of :func:`agenerate`."""
-    return asyncio.run(agenerate(config, **kwargs))  # type: ignore[arg-type]
+    return asyncio.run(agenerate(config, **kwargs))
 
 
-def validate_model_path(config: RunConfig) -> None:
-    """Fail early (exit 2) on a --model that names a missing or non-GGUF file."""
-    from magpie.backends.embedded import check_gguf
-    from magpie.backends.select import looks_like_gguf
-
-    if config.model and config.backend != "ollama" and looks_like_gguf(config.model):
-        check_gguf(config.model)
-
-
-__all__ = ["Prepared", "RunResult", "agenerate", "generate", "prepare", "UsageError"]
+__all__ = [
+    "Prepared",
+    "RunControl",
+    "RunResult",
+    "agenerate",
+    "generate",
+    "prepare",
+    "validate_config",
+]

@@ -1,0 +1,124 @@
+"""The run manifest: ``<output>.manifest.json`` next to the output.
+
+What made the file (magpie version, backend, host, model and its digest,
+template strings, generation settings, seed) and every run that wrote to it
+(start, end, counts, retries by cause, exit status).  Written atomically
+(temporary file, fsync, rename), so a reader never sees half a manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_VERSION = 1
+
+
+class RunEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    started_at: str
+    ended_at: str | None = None
+    pid: int
+    requested: int
+    existing_before: int
+    start_index: int
+    next_index: int | None = None
+    written: int = 0
+    rejected: dict[str, int] = Field(default_factory=dict)
+    retries: dict[str, int] = Field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    #: "running" until the run ends; a later run marks a stale one "crashed".
+    status: str = "running"
+    exit_status: int | None = None
+    error: str | None = None
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    manifest_version: int = MANIFEST_VERSION
+    output: str
+    magpie_version: str
+    backend: str
+    host: str | None = None
+    model: str
+    model_digest: str | None = None
+    model_file: dict[str, Any] | None = None
+    template: dict[str, Any]
+    settings: dict[str, Any]
+    seed: int
+    records: int = 0
+    runs: list[RunEntry] = Field(default_factory=list)
+
+
+def manifest_path(output: Path) -> Path:
+    return output.with_name(output.name + ".manifest.json")
+
+
+def read_manifest(output: Path) -> Manifest | None:
+    path = manifest_path(output)
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return None  # unreadable: it is rewritten by this run
+
+
+def write_manifest(output: Path, manifest: Manifest) -> None:
+    """Replace the manifest atomically."""
+    path = manifest_path(output)
+    data = json.dumps(manifest.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def file_sha256(path: Path, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"path", "size", "mtime_ns", "sha256"}`` of a model file.
+
+    Reuses ``previous`` (the last manifest's entry) when size and mtime match:
+    hashing a 40 GB GGUF on every nightly run would waste minutes.
+    """
+    st = path.stat()
+    if (
+        previous
+        and previous.get("path") == str(path)
+        and previous.get("size") == st.st_size
+        and previous.get("mtime_ns") == st.st_mtime_ns
+        and previous.get("sha256")
+    ):
+        return previous
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return {
+        "path": str(path),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "sha256": h.hexdigest(),
+    }

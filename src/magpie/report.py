@@ -1,0 +1,77 @@
+"""Messages for people and for cron logs: stderr and an optional log file.
+
+stdout is never used here: it carries data only.  ``--quiet`` keeps stderr to
+errors; a ``--log-file`` always gets everything (start, backend, summary,
+errors), as text lines with a timestamp or as JSON lines (``--log-format json``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, TextIO
+
+from magpie.errors import UsageError
+
+LogFormat = Literal["text", "json"]
+
+
+class Reporter:
+    def __init__(
+        self,
+        *,
+        quiet: bool = False,
+        log_file: str | Path | None = None,
+        fmt: LogFormat = "text",
+        stream: TextIO | None = None,
+    ) -> None:
+        if fmt not in ("text", "json"):
+            raise UsageError(f"--log-format {fmt!r}: use text or json")
+        self.quiet = quiet
+        self.fmt = fmt
+        self.stream = stream or sys.stderr
+        self._log: TextIO | None = None
+        if log_file is not None:
+            p = Path(log_file).expanduser()
+            try:
+                self._log = p.open("a", encoding="utf-8")
+            except OSError as exc:
+                raise UsageError(f"cannot open log file {p}: {exc.strerror}") from None
+
+    def _line(
+        self, level: str, event: str, message: str, fields: dict[str, Any], stamp: bool
+    ) -> str:
+        if self.fmt == "json":
+            record = {
+                "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "level": level,
+                "event": event,
+                "message": message,
+                **fields,
+            }
+            return json.dumps(record, ensure_ascii=False, default=str)
+        prefix = "magpie: error: " if level == "error" else "magpie: "
+        if stamp:
+            return f"{datetime.now().astimezone().isoformat(timespec='seconds')} {prefix}{message}"
+        return prefix + message
+
+    def _emit(self, level: str, event: str, message: str, fields: dict[str, Any]) -> None:
+        if level == "error" or not self.quiet:
+            self.stream.write(self._line(level, event, message, fields, stamp=False) + "\n")
+            self.stream.flush()
+        if self._log is not None:
+            self._log.write(self._line(level, event, message, fields, stamp=True) + "\n")
+            self._log.flush()
+
+    def info(self, message: str, event: str = "info", **fields: Any) -> None:
+        self._emit("info", event, message, fields)
+
+    def error(self, message: str, event: str = "error", **fields: Any) -> None:
+        self._emit("error", event, message, fields)
+
+    def close(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
