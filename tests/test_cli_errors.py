@@ -157,3 +157,27 @@ def test_help_and_version() -> None:
         assert flag in proc.stdout
     proc = run_magpie("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("magpie ")
+
+
+def test_unwritable_output_directory() -> None:
+    # /sys refuses new files even to root (os.access would say yes).
+    proc = run_magpie("generate", "-n", "1", "--backend", "embedded", "-o", "/sys/magpie.jsonl")
+    assert_one_line_error(proc, USAGE, "not writable")
+
+
+def test_bad_input_is_reported_before_contacting_the_backend() -> None:
+    """Ollama is down here, yet a bad template is a usage error (exit 2), not exit 3."""
+    proc = run_magpie("generate", "--backend", "ollama", "--template", "nope", "-o", "x.jsonl")
+    assert_one_line_error(proc, USAGE, "known families")
+    proc = run_magpie("generate", "--backend", "ollama", "--template", "gemma", "--system", "x")
+    assert (
+        proc.returncode == 3
+    )  # gemma has a system slot: the request goes on, and fails on the server
+    proc = run_magpie("generate", "--backend", "ollama", "--log-file", "/sys/x.log")
+    assert_one_line_error(proc, USAGE, "cannot open log file")
+
+
+def test_family_without_system_slot_rejects_system(tmp_path: Path) -> None:
+    (tmp_path / "t.toml").write_text('pre_query = "Q: "\nstop = ["A:"]\n')
+    proc = run_magpie("generate", "--backend", "ollama", "--template", "t.toml", "--system", "hi")
+    assert_one_line_error(proc, USAGE, "no system slot")

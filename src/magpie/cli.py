@@ -156,6 +156,11 @@ def generate(
         "--unreachable-budget",
         help="Seconds the backend may stay unreachable before the run stops with exit 3 (default 120).",
     ),
+    backoff_base: float | None = typer.Option(
+        None,
+        "--backoff-base",
+        help="First retry delay in seconds, doubled per retry (default 0.5).",
+    ),
     grace_period: float | None = typer.Option(
         None,
         "--grace-period",
@@ -193,6 +198,7 @@ def generate(
         "max_retries": max_retries,
         "unreachable_budget": unreachable_budget,
         "grace_period": grace_period,
+        "backoff_base": backoff_base,
         "instruction": {
             "temperature": instruction_temperature,
             "top_p": instruction_top_p,

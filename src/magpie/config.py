@@ -55,6 +55,9 @@ class RunConfig(BaseModel):
     timeout: float = Field(300.0, gt=0)
     max_retries: int = Field(5, ge=0)
     unreachable_budget: float = Field(120.0, ge=0)
+    #: First retry delay in seconds; it doubles per retry (with jitter) up to backoff_max.
+    backoff_base: float = Field(0.5, ge=0)
+    backoff_max: float = Field(20.0, ge=0)
     #: Seconds pairs in flight get to finish after SIGINT/SIGTERM.
     grace_period: float = Field(10.0, ge=0)
     allow_mixed: bool = False

@@ -39,6 +39,7 @@ from magpie.manifest import Manifest, RunEntry, file_sha256, read_manifest, writ
 from magpie.output import ExistingOutput, JsonlWriter, check_output_path, scan_output
 from magpie.pipeline import Pipeline, PipelineSettings
 from magpie.records import Record, Rejection
+from magpie.retry import call_with_retry
 from magpie.stats import RunStats
 from magpie.templates import PreQuery, resolve_pre_query
 
@@ -124,14 +125,17 @@ def validate_config(config: RunConfig) -> Path | None:
     return check_output_path(config.output)
 
 
-async def prepare(config: RunConfig) -> Prepared:
+async def prepare(config: RunConfig, on_retry: Callable[[str], None] | None = None) -> Prepared:
     """Choose and open the backend, describe the model, resolve the template.
 
     Raises BackendUnavailable / ModelNotFound (exit 3) or UsageError (exit 2).
     """
     choice = await choose_backend(config)
     try:
-        info = await choice.backend.describe()
+        # 5xx / timeouts at start are retried like any request; a refused
+        # connection is not: the server is down, say so at once (exit 3).
+        policy = config.retry.model_copy(update={"unreachable_budget": 0.0})
+        info = await call_with_retry(choice.backend.describe, policy, on_retry)
         pre_query = resolve_pre_query(config.template, info, config.system)
     except BaseException:
         await choice.backend.aclose()
@@ -236,8 +240,8 @@ async def _agenerate(
     stats.existing = existing.count
     target = max(0, config.num - existing.count)
     seed = config.seed if config.seed is not None else existing.seed
-    if seed is None and previous is not None and existing.count:
-        seed = previous.seed
+    if seed is None and previous is not None:
+        seed = previous.seed  # an interrupted run's seed, even if it wrote nothing
     if seed is None:
         seed = secrets.randbelow(2**31 - 1)
     start_index = existing.next_index
@@ -254,7 +258,7 @@ async def _agenerate(
         )
         return result
 
-    prep = prepared or await prepare(config)
+    prep = prepared or await prepare(config, on_retry=lambda cause: stats.retries.update([cause]))
     backend, pre_query = prep.backend, prep.pre_query
     result.backend, result.model, result.template = backend.name, backend.model, pre_query.name
     settings = PipelineSettings(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -55,8 +56,18 @@ def check_output_path(output: str) -> Path | None:
         raise UsageError(f"output directory {parent} does not exist: create it first")
     if not parent.is_dir():
         raise UsageError(f"output {p}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise UsageError(f"output {p} is not writable: check the permissions of {parent}")
+    # Probe for real (os.access says yes to root even on a read-only mount).
+    try:
+        if p.exists():
+            os.close(os.open(p, os.O_WRONLY | os.O_APPEND))
+        else:
+            fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=parent)
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(
+            f"output {p} is not writable ({exc.strerror}): pick another --output"
+        ) from None
     return p
 
 

@@ -240,7 +240,17 @@ class EmbeddedBackend(Backend):
         )
 
     async def aclose(self) -> None:
+        """Stop a generation in progress (at its next token), then free the model.
+
+        The model is closed only under the lock, after the worker thread is done
+        with it: closing it under a running generation would crash the process.
+        """
         self._cancelled = True
-        llm, self._llm = self._llm, None
-        if llm is not None and hasattr(llm, "close"):
-            await asyncio.to_thread(llm.close)
+
+        def close() -> None:
+            with self._lock:
+                llm, self._llm = self._llm, None
+                if llm is not None and hasattr(llm, "close"):
+                    llm.close()
+
+        await asyncio.to_thread(close)

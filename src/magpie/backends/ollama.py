@@ -128,7 +128,9 @@ class OllamaBackend(Backend):
             return BackendError(
                 f"Ollama answered {code}: {msg}", retryable=False, cause=f"http_{code}"
             )
-        if isinstance(exc, ConnectionError):
+        # The client turns a refused connection into ConnectionError for plain
+        # requests, but streaming requests raise httpx.ConnectError as it is.
+        if isinstance(exc, ConnectionError | httpx.ConnectError):
             return BackendUnavailable(
                 f"Ollama is not reachable at {self._host}: start it with `ollama serve` "
                 "(or pass --host / set OLLAMA_HOST)"
