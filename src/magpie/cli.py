@@ -166,6 +166,41 @@ def generate(
         "--grace-period",
         help="Seconds pairs in flight get to finish after Ctrl-C/SIGTERM (default 10).",
     ),
+    language: str | None = typer.Option(
+        None, "--language", help="Keep only instructions in this language (ISO 639-1, e.g. en)."
+    ),
+    judge: str | None = typer.Option(
+        None, "--judge", help="Judge model (Ollama name or .gguf), or 'same' for the generator."
+    ),
+    judge_backend: str | None = typer.Option(
+        None, "--judge-backend", help="auto, ollama or embedded."
+    ),
+    judge_host: str | None = typer.Option(None, "--judge-host", help="Ollama URL of the judge."),
+    judge_prompt: Path | None = typer.Option(
+        None, "--judge-prompt", help="Judge system prompt file (see configs/judge/)."
+    ),
+    prejudge: bool | None = typer.Option(
+        None,
+        "--prejudge",
+        help="Judge each instruction before its response is generated (saves response tokens).",
+        show_default=False,
+    ),
+    min_quality: str | None = typer.Option(None, "--min-quality", help="very poor .. excellent"),
+    min_difficulty: str | None = typer.Option(
+        None, "--min-difficulty", help="very easy .. very hard"
+    ),
+    min_response_score: int | None = typer.Option(None, "--min-response-score", help="1-10"),
+    categories: str | None = typer.Option(
+        None,
+        "--categories",
+        help='Comma-separated task categories to keep, e.g. "Math,Coding & Debugging".',
+    ),
+    drop_unsafe: bool | None = typer.Option(
+        None, "--drop-unsafe", help="Reject pairs the judge calls unsafe.", show_default=False
+    ),
+    rejects: str | None = typer.Option(
+        None, "--rejects", help="Append rejected attempts to this JSONL."
+    ),
     config: Path | None = typer.Option(
         None, "--config", help="TOML or YAML file with these settings."
     ),
@@ -199,6 +234,18 @@ def generate(
         "unreachable_budget": unreachable_budget,
         "grace_period": grace_period,
         "backoff_base": backoff_base,
+        "judge": judge,
+        "judge_backend": judge_backend,
+        "judge_host": judge_host,
+        "judge_prompt": str(judge_prompt) if judge_prompt else None,
+        "prejudge": prejudge,
+        "min_quality": min_quality,
+        "min_difficulty": min_difficulty,
+        "min_response_score": min_response_score,
+        "categories": categories,
+        "drop_unsafe": drop_unsafe,
+        "rejects": rejects,
+        "filters": {"language": language},
         "instruction": {
             "temperature": instruction_temperature,
             "top_p": instruction_top_p,
@@ -233,6 +280,7 @@ def _generate(
     from magpie.progress import Progress
 
     try:
+        flags["categories"] = _categories(flags.get("categories"))
         cfg = build_config(flags, config_file=config_file)
     except MagpieError as exc:
         return _report_error(exc, reporter, debug)
@@ -302,6 +350,14 @@ def _generate(
     return result.exit_status
 
 
+def _categories(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    from magpie.judge import parse_categories
+
+    return parse_categories(text)
+
+
 def _report_summary(result: Any, reporter: Any) -> None:
     if result.torn_path is not None:
         reporter.info(
@@ -329,6 +385,107 @@ def _report_error(exc: BaseException, reporter: Any, debug: bool) -> ExitStatus:
     first = (str(exc).strip().splitlines() or [""])[0]
     reporter.error(f"{exc.__class__.__name__}: {first} (run with --debug for a traceback)")
     return ExitStatus.ERROR
+
+
+# --------------------------------------------------------------------------- filter
+@app.command("filter")
+def filter_cmd(
+    input: str = typer.Argument(..., help="magpie JSONL to filter."),
+    output: str = typer.Option(
+        ..., "-o", "--output", help="Where kept records go (appended; resumable)."
+    ),
+    rejects: str | None = typer.Option(
+        None, "--rejects", help="Where rejected records go, with reasons."
+    ),
+    judge: str | None = typer.Option(None, "--judge", help="Judge model (Ollama name or .gguf)."),
+    judge_backend: str | None = typer.Option(
+        None, "--judge-backend", help="auto, ollama or embedded."
+    ),
+    host: str | None = typer.Option(
+        None, "--host", "--judge-host", help="Ollama URL of the judge."
+    ),
+    judge_prompt: Path | None = typer.Option(
+        None, "--judge-prompt", help="Judge system prompt file."
+    ),
+    min_quality: str | None = typer.Option(None, "--min-quality", help="very poor .. excellent"),
+    min_difficulty: str | None = typer.Option(
+        None, "--min-difficulty", help="very easy .. very hard"
+    ),
+    min_response_score: int | None = typer.Option(None, "--min-response-score", help="1-10"),
+    categories: str | None = typer.Option(
+        None, "--categories", help="Comma-separated categories to keep."
+    ),
+    drop_unsafe: bool | None = typer.Option(None, "--drop-unsafe", show_default=False),
+    language: str | None = typer.Option(
+        None, "--language", help="Keep only this language (ISO 639-1)."
+    ),
+    concurrency: str | None = typer.Option(
+        None, "--concurrency", "-c", help="Records in flight (default 4)."
+    ),
+    overwrite: bool | None = typer.Option(
+        None, "--overwrite", help="Start output and rejects afresh."
+    ),
+    timeout: float | None = typer.Option(
+        None, "--timeout", help="Seconds of silence before a retry."
+    ),
+    max_retries: int | None = typer.Option(
+        None, "--max-retries", help="Retries of a failed request."
+    ),
+    config: Path | None = typer.Option(None, "--config", help="TOML or YAML settings file."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors on stderr."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Judge and rule-filter an existing magpie JSONL (streaming, resumable)."""
+    from magpie.report import Reporter
+
+    reporter = Reporter(quiet=quiet)
+    flags: dict[str, Any] = {
+        "output": output,
+        "rejects": rejects,
+        "judge": judge,
+        "judge_backend": judge_backend,
+        "judge_host": host,
+        "judge_prompt": str(judge_prompt) if judge_prompt else None,
+        "min_quality": min_quality,
+        "min_difficulty": min_difficulty,
+        "min_response_score": min_response_score,
+        "drop_unsafe": drop_unsafe,
+        "filters": {"language": language},
+        "concurrency": concurrency,
+        "overwrite": overwrite,
+        "timeout": timeout,
+        "max_retries": max_retries,
+    }
+    try:
+        flags["categories"] = _categories(categories)
+        from magpie.config import build_config
+        from magpie.filtering import afilter
+        from magpie.generate import RunControl
+
+        cfg = build_config(flags, config_file=config)
+
+        async def run() -> Any:
+            control = RunControl()
+            loop = asyncio.get_running_loop()
+            for sig, status in (
+                (signal.SIGINT, ExitStatus.INTERRUPTED),
+                (signal.SIGTERM, ExitStatus.TERMINATED),
+            ):
+                loop.add_signal_handler(sig, control.request_stop, status)
+            return await afilter(input, cfg, control=control), control
+
+        result, control = asyncio.run(run())
+    except (MagpieError, Exception) as exc:  # noqa: BLE001
+        raise typer.Exit(int(_report_error(exc, reporter, debug))) from None
+    st = result.stats
+    rej = ", ".join(f"{k} {v}" for k, v in sorted(st.rejected.items()))
+    reporter.info(
+        f"{st.written} kept, {st.rejected_total} rejected"
+        + (f" ({rej})" if rej else "")
+        + f", {result.skipped} already done, {result.judged} judged, {result.reused} tags reused",
+        event="summary",
+    )
+    raise typer.Exit(int(control.stop_status) if control.stopped else 0)
 
 
 # --------------------------------------------------------------------------- templates

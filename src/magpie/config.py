@@ -26,6 +26,8 @@ from pydantic import (
 
 from magpie.backends.base import Sampling
 from magpie.errors import UsageError
+from magpie.filters import FilterSettings
+from magpie.judge import Category, Difficulty, Quality, Thresholds
 from magpie.pipeline import default_instruction_sampling, default_response_sampling
 from magpie.retry import RetryPolicy
 
@@ -66,6 +68,21 @@ class RunConfig(BaseModel):
     n_ctx: int = Field(4096, ge=256)
     threads: int | None = Field(None, ge=1)
     keep_alive: str | None = None
+    #: Rule filters run on every instruction before its response is requested.
+    filters: FilterSettings = Field(default_factory=FilterSettings)
+    #: LLM judge: a model name (or a .gguf), or "same" for the generator itself.
+    judge: str | None = None
+    judge_backend: BackendName = "auto"
+    judge_host: str | None = None
+    judge_prompt: str | None = None
+    prejudge: bool = False
+    min_quality: Quality | None = None
+    min_difficulty: Difficulty | None = None
+    min_response_score: int | None = Field(None, ge=1, le=10)
+    categories: list[Category] | None = None
+    drop_unsafe: bool = False
+    #: Append rejected attempts (with their reasons) to this JSONL file.
+    rejects: str | None = None
     instruction: Sampling = Field(default_factory=default_instruction_sampling)
     response: Sampling = Field(default_factory=default_response_sampling)
     quiet: bool = False
@@ -84,11 +101,21 @@ class RunConfig(BaseModel):
         return value
 
     @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds(
+            min_quality=self.min_quality,
+            min_difficulty=self.min_difficulty,
+            min_response_score=self.min_response_score,
+            categories=self.categories,
+            drop_unsafe=self.drop_unsafe,
+        )
+
+    @property
     def retry(self) -> RetryPolicy:
         return RetryPolicy(max_retries=self.max_retries, unreachable_budget=self.unreachable_budget)
 
 
-_NESTED = ("instruction", "response")
+_NESTED = ("instruction", "response", "filters")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -140,7 +167,7 @@ def env_settings(environ: Mapping[str, str]) -> dict[str, Any]:
                 break
         else:
             if name in fields and name not in _NESTED:
-                out[name] = value.split(",") if name == "extra_stop" else value
+                out[name] = value.split(",") if name in ("extra_stop", "categories") else value
     return out
 
 
@@ -181,7 +208,7 @@ def build_config(
     except ValidationError as exc:
         err = exc.errors()[0]
         full = ".".join(str(x) for x in err["loc"])
-        known = {*RunConfig.model_fields, *Sampling.model_fields}
+        known = {*RunConfig.model_fields, *Sampling.model_fields, *FilterSettings.model_fields}
         # Union branches add names such as "constrained-int" to the location.
         loc = ".".join(str(x) for x in err["loc"] if str(x) in known) or full
         parts = full.split(".")
@@ -189,7 +216,7 @@ def build_config(
         where = sources.get(key) or sources.get(parts[0]) or "settings"
         if err["type"] == "extra_forbidden":
             names = (
-                Sampling.model_fields
+                (FilterSettings if parts[0] == "filters" else Sampling).model_fields
                 if parts[0] in _NESTED and len(parts) > 1
                 else RunConfig.model_fields
             )

@@ -34,9 +34,17 @@ from magpie.backends.base import Backend, ModelInfo
 from magpie.backends.select import choose_backend
 from magpie.config import RunConfig
 from magpie.errors import ExitStatus, MagpieError, UsageError
+from magpie.filters import build_filters
+from magpie.judge import Judge
 from magpie.lock import OutputLock
 from magpie.manifest import Manifest, RunEntry, file_sha256, read_manifest, write_manifest
-from magpie.output import ExistingOutput, JsonlWriter, check_output_path, scan_output
+from magpie.output import (
+    ExistingOutput,
+    JsonlWriter,
+    RejectsWriter,
+    check_output_path,
+    scan_output,
+)
 from magpie.pipeline import Pipeline, PipelineSettings
 from magpie.records import Record, Rejection
 from magpie.retry import call_with_retry
@@ -141,6 +149,35 @@ async def prepare(config: RunConfig, on_retry: Callable[[str], None] | None = No
         await choice.backend.aclose()
         raise
     return Prepared(choice.backend, info, pre_query, choice.reason)
+
+
+async def _open_judge(
+    config: RunConfig, backend: Backend, stats: RunStats
+) -> tuple[Judge | None, Backend | None]:
+    """The judge of a run, if ``--judge`` asks for one (``same``: the generator)."""
+    if not config.judge:
+        return None, None
+    if config.judge.strip().lower() == "same":
+        judge_backend = backend
+    else:
+        from magpie.backends.select import choose_judge_backend
+
+        choice = await choose_judge_backend(config)
+        judge_backend = choice.backend
+        try:
+            policy = config.retry.model_copy(update={"unreachable_budget": 0.0})
+            await call_with_retry(judge_backend.describe, policy)
+        except BaseException:
+            await judge_backend.aclose()
+            await backend.aclose()
+            raise
+    judge = Judge(
+        judge_backend,
+        system_prompt=config.judge_prompt,
+        retry=config.retry,
+        on_retry=lambda cause: stats.retries.update([f"judge_{cause}"]),
+    )
+    return judge, judge_backend
 
 
 def _now() -> str:
@@ -268,9 +305,21 @@ async def _agenerate(
         concurrency=concurrency_for(config, backend),
         retry=config.retry,
         keep_truncated=config.keep_truncated,
+        thresholds=config.thresholds,
+        prejudge=config.prejudge,
     )
-    pipeline = Pipeline(backend, pre_query, seed=seed, settings=settings, stats=stats)
+    judge, judge_backend = await _open_judge(config, backend, stats)
+    pipeline = Pipeline(
+        backend,
+        pre_query,
+        seed=seed,
+        settings=settings,
+        stats=stats,
+        filters=build_filters(config.filters),
+        judge=judge,
+    )
     writer = JsonlWriter(path, overwrite=config.overwrite, existing=existing)
+    rejects = RejectsWriter(Path(config.rejects)) if config.rejects else None
     manifest: Manifest | None = None
     entry: RunEntry | None = None
     try:
@@ -315,6 +364,8 @@ async def _agenerate(
             if isinstance(item, Record):
                 writer.write(item)
                 stats.written += 1
+            elif rejects is not None:
+                rejects.write(item, model=backend.model, seed=seed)
             if on_result is not None:
                 on_result(item, stats)
             since_manifest += 1
@@ -336,7 +387,11 @@ async def _agenerate(
         raise
     finally:
         writer.close()
+        if rejects is not None:
+            rejects.close()
         await backend.aclose()
+        if judge_backend is not None and judge_backend is not backend:
+            await judge_backend.aclose()
         result.next_index = pipeline.next_index
         if manifest is not None and entry is not None:
             _update(manifest, entry, stats, pipeline, existing)

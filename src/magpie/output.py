@@ -21,7 +21,7 @@ from typing import BinaryIO
 from pydantic import ValidationError
 
 from magpie.errors import UsageError
-from magpie.records import Record
+from magpie.records import Record, Rejection
 
 STDOUT = "-"
 
@@ -221,3 +221,46 @@ class JsonlWriter:
 
 def _size(fd: int) -> int:
     return os.fstat(fd).st_size
+
+
+class RejectsWriter:
+    """Appends rejected attempts to a JSONL file (``--rejects``), one line each.
+
+    A rejection after the response carries the whole record; earlier ones carry
+    the instruction.  Every line has ``reject_reason``, ``reject_stage`` and
+    ``reject_detail``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: BinaryIO | None = None
+
+    def write(self, item: Rejection | Record, *, reason: str = "", **context: object) -> None:
+        import json
+
+        if isinstance(item, Record):
+            data: dict[str, object] = item.model_dump(mode="json")
+            data.update(reject_reason=reason, reject_stage="filter", reject_detail="")
+        elif item.record is not None:
+            data = item.record.model_dump(mode="json")
+            data.update(
+                reject_reason=item.reason, reject_stage=item.stage, reject_detail=item.detail
+            )
+        else:
+            data = {
+                "index": item.index,
+                "instruction": item.text,
+                **context,
+                "reject_reason": item.reason,
+                "reject_stage": item.stage,
+                "reject_detail": item.detail,
+            }
+        if self._fh is None:
+            self._fh = self.path.open("ab")
+        self._fh.write((json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8"))
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

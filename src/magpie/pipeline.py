@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from magpie.backends.base import Backend, Completion, Sampling
 from magpie.clean import clean_instruction
 from magpie.errors import MagpieError
+from magpie.judge import InstructionVerdict, Judge, JudgeInvalid, Thresholds
 from magpie.records import (
     Message,
     Record,
@@ -66,6 +67,11 @@ class PipelineSettings(BaseModel):
     #: Stop a generation caught in a loop (the same block repeated) at once and
     #: reject it as ``repetition`` instead of letting it run to max_tokens.
     stop_repetition: bool = True
+    #: Judge thresholds (used when the pipeline has a judge).
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    #: Judge the instruction before the response is generated (a second, cheaper
+    #: call), so instructions below the thresholds cost no response tokens.
+    prejudge: bool = False
 
 
 @dataclass
@@ -74,6 +80,7 @@ class Instruction:
     text: str
     completion: Completion
     seed: int
+    verdict: InstructionVerdict | None = None
 
 
 def _stage(sampling: Sampling, seed: int, c: Completion) -> StageInfo:
@@ -90,6 +97,25 @@ def _stage(sampling: Sampling, seed: int, c: Completion) -> StageInfo:
     )
 
 
+#: Reject reasons that point at a template that does not fit the model.
+_TEMPLATE_REASONS = {"empty", "truncated", "special_token", "role_leak", "repetition"}
+
+
+def _streak_message(streak: int, stats: RunStats) -> str:
+    reasons = ", ".join(f"{r} {n}" for r, n in stats.rejected.most_common())
+    top = stats.rejected.most_common(1)[0][0] if stats.rejected else ""
+    if top in _TEMPLATE_REASONS:
+        hint = (
+            "the template probably does not fit this model; check --template and --system "
+            "(`magpie templates list`)"
+        )
+    elif top == "judge_invalid":
+        hint = "the judge model does not answer with valid JSON; try a larger --judge model"
+    else:
+        hint = "the filters or judge thresholds reject everything; loosen them"
+    return f"the last {streak} attempts were all rejected ({reasons}): {hint}"
+
+
 class Pipeline:
     """Generate Magpie pairs from one backend with one pre-query template."""
 
@@ -102,6 +128,7 @@ class Pipeline:
         settings: PipelineSettings | None = None,
         stats: RunStats | None = None,
         filters: list[InstructionFilter] | None = None,
+        judge: Judge | None = None,
     ) -> None:
         self.backend = backend
         self.pre_query = pre_query
@@ -109,6 +136,10 @@ class Pipeline:
         self.settings = settings or PipelineSettings()
         self.stats = stats or RunStats()
         self.filters = list(filters or [])
+        self.judge = judge
+        if judge is not None and judge.on_retry is None:
+            judge.on_retry = self._on_retry
+            judge.retry = self.settings.retry
         self._stop = list(dict.fromkeys([*pre_query.stop, *self.settings.extra_stop]))
         #: The first attempt index not yet yielded by ``run()``.
         self.next_index = 0
@@ -141,9 +172,28 @@ class Pipeline:
             if reason is not None:
                 break
             reason = flt(text)
+        verdict = None
+        if reason is None and self.judge is not None and self.settings.prejudge:
+            try:
+                verdict = await self.judge.judge_instruction(text)
+            except JudgeInvalid as exc:
+                reason = "judge_invalid"
+                self._count_saved()
+                return Rejection(
+                    index=index, reason=reason, stage="judge", text=text, detail=str(exc)
+                )
+            reason = self.settings.thresholds.instruction_reason(verdict)
         if reason is not None:
+            self._count_saved()
             return Rejection(index=index, reason=reason, stage="instruction", text=text)
-        return Instruction(index=index, text=text, completion=completion, seed=seed)
+        return Instruction(
+            index=index, text=text, completion=completion, seed=seed, verdict=verdict
+        )
+
+    def _count_saved(self) -> None:
+        """An instruction rejected before its response: count the response
+        tokens that were not spent (estimated by the mean so far)."""
+        self.stats.saved_responses += 1
 
     async def response(self, inst: Instruction) -> Record | Rejection:
         """Stage 4-5: answer the instruction with the model's chat template."""
@@ -158,6 +208,7 @@ class Pipeline:
             )
         )
         self.stats.add_tokens(completion.prompt_tokens, completion.completion_tokens)
+        self.stats.add_response(completion.completion_tokens)
         answer = completion.text.strip()
         if completion.finish_reason == "abort":
             return Rejection(
@@ -192,12 +243,48 @@ class Pipeline:
             created_at=utcnow(),
         )
 
+    async def _judge(self, record: Record, inst: Instruction) -> Record | Rejection:
+        """Tag a record with the judge; reject it below the thresholds."""
+        assert self.judge is not None
+        thresholds = self.settings.thresholds
+        try:
+            if inst.verdict is not None:
+                verdict = await self.judge.judge_response(record.instruction, record.response)
+                tags = self.judge.tags(inst.verdict, verdict)
+            else:
+                pair = await self.judge.judge_pair(record.instruction, record.response)
+                tags = self.judge.tags(pair)
+        except JudgeInvalid as exc:
+            return Rejection(
+                index=record.index,
+                reason="judge_invalid",
+                stage="judge",
+                text=record.instruction,
+                detail=f"{exc} (reply: {exc.reply[:200]!r})",
+                record=record,
+            )
+        record.judge = tags
+        reason = None if inst.verdict is not None else thresholds.instruction_reason(tags)
+        reason = reason or thresholds.response_reason(tags)
+        if reason is not None:
+            return Rejection(
+                index=record.index,
+                reason=reason,
+                stage="judge",
+                text=record.instruction,
+                record=record,
+            )
+        return record
+
     async def attempt(self, index: int) -> Record | Rejection:
         """One full attempt: instruction, then (if kept) its response."""
         inst = await self.instruction(index)
         if isinstance(inst, Rejection):
             return inst
-        return await self.response(inst)
+        result = await self.response(inst)
+        if self.judge is not None and isinstance(result, Record):
+            return await self._judge(result, inst)
+        return result
 
     async def run(
         self,
@@ -269,14 +356,7 @@ class Pipeline:
                     if kept >= target:
                         return
                     if streak >= self.settings.max_reject_streak:
-                        reasons = ", ".join(
-                            f"{r} {n}" for r, n in self.stats.rejected.most_common()
-                        )
-                        raise MagpieError(
-                            f"the last {streak} instructions were all rejected ({reasons}): "
-                            "the template probably does not fit this model; check --template "
-                            "and --system (`magpie templates list`)"
-                        )
+                        raise MagpieError(_streak_message(streak, self.stats))
                 if deadline is not None and (not pending or loop.time() >= deadline):
                     return
         finally:

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from magpie.judge import JudgeTags
+
 SCHEMA_VERSION = 1
 
 
@@ -64,6 +66,8 @@ class Record(BaseModel):
     #: The run seed; per-request seeds are in the stage infos.
     seed: int
     created_at: datetime
+    #: LLM-judge tags (``--judge``, ``magpie filter``); absent when not judged.
+    judge: JudgeTags | None = None
 
 
 class Rejection(BaseModel):
@@ -71,9 +75,11 @@ class Rejection(BaseModel):
 
     index: int
     reason: str
-    stage: Literal["instruction", "response"] = "instruction"
+    stage: Literal["instruction", "response", "judge"] = "instruction"
     text: str = ""
     detail: str = ""
+    #: The record it would have been (rejected after the response), if any.
+    record: Record | None = None
 
 
 def record_id(model: str, template_text: str, seed: int, index: int) -> str:

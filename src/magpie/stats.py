@@ -18,6 +18,11 @@ class RunStats:
     started: float = field(default_factory=time.monotonic)
     #: Records that were already in the output before this run (top-up).
     existing: int = 0
+    #: Instructions rejected before a response was requested, and the response
+    #: tokens so far (to estimate what the early rejections saved).
+    saved_responses: int = 0
+    response_tokens: int = 0
+    responses: int = 0
 
     @property
     def rejected_total(self) -> int:
@@ -35,6 +40,18 @@ class RunStats:
         self.prompt_tokens += prompt or 0
         self.completion_tokens += completion or 0
 
+    def add_response(self, completion_tokens: int | None) -> None:
+        if completion_tokens:
+            self.response_tokens += completion_tokens
+            self.responses += 1
+
+    @property
+    def saved_tokens(self) -> int:
+        """Response tokens not spent thanks to early rejections (estimated)."""
+        if not self.responses:
+            return 0
+        return round(self.saved_responses * self.response_tokens / self.responses)
+
     def summary(self) -> str:
         """The one-line summary printed at the end of a run."""
         parts = [f"{self.written} written"]
@@ -46,6 +63,8 @@ class RunStats:
             ret = ", ".join(f"{k} {v}" for k, v in sorted(self.retries.items()))
             parts.append(f"{sum(self.retries.values())} retries ({ret})")
         parts.append(f"{self.prompt_tokens + self.completion_tokens} tokens")
+        if self.saved_tokens:
+            parts.append(f"~{self.saved_tokens} response tokens saved by early rejects")
         parts.append(f"{self.elapsed:.1f} s")
         parts.append(f"{self.pairs_per_second:.2f} pairs/s")
         return ", ".join(parts)
@@ -59,5 +78,6 @@ class RunStats:
             "retries": dict(self.retries),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "saved_tokens": self.saved_tokens,
             "elapsed_s": round(self.elapsed, 3),
         }

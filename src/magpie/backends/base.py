@@ -113,8 +113,12 @@ class Backend(abc.ABC):
         sampling: Sampling,
         seed: int | None = None,
         abort: AbortCheck | None = None,
+        json_schema: dict[str, Any] | None = None,
     ) -> Completion:
-        """Answer chat messages with the model's own chat template."""
+        """Answer chat messages with the model's own chat template.
+
+        With ``json_schema`` the answer is constrained to JSON matching it
+        (structured output: the judge uses it)."""
 
     @abc.abstractmethod
     async def describe(self) -> ModelInfo:

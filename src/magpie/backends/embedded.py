@@ -198,11 +198,17 @@ class EmbeddedBackend(Backend):
         sampling: Sampling,
         seed: int | None = None,
         abort: AbortCheck | None = None,
+        json_schema: dict[str, Any] | None = None,
     ) -> Completion:
+        extra: dict[str, Any] = {}
+        if json_schema is not None:
+            # llama-cpp-python turns the schema into a grammar that constrains decoding.
+            extra["response_format"] = {"type": "json_object", "schema": json_schema}
+
         def call(llm: Any) -> tuple[Any, bool]:
             processor, state = self._watch(abort)
             out = llm.create_chat_completion(
-                messages=messages, **self._kwargs(sampling, seed, processor)
+                messages=messages, **self._kwargs(sampling, seed, processor), **extra
             )
             return out, state["aborted"]
 

@@ -220,6 +220,7 @@ class OllamaBackend(Backend):
         sampling: Sampling,
         seed: int | None = None,
         abort: AbortCheck | None = None,
+        json_schema: dict[str, Any] | None = None,
     ) -> Completion:
         options = _options(sampling, seed, None)
         return await self._stream(
@@ -227,6 +228,7 @@ class OllamaBackend(Backend):
                 model=self._model,
                 messages=messages,
                 options=options,
+                format=json_schema,
                 stream=True,
                 keep_alive=self._keep_alive,
             ),

@@ -39,6 +39,21 @@ def _ollama(config: RunConfig, model: str) -> Backend:
     return OllamaBackend(model, config.host, timeout=config.timeout, keep_alive=config.keep_alive)
 
 
+async def choose_judge_backend(config: RunConfig) -> BackendChoice:
+    """The judge's backend: ``--judge MODEL`` on ``--judge-backend``/``--judge-host``
+    (defaults: the generator's host).  ``--judge same`` is handled by the caller."""
+    assert config.judge is not None
+    judge_config = config.model_copy(
+        update={
+            "backend": config.judge_backend,
+            "model": config.judge,
+            "host": config.judge_host or config.host,
+        }
+    )
+    choice = await choose_backend(judge_config)
+    return BackendChoice(choice.backend, "judge " + choice.reason)
+
+
 def _pick_default(names: list[str]) -> str | None:
     matches = sorted(
         n for n in names if n == DEFAULT_OLLAMA_MODEL or n.startswith(DEFAULT_OLLAMA_MODEL + ":")

@@ -1,0 +1,187 @@
+"""``magpie filter``: rule filters and the LLM judge over an existing JSONL.
+
+Streams the input (never loads it whole), keeps up to ``concurrency`` records
+in flight, writes kept records to the output in input order and rejected ones
+to ``--rejects`` with their reason.  Resumable like ``generate``: records whose
+id is already in the output or the rejects file are skipped, so an interrupted
+filter run picks up where it stopped.  A record that already carries tags
+from the same judge model is not judged again (re-filtering with other
+thresholds costs no model calls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from magpie.config import RunConfig
+from magpie.errors import UsageError
+from magpie.filters import build_filters
+from magpie.generate import RunControl
+from magpie.judge import Judge, JudgeInvalid
+from magpie.lock import OutputLock
+from magpie.output import JsonlWriter, RejectsWriter, check_output_path, scan_output
+from magpie.records import Record
+from magpie.retry import call_with_retry
+from magpie.stats import RunStats
+
+
+@dataclass
+class FilterResult:
+    stats: RunStats
+    skipped: int = 0
+    judged: int = 0
+    reused: int = 0
+
+
+def _done_ids(path: Path | None) -> set[str]:
+    """Ids in a rejects file (lines that carry an ``id``)."""
+    ids: set[str] = set()
+    if path is None or not path.exists():
+        return ids
+    with path.open("rb") as fh:
+        for line in fh:
+            try:
+                rid = json.loads(line).get("id")
+            except (ValueError, AttributeError):
+                continue
+            if rid:
+                ids.add(rid)
+    return ids
+
+
+def _records(src: Path, skip: set[str], counter: list[int]) -> Iterator[Record]:
+    from pydantic import ValidationError
+
+    with src.open("rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = Record.model_validate_json(line)
+            except (ValidationError, ValueError):
+                raise UsageError(f"{src} line {lineno} is not a magpie record") from None
+            if rec.id in skip:
+                counter[0] += 1
+                continue
+            yield rec
+
+
+async def afilter(
+    src: str | Path,
+    config: RunConfig,
+    *,
+    on_result: Callable[[Record, str | None, RunStats], None] | None = None,
+    control: RunControl | None = None,
+) -> FilterResult:
+    """Filter ``src`` into ``config.output`` (and ``config.rejects``)."""
+    src_path = Path(src).expanduser()
+    if not src_path.is_file():
+        raise UsageError(
+            f"input {src_path} not found"
+            if not src_path.exists()
+            else f"input {src_path} is not a file"
+        )
+    out = check_output_path(config.output)
+    if out is None:
+        raise UsageError("magpie filter needs a file --output (it resumes from it)")
+    if out.resolve() == src_path.resolve():
+        raise UsageError("--output must differ from the input")
+    rejects_path = Path(config.rejects).expanduser() if config.rejects else None
+    if config.judge and config.judge.strip().lower() == "same":
+        raise UsageError("magpie filter needs a judge model name, not 'same'")
+    filters = build_filters(config.filters)
+    with OutputLock(out):
+        existing = scan_output(out) if not config.overwrite else None
+        skip = set(existing.ids) if existing else set()
+        skip |= _done_ids(rejects_path) if not config.overwrite else set()
+        stats = RunStats()
+        stats.existing = len(skip)
+        result = FilterResult(stats=stats)
+        judge = None
+        judge_backend = None
+        if config.judge:
+            from magpie.backends.select import choose_judge_backend
+
+            judge_backend = (await choose_judge_backend(config)).backend
+            policy = config.retry.model_copy(update={"unreachable_budget": 0.0})
+            try:
+                await call_with_retry(judge_backend.describe, policy)
+            except BaseException:
+                await judge_backend.aclose()
+                raise
+            judge = Judge(
+                judge_backend,
+                system_prompt=config.judge_prompt,
+                retry=config.retry,
+                on_retry=lambda cause: stats.retries.update([cause]),
+            )
+        thresholds = config.thresholds
+        writer = JsonlWriter(out, overwrite=config.overwrite, existing=existing)
+        rejects = RejectsWriter(rejects_path) if rejects_path else None
+        if rejects is not None and config.overwrite and rejects_path is not None:
+            rejects_path.unlink(missing_ok=True)
+
+        async def process(rec: Record) -> tuple[Record, str | None]:
+            for flt in filters:
+                reason = flt(rec.instruction)
+                if reason is not None:
+                    return rec, reason
+            if judge is None:
+                return rec, None
+            if rec.judge is not None and rec.judge.judge_model == judge.model:
+                result.reused += 1
+                tags = rec.judge
+            else:
+                try:
+                    pair = await judge.judge_pair(rec.instruction, rec.response)
+                except JudgeInvalid:
+                    return rec, "judge_invalid"
+                result.judged += 1
+                tags = judge.tags(pair)
+                rec = rec.model_copy(update={"judge": tags})
+            reason = thresholds.instruction_reason(tags) or thresholds.response_reason(tags)
+            return rec, reason
+
+        k = config.concurrency if isinstance(config.concurrency, int) else 4
+        skipped = [0]
+        window: deque[asyncio.Task[tuple[Record, str | None]]] = deque()
+
+        def emit(rec: Record, reason: str | None) -> None:
+            stats.attempts += 1
+            if reason is None:
+                writer.write(rec)
+                stats.written += 1
+            else:
+                stats.rejected[reason] += 1
+                if rejects is not None:
+                    rejects.write(rec, reason=reason)
+            if on_result is not None:
+                on_result(rec, reason, stats)
+
+        try:
+            for rec in _records(src_path, skip, skipped):
+                if control is not None and control.stopped:
+                    break
+                window.append(asyncio.ensure_future(process(rec)))
+                if len(window) >= k:
+                    emit(*(await window.popleft()))
+            while window and not (control is not None and control.stopped):
+                emit(*(await window.popleft()))
+        finally:
+            for task in window:
+                task.cancel()
+            await asyncio.gather(*window, return_exceptions=True)
+            writer.close()
+            if rejects is not None:
+                rejects.close()
+            if judge_backend is not None:
+                await judge_backend.aclose()
+        if not out.exists():
+            out.touch()  # nothing kept is still an answer: an empty output
+        result.skipped = skipped[0]
+        return result

@@ -1,0 +1,115 @@
+"""Cheap rule filters on an instruction, run before any further model call.
+
+Each filter returns a reject reason or None.  :func:`build_filters` turns the
+settings into the list the pipeline runs after cleaning and before the
+response is requested, so no tokens are spent answering an instruction that
+will be thrown away.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+InstructionFilter = Callable[[str], "str | None"]
+
+_WORD_RE = re.compile(r"\w+", re.UNICODE)
+
+
+class FilterSettings(BaseModel):
+    """Rule filters (all on by default, except the language filter)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_words: int = Field(3, ge=0, description="fewer words: too_short")
+    max_chars: int = Field(4000, ge=1, description="more characters: too_long")
+    #: The reference drops instructions ending in ":" (they announce content that
+    #: never comes: "Here is my essay:").
+    reject_trailing_colon: bool = True
+    #: ISO 639-1 code; None keeps every language.
+    language: str | None = None
+    #: Only reject a language mismatch the identifier is this sure of.
+    language_confidence: float = Field(0.5, ge=0.0, le=1.0)
+    #: Share of repeated word 3-grams above which an instruction is "repetitive".
+    max_repeated_ngrams: float = Field(0.3, ge=0.0, le=1.0)
+
+
+def too_short(min_words: int) -> InstructionFilter:
+    def check(text: str) -> str | None:
+        return "too_short" if len(_WORD_RE.findall(text)) < min_words else None
+
+    return check
+
+
+def too_long(max_chars: int) -> InstructionFilter:
+    def check(text: str) -> str | None:
+        return "too_long" if len(text) > max_chars else None
+
+    return check
+
+
+def trailing_colon(text: str) -> str | None:
+    return "trailing_colon" if text.rstrip().endswith((":", "：")) else None
+
+
+def repeated_ngrams(text: str, n: int = 3) -> float:
+    """Share of word n-grams that repeat an earlier one (0 = none, ->1 = a loop)."""
+    words = [w.lower() for w in _WORD_RE.findall(text)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if len(grams) < 4:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def repetitive(limit: float) -> InstructionFilter:
+    def check(text: str) -> str | None:
+        return "repetitive" if repeated_ngrams(text) > limit else None
+
+    return check
+
+
+@functools.lru_cache(maxsize=1)
+def _identifier():  # type: ignore[no-untyped-def]
+    try:
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+    except ModuleNotFoundError:
+        from magpie.errors import UsageError
+
+        raise UsageError("--language needs the py3langid package: pip install py3langid") from None
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def detect_language(text: str) -> tuple[str, float]:
+    """(ISO 639-1 code, probability) by py3langid (a maintained langid.py)."""
+    lang, prob = _identifier().classify(text)
+    return lang, float(prob)
+
+
+def language_is(target: str, confidence: float) -> InstructionFilter:
+    target = target.lower()
+    _identifier()  # fail early (exit 2) when the library is missing
+
+    def check(text: str) -> str | None:
+        lang, prob = detect_language(text)
+        if lang != target and prob >= confidence:
+            return f"language_{lang}"
+        return None
+
+    return check
+
+
+def build_filters(settings: FilterSettings) -> list[InstructionFilter]:
+    filters: list[InstructionFilter] = []
+    if settings.min_words:
+        filters.append(too_short(settings.min_words))
+    filters.append(too_long(settings.max_chars))
+    if settings.reject_trailing_colon:
+        filters.append(trailing_colon)
+    if settings.max_repeated_ngrams < 1.0:
+        filters.append(repetitive(settings.max_repeated_ngrams))
+    if settings.language:
+        filters.append(language_is(settings.language, settings.language_confidence))
+    return filters
