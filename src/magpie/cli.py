@@ -488,6 +488,81 @@ def filter_cmd(
     raise typer.Exit(int(control.stop_status) if control.stopped else 0)
 
 
+# --------------------------------------------------------------------------- stats
+@app.command()
+def stats(
+    input: str = typer.Argument(..., help="magpie JSONL (its manifest is read when present)."),
+    rejects: Path | None = typer.Option(None, "--rejects", help="Rejects file of the same runs."),
+    as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON on stdout."),
+    html: Path | None = typer.Option(
+        None, "--html", help="Write a self-contained HTML report with charts."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Counts, reject reasons, judge tags, lengths, tokens per pair and throughput."""
+    try:
+        from magpie.datastats import compute_stats, render_rich, to_json, write_html
+
+        data = compute_stats(Path(input), rejects=rejects)
+        if html is not None:
+            write_html(data, html)
+    except (MagpieError, Exception) as exc:  # noqa: BLE001
+        raise fail(exc, debug) from None
+    if as_json:
+        sys.stdout.write(to_json(data) + "\n")
+    else:
+        from rich.console import Console
+
+        render_rich(data, Console())
+    if html is not None:
+        err(f"magpie: wrote {html}")
+
+
+# --------------------------------------------------------------------------- doctor
+@app.command()
+def doctor(
+    host: str | None = typer.Option(None, "--host", help="Ollama URL."),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Ollama model name or a .gguf file."
+    ),
+    backend: str | None = typer.Option(None, "--backend", help="auto, ollama or embedded."),
+    template: str | None = typer.Option(
+        None, "--template", "-t", help="Template family, auto or a file."
+    ),
+    system: str | None = typer.Option(None, "--system", help="System prompt for the pre-query."),
+    config: Path | None = typer.Option(None, "--config", help="TOML or YAML settings file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON on stdout."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Check that `magpie generate` would work here, and say what to do if not.
+
+    Exit 0 only when every check passed (3: backend or model missing; 2: bad
+    settings or template; 1: the smoke generation failed).
+    """
+    try:
+        from magpie.config import build_config
+        from magpie.doctor import checks_to_json, doctor_exit_status, render_checks, run_doctor
+
+        flags = {
+            "host": host,
+            "model": model,
+            "backend": backend,
+            "template": template,
+            "system": system,
+        }
+        cfg = build_config(flags, config_file=config)
+        checks = asyncio.run(run_doctor(cfg))
+    except (MagpieError, Exception) as exc:  # noqa: BLE001
+        raise fail(exc, debug) from None
+    if as_json:
+        sys.stdout.write(checks_to_json(checks) + "\n")
+    else:
+        from rich.console import Console
+
+        render_checks(checks, Console(stderr=True))
+    raise typer.Exit(int(doctor_exit_status(checks)))
+
+
 # --------------------------------------------------------------------------- templates
 @templates_app.command("list")
 def templates_list(

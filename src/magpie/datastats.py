@@ -1,0 +1,1180 @@
+"""Statistics of a magpie JSONL file: the library behind ``magpie stats``.
+
+>>> from magpie.datastats import compute_stats, render_rich, to_json, write_html
+>>> stats = compute_stats(Path("data.jsonl"), rejects=Path("data.rejects.jsonl"))  # doctest: +SKIP
+
+:func:`compute_stats` streams the file line by line (it never holds the records:
+only counters, one small hash per instruction and one counter per distinct
+length), reads ``<file>.manifest.json`` when it is there and an optional rejects
+file (JSON lines: a record or a rejection plus ``"reject_reason"``).  It returns
+a :class:`DataStats` that three renderers turn into Rich tables
+(:func:`render_rich`), JSON (:func:`to_json`) or one self-contained HTML page
+with inline SVG charts (:func:`write_html`).
+
+Definitions, so that the numbers can be checked by hand:
+
+* percentiles are nearest-rank: ``pXX`` is the smallest length such that at least
+  XX % of the values are less than or equal to it;
+* histogram buckets are half-open ``[lo, hi)`` of one width from the 1-2-5 series,
+  chosen so that about a dozen buckets cover min..max;
+* an instruction's *normalized* form is its casefolded text with runs of
+  whitespace collapsed to one space; the unique share is distinct normalized
+  instructions over records;
+* rejections by reason take, per reason, the larger of the manifest runs' count
+  and the rejects file's count: both describe the same attempts, so adding them
+  would count a rejection twice, while either may hold reasons the other lacks;
+* tokens spent per kept pair are the prompt + completion tokens of the records,
+  plus the tokens of rejected work (the manifest runs' totals minus the records'
+  tokens; without a manifest, the token counts found in the rejects file), over
+  the records kept;
+* throughput is records written over wall time (``ended_at - started_at``) per
+  manifest run; overall, the sum over runs with a known wall time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import math
+import os
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from pydantic import BaseModel, Field
+
+from magpie.errors import UsageError
+from magpie.manifest import Manifest, RunEntry, manifest_path, read_manifest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+
+#: Judge ``input_quality`` levels, worst first.
+QUALITY_LEVELS = ("very poor", "poor", "average", "good", "excellent")
+#: Judge ``difficulty`` levels, easiest first.
+DIFFICULTY_LEVELS = ("very easy", "easy", "medium", "hard", "very hard")
+#: Judge ``task_category`` values (the Magpie paper's taxonomy).
+TASK_CATEGORIES = (
+    "Information seeking",
+    "Reasoning",
+    "Planning",
+    "Editing",
+    "Coding & Debugging",
+    "Math",
+    "Role playing",
+    "Data analysis",
+    "Creative writing",
+    "Advice seeking",
+    "Brainstorming",
+    "Others",
+)
+#: Judge ``response_score`` scale shown even when some scores never occur.
+SCORE_RANGE = range(1, 11)
+#: What a judge section says when no record carries judge tags.
+NOT_JUDGED = "not judged"
+#: Roughly how many buckets a length histogram has.
+TARGET_BUCKETS = 12
+#: Percentiles reported for every length distribution.
+PERCENTILES = (50, 90)
+
+# ----------------------------------------------------------------------------- model
+
+
+class Bucket(BaseModel):
+    """One histogram bucket: values in ``[lo, hi)``."""
+
+    lo: int
+    hi: int
+    count: int
+
+
+class Distribution(BaseModel):
+    """Summary of integer values (lengths): extremes, percentiles, histogram."""
+
+    count: int = 0
+    min: int | None = None
+    p50: int | None = None
+    p90: int | None = None
+    max: int | None = None
+    mean: float | None = None
+    buckets: list[Bucket] = Field(default_factory=list)
+
+
+class LengthStats(BaseModel):
+    """Lengths of one text field, in characters and in whitespace-separated words."""
+
+    chars: Distribution = Field(default_factory=Distribution)
+    words: Distribution = Field(default_factory=Distribution)
+
+
+class JudgeStats(BaseModel):
+    """Distributions of the optional ``judge`` tags of the records."""
+
+    #: "not judged", "judged N of M" or "judged".
+    status: str = NOT_JUDGED
+    judged: int = 0
+    not_judged: int = 0
+    input_quality: dict[str, int] = Field(default_factory=dict)
+    difficulty: dict[str, int] = Field(default_factory=dict)
+    task_categories: dict[str, int] = Field(default_factory=dict)
+    other_categories: dict[str, int] = Field(default_factory=dict)
+    #: "not judged" when no record has a ``response_score``.
+    response_status: str = NOT_JUDGED
+    response_scored: int = 0
+    response_scores: dict[int, int] = Field(default_factory=dict)
+    response_score_mean: float | None = None
+    safety: dict[str, int] = Field(default_factory=dict)
+    languages: dict[str, int] = Field(default_factory=dict)
+    judge_models: dict[str, int] = Field(default_factory=dict)
+
+
+class TokenStats(BaseModel):
+    """What the kept pairs cost, in tokens."""
+
+    records_prompt: int = 0
+    records_completion: int = 0
+    records_total: int = 0
+    #: Records that carry at least one token count (backends may not report them).
+    records_counted: int = 0
+    #: Tokens of attempts that produced no record (None: unknown).
+    rejected_work: int | None = None
+    #: Where ``rejected_work`` comes from: "manifest", "rejects file" or None.
+    rejected_work_source: str | None = None
+    total: int = 0
+    per_kept_pair: float | None = None
+    per_kept_pair_records_only: float | None = None
+
+
+class RunInfo(BaseModel):
+    """One manifest run, with its wall time and throughput."""
+
+    started_at: str
+    ended_at: str | None = None
+    status: str
+    exit_status: int | None = None
+    requested: int
+    existing_before: int
+    written: int
+    rejected: dict[str, int] = Field(default_factory=dict)
+    attempts: int
+    retries: int = 0
+    tokens: int = 0
+    wall_s: float | None = None
+    records_per_s: float | None = None
+
+
+class Throughput(BaseModel):
+    """Records per second of wall time, per manifest run and overall."""
+
+    runs: list[RunInfo] = Field(default_factory=list)
+    written: int = 0
+    #: Sum of the known wall times (runs without an end are left out).
+    wall_s: float | None = None
+    records_per_s: float | None = None
+
+
+class ManifestInfo(BaseModel):
+    """What the manifest says made the file."""
+
+    path: str
+    model: str
+    backend: str
+    host: str | None = None
+    model_digest: str | None = None
+    template: str | None = None
+    seed: int
+    magpie_version: str
+    records: int
+
+
+class DataStats(BaseModel):
+    """Everything ``magpie stats`` reports about one file."""
+
+    path: str
+    rejects_path: str | None = None
+    manifest: ManifestInfo | None = None
+    #: Valid record lines (the kept pairs).
+    records: int = 0
+    #: Lines that are not records (a torn last line, foreign JSON).
+    invalid_lines: int = 0
+    #: Records whose id already appeared earlier in the file.
+    duplicate_ids: int = 0
+    kept: int = 0
+    #: Rejections by reason, the two sources merged (see the module docstring).
+    rejected: dict[str, int] = Field(default_factory=dict)
+    rejected_total: int = 0
+    rejected_manifest: dict[str, int] | None = None
+    rejected_file: dict[str, int] | None = None
+    rejects_invalid_lines: int = 0
+    #: kept / (kept + rejected), None when nothing was attempted.
+    keep_rate: float | None = None
+    unique_instructions: int = 0
+    unique_share: float | None = None
+    #: Rejections whose reason names a duplicate ("duplicate", "near_duplicate"...).
+    duplicates_rejected: int = 0
+    #: Records whose normalized instruction already appeared earlier in the file.
+    duplicate_instructions: int = 0
+    #: Records by number of user turns in ``messages``.
+    turns: dict[int, int] = Field(default_factory=dict)
+    instruction_length: LengthStats = Field(default_factory=LengthStats)
+    response_length: LengthStats = Field(default_factory=LengthStats)
+    judge: JudgeStats = Field(default_factory=JudgeStats)
+    tokens: TokenStats = Field(default_factory=TokenStats)
+    throughput: Throughput | None = None
+    models: dict[str, int] = Field(default_factory=dict)
+    templates: dict[str, int] = Field(default_factory=dict)
+    backends: dict[str, int] = Field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def percentile(counts: Mapping[int, int], p: int) -> int | None:
+    """Nearest-rank percentile of values given as ``{value: occurrences}``."""
+    n = sum(counts.values())
+    if n == 0:
+        return None
+    rank = max(1, -(-p * n // 100))  # ceil(p * n / 100) in integers
+    seen = 0
+    for value in sorted(counts):
+        seen += counts[value]
+        if seen >= rank:
+            return value
+    return max(counts)  # pragma: no cover - unreachable
+
+
+def nice_width(span: int, target: int = TARGET_BUCKETS) -> int:
+    """A bucket width from the 1-2-5 series giving about ``target`` buckets."""
+    raw = span / target
+    if raw <= 1:
+        return 1
+    magnitude = 10 ** math.floor(math.log10(raw))
+    for step in (1, 2, 5, 10):
+        if step * magnitude >= raw:
+            return int(step * magnitude)
+    return int(10 * magnitude)  # pragma: no cover - the loop always returns
+
+
+def histogram(counts: Mapping[int, int], target: int = TARGET_BUCKETS) -> list[Bucket]:
+    """Equal-width buckets from min to max (empty buckets included)."""
+    if not counts:
+        return []
+    lo, hi = min(counts), max(counts)
+    width = nice_width(hi - lo + 1, target)
+    start = lo // width * width
+    tallies = [0] * ((hi - start) // width + 1)
+    for value, n in counts.items():
+        tallies[(value - start) // width] += n
+    return [
+        Bucket(lo=start + i * width, hi=start + (i + 1) * width, count=c)
+        for i, c in enumerate(tallies)
+    ]
+
+
+def distribution(counts: Mapping[int, int]) -> Distribution:
+    """Summarize ``{value: occurrences}``."""
+    n = sum(counts.values())
+    if n == 0:
+        return Distribution()
+    return Distribution(
+        count=n,
+        min=min(counts),
+        p50=percentile(counts, 50),
+        p90=percentile(counts, 90),
+        max=max(counts),
+        mean=round(sum(v * c for v, c in counts.items()) / n, 3),
+        buckets=histogram(counts),
+    )
+
+
+def normalize_instruction(text: str) -> str:
+    """Casefolded, whitespace-collapsed text: what counts as "the same" instruction."""
+    return " ".join(text.casefold().split())
+
+
+def _ratio(num: float, den: float, digits: int = 4) -> float | None:
+    return round(num / den, digits) if den else None
+
+
+def _ordered(counter: Counter[str], levels: Iterable[str]) -> dict[str, int]:
+    """Known levels first in their order (zeros included), then the others by count."""
+    out = {level: counter.get(level, 0) for level in levels}
+    for key, n in counter.most_common():
+        out.setdefault(key, n)
+    return out
+
+
+def _by_count(counter: Counter[str], known: Iterable[str] = ()) -> dict[str, int]:
+    """Most common first; ``known`` names appear with 0 when absent."""
+    full = Counter({k: 0 for k in known})
+    full.update(counter)
+    return dict(sorted(full.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _tokens(obj: Mapping[str, Any]) -> tuple[int, int]:
+    """(prompt, completion) tokens of a record's two stages (missing counts are 0)."""
+    prompt = completion = 0
+    for stage in ("instruction_generation", "response_generation"):
+        info = obj.get(stage)
+        if isinstance(info, Mapping):
+            prompt += _int(info.get("prompt_tokens"))
+            completion += _int(info.get("completion_tokens"))
+    return prompt, completion
+
+
+def _has_tokens(obj: Mapping[str, Any]) -> bool:
+    """Whether a record carries any token count at all."""
+    return any(
+        isinstance(info, Mapping)
+        and (info.get("prompt_tokens") is not None or info.get("completion_tokens") is not None)
+        for info in (obj.get("instruction_generation"), obj.get("response_generation"))
+    )
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    """The lines of ``path`` (``-``: stdin), one at a time."""
+    if str(path) == "-":
+        yield from sys.stdin.buffer
+        return
+    try:
+        fh: BinaryIO = path.open("rb")
+    except FileNotFoundError:
+        raise UsageError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory, not a JSONL file") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    with fh:
+        yield from fh
+
+
+def _objects(path: Path) -> Iterator[dict[str, Any] | None]:
+    """Each non-blank line parsed as a JSON object, or None when it is not one."""
+    for raw in _lines(path):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            yield None
+            continue
+        yield obj if isinstance(obj, dict) else None
+
+
+def _is_record(obj: dict[str, Any] | None) -> bool:
+    return (
+        obj is not None
+        and isinstance(obj.get("instruction"), str)
+        and isinstance(obj.get("response"), str)
+    )
+
+
+class _Lengths:
+    """Counters of character and word lengths of one field."""
+
+    def __init__(self) -> None:
+        self.chars: Counter[int] = Counter()
+        self.words: Counter[int] = Counter()
+
+    def add(self, text: str) -> None:
+        self.chars[len(text)] += 1
+        self.words[len(text.split())] += 1
+
+    def result(self) -> LengthStats:
+        return LengthStats(chars=distribution(self.chars), words=distribution(self.words))
+
+
+class _Judge:
+    """Counters of the judge tags."""
+
+    def __init__(self) -> None:
+        self.judged = self.not_judged = 0
+        self.fields: dict[str, Counter[str]] = {
+            k: Counter()
+            for k in (
+                "input_quality",
+                "difficulty",
+                "task_category",
+                "safety",
+                "language",
+                "judge_model",
+            )
+        }
+        self.other: Counter[str] = Counter()
+        self.scores: Counter[int] = Counter()
+        self.score_sum = 0.0
+
+    def add(self, judge: Any) -> None:
+        if not isinstance(judge, Mapping):
+            self.not_judged += 1
+            return
+        self.judged += 1
+        for key, counter in self.fields.items():
+            value = judge.get(key)
+            if isinstance(value, str) and value.strip():
+                counter[value.strip()] += 1
+        others = judge.get("other_categories")
+        if isinstance(others, list):
+            self.other.update(o.strip() for o in others if isinstance(o, str) and o.strip())
+        score = _score(judge.get("response_score"))
+        if score is not None:
+            self.scores[round(score)] += 1
+            self.score_sum += score
+
+    def result(self) -> JudgeStats:
+        total = self.judged + self.not_judged
+        if not self.judged:
+            return JudgeStats(not_judged=self.not_judged)
+        scored = sum(self.scores.values())
+        if scored:
+            lo, hi = min(min(self.scores), SCORE_RANGE.start), max(max(self.scores), 10)
+            scores = {s: self.scores.get(s, 0) for s in range(lo, hi + 1)}
+        else:
+            scores = {}
+        f = self.fields
+        return JudgeStats(
+            status="judged" if self.judged == total else f"judged {self.judged} of {total}",
+            judged=self.judged,
+            not_judged=self.not_judged,
+            input_quality=_ordered(f["input_quality"], QUALITY_LEVELS),
+            difficulty=_ordered(f["difficulty"], DIFFICULTY_LEVELS),
+            task_categories=_by_count(f["task_category"], TASK_CATEGORIES),
+            other_categories=_by_count(self.other),
+            response_status=(
+                NOT_JUDGED
+                if not scored
+                else ("judged" if scored == total else f"judged {scored} of {total}")
+            ),
+            response_scored=scored,
+            response_scores=scores,
+            response_score_mean=round(self.score_sum / scored, 3) if scored else None,
+            safety=_by_count(f["safety"]),
+            languages=_by_count(f["language"]),
+            judge_models=_by_count(f["judge_model"]),
+        )
+
+
+def _score(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _turns(obj: Mapping[str, Any]) -> int:
+    """User turns of a record: user messages in ``messages`` (a plain pair is 1)."""
+    messages = obj.get("messages")
+    if not isinstance(messages, list):
+        return 1
+    users = sum(1 for m in messages if isinstance(m, Mapping) and m.get("role") == "user")
+    return max(1, users)
+
+
+class _Records:
+    """Everything gathered in one pass over the records."""
+
+    def __init__(self) -> None:
+        self.count = self.invalid = self.duplicate_ids = self.duplicate_instructions = 0
+        self.ids: set[str] = set()
+        self.instructions: set[bytes] = set()
+        self.instruction = _Lengths()
+        self.response = _Lengths()
+        self.judge = _Judge()
+        self.turns: Counter[int] = Counter()
+        self.models: Counter[str] = Counter()
+        self.templates: Counter[str] = Counter()
+        self.backends: Counter[str] = Counter()
+        self.prompt_tokens = self.completion_tokens = self.counted = 0
+
+    def add(self, obj: dict[str, Any]) -> None:
+        self.count += 1
+        rid = obj.get("id")
+        if isinstance(rid, str):
+            if rid in self.ids:
+                self.duplicate_ids += 1
+            self.ids.add(rid)
+        key = hashlib.blake2b(
+            normalize_instruction(obj["instruction"]).encode("utf-8"), digest_size=16
+        ).digest()
+        if key in self.instructions:
+            self.duplicate_instructions += 1
+        self.instructions.add(key)
+        self.instruction.add(obj["instruction"])
+        self.response.add(obj["response"])
+        self.judge.add(obj.get("judge"))
+        self.turns[_turns(obj)] += 1
+        for counter, field in (
+            (self.models, "model"),
+            (self.templates, "template"),
+            (self.backends, "backend"),
+        ):
+            value = obj.get(field)
+            if isinstance(value, str):
+                counter[value] += 1
+        prompt, completion = _tokens(obj)
+        self.counted += _has_tokens(obj)
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+
+
+def _read_records(path: Path) -> _Records:
+    acc = _Records()
+    for obj in _objects(path):
+        if _is_record(obj):
+            acc.add(obj)  # type: ignore[arg-type]
+        else:
+            acc.invalid += 1
+    if acc.count == 0 and acc.invalid:
+        raise UsageError(
+            f"{path} is not a magpie JSONL: none of its {acc.invalid} lines is a record "
+            "(with string fields instruction and response)"
+        )
+    return acc
+
+
+class _Rejects:
+    """Counts of a rejects file."""
+
+    def __init__(self) -> None:
+        self.reasons: Counter[str] = Counter()
+        self.invalid = 0
+        self.tokens = 0
+
+    def add(self, obj: dict[str, Any]) -> None:
+        reason = obj.get("reject_reason") or obj.get("reason") or "unknown"
+        self.reasons[str(reason)] += 1
+        self.tokens += sum(_tokens(obj))
+
+
+def _read_rejects(path: Path) -> _Rejects:
+    acc = _Rejects()
+    for obj in _objects(path):
+        if obj is None:
+            acc.invalid += 1
+        else:
+            acc.add(obj)
+    return acc
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _run_info(run: RunEntry) -> RunInfo:
+    start, end = _parse_time(run.started_at), _parse_time(run.ended_at)
+    wall = (end - start).total_seconds() if start and end else None
+    return RunInfo(
+        started_at=run.started_at,
+        ended_at=run.ended_at,
+        status=run.status,
+        exit_status=run.exit_status,
+        requested=run.requested,
+        existing_before=run.existing_before,
+        written=run.written,
+        rejected=dict(run.rejected),
+        attempts=run.written + sum(run.rejected.values()),
+        retries=sum(run.retries.values()),
+        tokens=run.prompt_tokens + run.completion_tokens,
+        wall_s=wall,
+        records_per_s=_ratio(run.written, wall) if wall and wall > 0 else None,
+    )
+
+
+def _throughput(manifest: Manifest) -> Throughput:
+    runs = [_run_info(r) for r in manifest.runs]
+    timed = [r for r in runs if r.wall_s is not None and r.wall_s > 0]
+    wall = sum(r.wall_s or 0.0 for r in timed) if timed else None
+    return Throughput(
+        runs=runs,
+        written=sum(r.written for r in runs),
+        wall_s=wall,
+        records_per_s=_ratio(sum(r.written for r in timed), wall) if wall else None,
+    )
+
+
+def _manifest_info(path: Path, manifest: Manifest) -> ManifestInfo:
+    template = manifest.template.get("name") if isinstance(manifest.template, dict) else None
+    return ManifestInfo(
+        path=str(manifest_path(path)),
+        model=manifest.model,
+        backend=manifest.backend,
+        host=manifest.host,
+        model_digest=manifest.model_digest,
+        template=template,
+        seed=manifest.seed,
+        magpie_version=manifest.magpie_version,
+        records=manifest.records,
+    )
+
+
+def _manifest_rejected(manifest: Manifest) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for run in manifest.runs:
+        total.update(run.rejected)
+    return dict(total)
+
+
+# ----------------------------------------------------------------------------- compute
+
+
+def _merge_rejected(*sources: Mapping[str, int] | None) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for source in sources:
+        for reason, n in (source or {}).items():
+            merged[reason] = max(merged.get(reason, 0), n)
+    return dict(sorted(merged.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _token_stats(recs: _Records, manifest: Manifest | None, rejects: _Rejects | None) -> TokenStats:
+    records_total = recs.prompt_tokens + recs.completion_tokens
+    rejected_work: int | None = None
+    source: str | None = None
+    if manifest is not None and manifest.runs:
+        spent = sum(r.prompt_tokens + r.completion_tokens for r in manifest.runs)
+        rejected_work, source = max(0, spent - records_total), "manifest"
+    elif rejects is not None:
+        rejected_work, source = rejects.tokens, "rejects file"
+    total = records_total + (rejected_work or 0)
+    known = recs.counted > 0 or rejected_work is not None
+    return TokenStats(
+        records_prompt=recs.prompt_tokens,
+        records_completion=recs.completion_tokens,
+        records_total=records_total,
+        records_counted=recs.counted,
+        rejected_work=rejected_work,
+        rejected_work_source=source,
+        total=total,
+        per_kept_pair=_ratio(total, recs.count, 3) if known else None,
+        per_kept_pair_records_only=_ratio(records_total, recs.count, 3) if recs.counted else None,
+    )
+
+
+def compute_stats(path: Path, *, rejects: Path | None = None) -> DataStats:
+    """Statistics of the magpie JSONL ``path`` (``-``: stdin), its manifest and rejects.
+
+    Raises :class:`~magpie.errors.UsageError` (exit 2) when ``path`` or ``rejects``
+    cannot be read, or when ``path`` holds lines but no record.
+    """
+    path = Path(path)
+    recs = _read_records(path)
+    manifest = None if str(path) == "-" else read_manifest(path)
+    rej = _read_rejects(Path(rejects)) if rejects is not None else None
+    from_manifest = _manifest_rejected(manifest) if manifest is not None else None
+    from_file = dict(rej.reasons) if rej is not None else None
+    rejected = _merge_rejected(from_manifest, from_file)
+    rejected_total = sum(rejected.values())
+    return DataStats(
+        path=str(path),
+        rejects_path=str(rejects) if rejects is not None else None,
+        manifest=_manifest_info(path, manifest) if manifest is not None else None,
+        records=recs.count,
+        invalid_lines=recs.invalid,
+        duplicate_ids=recs.duplicate_ids,
+        kept=recs.count,
+        rejected=rejected,
+        rejected_total=rejected_total,
+        rejected_manifest=from_manifest,
+        rejected_file=from_file,
+        rejects_invalid_lines=rej.invalid if rej is not None else 0,
+        keep_rate=_ratio(recs.count, recs.count + rejected_total),
+        unique_instructions=len(recs.instructions),
+        unique_share=_ratio(len(recs.instructions), recs.count),
+        duplicates_rejected=sum(n for r, n in rejected.items() if "duplicate" in r),
+        duplicate_instructions=recs.duplicate_instructions,
+        turns=dict(sorted(recs.turns.items())),
+        instruction_length=recs.instruction.result(),
+        response_length=recs.response.result(),
+        judge=recs.judge.result(),
+        tokens=_token_stats(recs, manifest, rej),
+        throughput=_throughput(manifest) if manifest is not None else None,
+        models=_by_count(recs.models),
+        templates=_by_count(recs.templates),
+        backends=_by_count(recs.backends),
+    )
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def to_json(stats: DataStats) -> str:
+    """The statistics as indented JSON (``DataStats.model_validate_json`` reads it back)."""
+    return stats.model_dump_json(indent=2)
+
+
+# ----------------------------------------------------------------------------- Rich
+
+
+def _fmt(value: float | int | None, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:,.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _bar(n: int, top: int, width: int = 24) -> str:
+    if top <= 0 or n <= 0:
+        return ""
+    return "█" * max(1, round(width * n / top))
+
+
+def _overview_rows(stats: DataStats) -> list[tuple[str, str]]:
+    t, tp = stats.tokens, stats.throughput
+    rows = [
+        ("records (kept)", _fmt(stats.kept)),
+        ("rejected", _fmt(stats.rejected_total)),
+        ("keep rate", _pct(stats.keep_rate)),
+        (
+            "unique instructions",
+            f"{_fmt(stats.unique_instructions)} ({_pct(stats.unique_share)})",
+        ),
+        ("duplicates rejected", _fmt(stats.duplicates_rejected)),
+        ("duplicate instructions in file", _fmt(stats.duplicate_instructions)),
+        ("tokens per kept pair", _fmt(t.per_kept_pair, 1)),
+        ("tokens (records / rejected work)", f"{_fmt(t.records_total)} / {_fmt(t.rejected_work)}"),
+        ("records per second", _fmt(tp.records_per_s, 3) if tp else "– (no manifest)"),
+        ("turns", ", ".join(f"{k}: {v}" for k, v in stats.turns.items()) or "–"),
+    ]
+    if stats.invalid_lines:
+        rows.append(("invalid lines (skipped)", _fmt(stats.invalid_lines)))
+    if stats.duplicate_ids:
+        rows.append(("duplicate ids", _fmt(stats.duplicate_ids)))
+    return rows
+
+
+def _counts_table(
+    title: str, counts: Mapping[Any, int], total: int | None = None, *, zeros: bool = True
+) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("value")
+    table.add_column("count", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("")
+    total = total if total is not None else sum(counts.values())
+    top = max(counts.values(), default=0)
+    for key, n in counts.items():
+        if n or zeros:
+            table.add_row(str(key), _fmt(n), _pct(_ratio(n, total)), _bar(n, top))
+    return table
+
+
+def _origin_table(stats: DataStats) -> Any:
+    from rich.table import Table
+
+    table = Table(title="Models, templates, backends", title_justify="left")
+    for col in ("kind", "value", "records"):
+        table.add_column(col, justify="right" if col == "records" else "left")
+    for kind, counts in (
+        ("model", stats.models),
+        ("template", stats.templates),
+        ("backend", stats.backends),
+    ):
+        for value, n in counts.items():
+            table.add_row(kind, value, _fmt(n))
+    return table
+
+
+def _length_table(stats: DataStats) -> Any:
+    from rich.table import Table
+
+    table = Table(title="Lengths", title_justify="left")
+    for col in ("field", "unit", "min", "p50", "p90", "max", "mean"):
+        table.add_column(col, justify="left" if col in ("field", "unit") else "right")
+    for field, lengths in (
+        ("instruction", stats.instruction_length),
+        ("response", stats.response_length),
+    ):
+        for unit, d in (("chars", lengths.chars), ("words", lengths.words)):
+            table.add_row(
+                field, unit, _fmt(d.min), _fmt(d.p50), _fmt(d.p90), _fmt(d.max), _fmt(d.mean, 1)
+            )
+    return table
+
+
+def _runs_table(tp: Throughput) -> Any:
+    from rich.table import Table
+
+    table = Table(title="Runs (manifest)", title_justify="left")
+    for col in ("started", "status", "written", "rejected", "wall s", "records/s", "tokens"):
+        table.add_column(col, justify="left" if col in ("started", "status") else "right")
+    for run in tp.runs:
+        table.add_row(
+            run.started_at,
+            run.status,
+            _fmt(run.written),
+            _fmt(sum(run.rejected.values())),
+            _fmt(run.wall_s, 0),
+            _fmt(run.records_per_s, 3),
+            _fmt(run.tokens),
+        )
+    return table
+
+
+def _judge_tables(stats: DataStats) -> list[Any]:
+    j = stats.judge
+    if not j.judged:
+        return []
+    tables = [
+        _counts_table(f"Task categories ({j.status})", j.task_categories, j.judged, zeros=False),
+        _counts_table(f"Input quality ({j.status})", j.input_quality, j.judged),
+        _counts_table(f"Difficulty ({j.status})", j.difficulty, j.judged),
+    ]
+    if j.response_scored:
+        title = f"Response score ({j.response_status}, mean {_fmt(j.response_score_mean)})"
+        tables.append(_counts_table(title, j.response_scores, j.response_scored))
+    return tables
+
+
+def render_rich(stats: DataStats, console: Console) -> None:
+    """Print the statistics as Rich tables on ``console`` (the caller picks the stream)."""
+    from rich.table import Table
+
+    overview = Table(title=f"magpie stats: {stats.path}", title_justify="left", show_header=False)
+    overview.add_column("what")
+    overview.add_column("value", justify="right")
+    for what, value in _overview_rows(stats):
+        overview.add_row(what, value)
+    console.print(overview)
+    if stats.rejected:
+        console.print(
+            _counts_table("Rejected by reason", stats.rejected, stats.kept + stats.rejected_total)
+        )
+    console.print(_length_table(stats))
+    tables = _judge_tables(stats)
+    if not tables:
+        console.print(f"Task categories, input quality, difficulty, response score: {NOT_JUDGED}")
+    for table in tables:
+        console.print(table)
+    if stats.judge.judged and not stats.judge.response_scored:
+        console.print(f"Response score: {NOT_JUDGED}")
+    if stats.throughput is not None and stats.throughput.runs:
+        console.print(_runs_table(stats.throughput))
+    if stats.models or stats.templates or stats.backends:
+        console.print(_origin_table(stats))
+
+
+# ----------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
+max-width:1100px;padding:0 1rem;color:#1f2933;background:#fafbfc}
+h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin:2rem 0 .6rem}
+.sub{color:#616e7c;margin-top:0}.cards{display:flex;flex-wrap:wrap;gap:.8rem}
+.card{background:#fff;border:1px solid #e4e7eb;border-radius:8px;padding:.7rem 1rem;min-width:150px}
+.card .v{font-size:1.5rem;font-weight:600}.card .k{color:#616e7c;font-size:.85rem}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:1rem}
+.panel{background:#fff;border:1px solid #e4e7eb;border-radius:8px;padding:.8rem 1rem}
+.panel h3{font-size:1rem;margin:.1rem 0 .5rem}table{border-collapse:collapse;width:100%}
+td,th{padding:.25rem .5rem;border-bottom:1px solid #eef0f2;text-align:right}
+td:first-child,th:first-child{text-align:left}.muted{color:#9aa5b1}
+svg text{font:12px system-ui,sans-serif;fill:#323f4b}svg .n{fill:#616e7c}
+"""
+_COLORS = ("#3b82f6", "#10b981", "#f59e0b", "#ef4444", "#8b5cf6", "#06b6d4")
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _svg_hbars(items: list[tuple[str, int]], color: str = _COLORS[0], width: int = 500) -> str:
+    """Horizontal bars with labels and counts."""
+    if not items:
+        return '<p class="muted">nothing to show</p>'
+    label_w, row = 170, 22
+    top = max(n for _, n in items) or 1
+    bar_w = width - label_w - 60
+    height = row * len(items) + 4
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
+    for i, (label, n) in enumerate(items):
+        y = 2 + i * row
+        w = bar_w * n / top
+        parts.append(
+            f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">{_e(_clip(label))}'
+            f"<title>{_e(label)}</title></text>"
+            f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row - 6}" rx="3" '
+            f'fill="{color}"><title>{_e(label)}: {n}</title></rect>'
+            f'<text class="n" x="{label_w + w + 5:.1f}" y="{y + 15}">{n:,}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _text_width(text: str) -> float:
+    """Roughly how wide ``text`` is at 12 px (plus a little room), in pixels."""
+    return 7.0 * len(text) + 6
+
+
+def _clip(text: str, limit: int = 22) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _count_label(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _svg_columns(
+    items: list[tuple[str, float]],
+    color: str = _COLORS[0],
+    *,
+    fmt: Callable[[float], str] = _count_label,
+    width: int = 500,
+    height: int = 200,
+) -> str:
+    """Vertical bars (a histogram or ordered levels), labels below, values above."""
+    if not items:
+        return '<p class="muted">nothing to show</p>'
+    top = max(n for _, n in items) or 1
+    left, bottom, head = 8, 34, 16
+    slot = (width - 2 * left) / len(items)
+    plot_h = height - bottom - head
+    # Label every column whose label fits; else every 2nd, 3rd... column.
+    every = max(1, math.ceil(max(_text_width(label) for label, _ in items) / slot))
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
+    for i, (label, n) in enumerate(items):
+        h = plot_h * n / top
+        x = left + i * slot
+        parts.append(
+            f'<rect x="{x + 1:.1f}" y="{head + plot_h - h:.1f}" width="{max(1.0, slot - 2):.1f}" '
+            f'height="{h:.1f}" fill="{color}"><title>{_e(label)}: {fmt(n)}</title></rect>'
+        )
+        if n and _text_width(fmt(n)) <= slot:
+            parts.append(
+                f'<text class="n" x="{x + slot / 2:.1f}" y="{head + plot_h - h - 3:.1f}" '
+                f'text-anchor="middle">{fmt(n)}</text>'
+            )
+        if i % every == 0:
+            half = _text_width(label) / 2
+            cx = min(max(x + slot / 2, half), width - half)  # keep the label inside
+            parts.append(
+                f'<text x="{cx:.1f}" y="{height - bottom + 16}" '
+                f'text-anchor="middle">{_e(label)}</text>'
+            )
+    base = head + plot_h
+    parts.append(
+        f'<line x1="{left}" y1="{base}" x2="{width - left}" y2="{base}" stroke="#cbd2d9"/></svg>'
+    )
+    return "".join(parts)
+
+
+def _hist_items(d: Distribution) -> list[tuple[str, int]]:
+    return [(str(b.lo) if b.hi - b.lo == 1 else f"{b.lo}–{b.hi - 1}", b.count) for b in d.buckets]
+
+
+def _panel(title: str, body: str) -> str:
+    return f'<div class="panel"><h3>{_e(title)}</h3>{body}</div>'
+
+
+def _cards(stats: DataStats) -> str:
+    tp = stats.throughput
+    cards = [
+        ("records kept", _fmt(stats.kept)),
+        ("rejected", _fmt(stats.rejected_total)),
+        ("keep rate", _pct(stats.keep_rate)),
+        ("unique instructions", _pct(stats.unique_share)),
+        ("duplicates rejected", _fmt(stats.duplicates_rejected)),
+        ("tokens / kept pair", _fmt(stats.tokens.per_kept_pair, 1)),
+        ("records / s", _fmt(tp.records_per_s, 3) if tp else "–"),
+    ]
+    return (
+        '<div class="cards">'
+        + "".join(
+            f'<div class="card"><div class="v">{_e(v)}</div><div class="k">{_e(k)}</div></div>'
+            for k, v in cards
+        )
+        + "</div>"
+    )
+
+
+def _length_html(stats: DataStats) -> str:
+    rows = []
+    for field, lengths in (
+        ("instruction", stats.instruction_length),
+        ("response", stats.response_length),
+    ):
+        for unit, d in (("chars", lengths.chars), ("words", lengths.words)):
+            cells = "".join(
+                f"<td>{_e(_fmt(v, 1))}</td>" for v in (d.min, d.p50, d.p90, d.max, d.mean)
+            )
+            rows.append(f"<tr><td>{field} {unit}</td>{cells}</tr>")
+    table = (
+        "<table><tr><th></th><th>min</th><th>p50</th><th>p90</th><th>max</th><th>mean</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+    charts = [
+        _panel(
+            f"{field.capitalize()} length ({unit})",
+            _svg_columns(_hist_items(getattr(lengths, unit)), color),
+        )
+        for field, lengths, color in (
+            ("instruction", stats.instruction_length, _COLORS[0]),
+            ("response", stats.response_length, _COLORS[1]),
+        )
+        for unit in ("chars", "words")
+    ]
+    return _panel("Length percentiles", table) + '<div class="grid">' + "".join(charts) + "</div>"
+
+
+def _judge_html(stats: DataStats) -> str:
+    j = stats.judge
+    if not j.judged:
+        return f'<p class="muted">Task categories, input quality, difficulty, response score: {NOT_JUDGED}.</p>'
+    panels = [
+        _panel(
+            f"Task categories ({j.status})",
+            _svg_hbars(list(j.task_categories.items()), _COLORS[4]),
+        ),
+        _panel(
+            f"Input quality ({j.status})", _svg_columns(list(j.input_quality.items()), _COLORS[1])
+        ),
+        _panel(f"Difficulty ({j.status})", _svg_columns(list(j.difficulty.items()), _COLORS[2])),
+    ]
+    if j.response_scored:
+        title = f"Response score ({j.response_status}, mean {_fmt(j.response_score_mean)})"
+        items = [(str(k), v) for k, v in j.response_scores.items()]
+        panels.append(_panel(title, _svg_columns(items, _COLORS[5])))
+    else:
+        panels.append(_panel("Response score", f'<p class="muted">{NOT_JUDGED}</p>'))
+    return '<div class="grid">' + "".join(panels) + "</div>"
+
+
+def _runs_html(tp: Throughput | None) -> str:
+    if tp is None or not tp.runs:
+        return '<p class="muted">no manifest next to the file: no run history.</p>'
+    when = [r.started_at[5:16].replace("T", " ") for r in tp.runs]  # MM-DD HH:MM
+    written = [(w, r.written) for w, r in zip(when, tp.runs, strict=True)]
+    rates = [(w, r.records_per_s or 0.0) for w, r in zip(when, tp.runs, strict=True)]
+    rows = "".join(
+        f"<tr><td>{_e(r.started_at)}</td><td>{_e(r.status)}</td><td>{r.written:,}</td>"
+        f"<td>{sum(r.rejected.values()):,}</td><td>{_e(_fmt(r.wall_s, 0))}</td>"
+        f"<td>{_e(_fmt(r.records_per_s, 3))}</td><td>{r.tokens:,}</td></tr>"
+        for r in tp.runs
+    )
+    table = (
+        "<table><tr><th>started</th><th>status</th><th>written</th><th>rejected</th>"
+        f"<th>wall s</th><th>records/s</th><th>tokens</th></tr>{rows}</table>"
+    )
+    return (
+        '<div class="grid">'
+        + _panel("Records written per run", _svg_columns(written, _COLORS[0]))
+        + _panel(
+            f"Records per second per run (overall {_fmt(tp.records_per_s, 3)})",
+            _svg_columns(rates, _COLORS[2], fmt=_rate_label),
+        )
+        + "</div>"
+        + _panel("Runs", table)
+    )
+
+
+def _rate_label(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _counts_html(title: str, counts: Mapping[str, int]) -> str:
+    return _panel(title, _svg_hbars(list(counts.items()), _COLORS[3]))
+
+
+def render_html(stats: DataStats) -> str:
+    """The whole report as one HTML document: inline CSS and SVG, no scripts, no links."""
+    m = stats.manifest
+    sub = f"{stats.records:,} records"
+    if m is not None:
+        sub += f" · {m.model} via {m.backend}" + (f" at {m.host}" if m.host else "")
+    rejected = (
+        _counts_html("Rejected by reason", stats.rejected)
+        if stats.rejected
+        else '<p class="muted">no rejections recorded.</p>'
+    )
+    body = [
+        f"<h1>magpie stats: {_e(Path(stats.path).name)}</h1>",
+        f'<p class="sub">{_e(sub)}</p>',
+        _cards(stats),
+        "<h2>Kept and rejected</h2>",
+        rejected,
+        "<h2>Lengths</h2>",
+        _length_html(stats),
+        "<h2>Judge</h2>",
+        _judge_html(stats),
+        "<h2>Runs over time</h2>",
+        _runs_html(stats.throughput),
+        "<h2>Models, templates, backends, turns</h2>",
+        '<div class="grid">',
+        _counts_html("Models", stats.models),
+        _counts_html("Templates", stats.templates),
+        _counts_html("Backends", stats.backends),
+        _counts_html("User turns per record", {str(k): v for k, v in stats.turns.items()}),
+        "</div>",
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>magpie stats: {_e(Path(stats.path).name)}</title><style>{_CSS}</style></head>"
+        "<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def write_html(stats: DataStats, path: Path) -> None:
+    """Write the report to ``path`` atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    text = render_html(stats)
+    parent = path.parent if str(path.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = [
+    "DataStats",
+    "Distribution",
+    "JudgeStats",
+    "LengthStats",
+    "RunInfo",
+    "Throughput",
+    "TokenStats",
+    "compute_stats",
+    "render_html",
+    "render_rich",
+    "to_json",
+    "write_html",
+]

