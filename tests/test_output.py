@@ -105,8 +105,10 @@ def test_overwrite_truncates_only_at_first_write(tmp_path: Path) -> None:
 
 
 def test_seeds_are_distinct_and_stable() -> None:
-    seeds = {derive_seed(42, i, s) for i in range(2000) for s in ("instruction", "response")}
-    assert len(seeds) == 4000
+    stages = ("instruction", "response", "instruction:2", "response:2")
+    seeds = {derive_seed(42, i, s) for i in range(50_000) for s in stages}
+    assert len(seeds) == 200_000  # a bijection: no collision, however long the run
+    assert derive_seed(42, 0, "instruction") != derive_seed(43, 0, "instruction")
     assert derive_seed(42, 5, "instruction") == derive_seed(42, 5, "instruction")
     assert all(0 <= s < 2**31 for s in seeds)
     assert record_id("m", "t", 1, 2) != record_id("m", "t", 1, 3)

@@ -105,8 +105,10 @@ def generate(
     model: str | None = typer.Option(
         None, "--model", "-m", help="Ollama model name, or a .gguf file for the embedded backend."
     ),
-    host: str | None = typer.Option(
-        None, "--host", help="Ollama URL (default $OLLAMA_HOST or http://127.0.0.1:11434)."
+    host: list[str] | None = typer.Option(
+        None,
+        "--host",
+        help="Ollama URL (default $OLLAMA_HOST or http://127.0.0.1:11434); repeat it to spread the work over several servers.",
     ),
     template: str | None = typer.Option(
         None,
@@ -201,6 +203,9 @@ def generate(
     rejects: str | None = typer.Option(
         None, "--rejects", help="Append rejected attempts to this JSONL."
     ),
+    shard: str | None = typer.Option(
+        None, "--shard", help="i/N: this machine's disjoint share of a run split over N machines."
+    ),
     config: Path | None = typer.Option(
         None, "--config", help="TOML or YAML file with these settings."
     ),
@@ -223,7 +228,7 @@ def generate(
         "allow_mixed": allow_mixed,
         "backend": backend,
         "model": model,
-        "host": host,
+        "host": host or None,
         "template": template,
         "system": system,
         "seed": seed,
@@ -245,6 +250,7 @@ def generate(
         "categories": categories,
         "drop_unsafe": drop_unsafe,
         "rejects": rejects,
+        "shard": shard,
         "filters": {"language": language},
         "instruction": {
             "temperature": instruction_temperature,

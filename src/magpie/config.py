@@ -49,7 +49,10 @@ class RunConfig(BaseModel):
     overwrite: bool = False
     backend: BackendName = "auto"
     model: str | None = None
-    host: str | None = None
+    #: One Ollama URL, or several (requests are spread over all healthy hosts).
+    host: str | list[str] | None = None
+    #: Requests in flight per host when there are several (default: concurrency).
+    per_host: int | None = Field(None, ge=1, le=1024)
     template: str = "auto"
     system: str | None = None
     seed: int | None = Field(None, ge=0, lt=2**63)
@@ -83,6 +86,8 @@ class RunConfig(BaseModel):
     drop_unsafe: bool = False
     #: Append rejected attempts (with their reasons) to this JSONL file.
     rejects: str | None = None
+    #: "i/N": this machine's share of a run split over N machines (0 <= i < N).
+    shard: str | None = Field(None, pattern=r"^\d+/\d+$")
     instruction: Sampling = Field(default_factory=default_instruction_sampling)
     response: Sampling = Field(default_factory=default_response_sampling)
     quiet: bool = False
@@ -109,6 +114,30 @@ class RunConfig(BaseModel):
             categories=self.categories,
             drop_unsafe=self.drop_unsafe,
         )
+
+    @field_validator("host", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        if isinstance(value, str) and "," in value:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and len(value) == 1:
+            return value[0]
+        return value
+
+    @property
+    def hosts(self) -> list[str | None]:
+        if isinstance(self.host, list):
+            return list(self.host)
+        return [self.host]
+
+    @property
+    def shard_spec(self) -> tuple[int, int]:
+        if not self.shard:
+            return 0, 1
+        i, n = (int(x) for x in self.shard.split("/"))
+        if not (n >= 1 and 0 <= i < n):
+            raise UsageError(f"--shard {self.shard}: use i/N with 0 <= i < N, e.g. 0/4")
+        return i, n
 
     @property
     def retry(self) -> RetryPolicy:

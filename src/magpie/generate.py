@@ -106,7 +106,7 @@ class Prepared:
 
 def concurrency_for(config: RunConfig, backend: Backend) -> int:
     if config.concurrency == "auto":
-        return AUTO_CONCURRENCY.get(backend.name, 1)
+        return AUTO_CONCURRENCY.get(backend.name, 1) * len(config.hosts)
     return int(config.concurrency)
 
 
@@ -117,10 +117,12 @@ def validate_config(config: RunConfig) -> Path | None:
     from magpie.backends.select import looks_like_gguf
     from magpie.templates import get_family, load_family_file
 
-    if config.host is not None:
-        validate_host(config.host)
+    for host in config.hosts:
+        if host is not None:
+            validate_host(host)
     if config.model and config.backend != "ollama" and looks_like_gguf(config.model):
         check_gguf(config.model)
+    config.shard_spec  # noqa: B018 - validates --shard
     spec = config.template.strip()
     if spec.lower() != "auto":
         fam = (
@@ -190,6 +192,7 @@ def _check_mixed(
     previous: Manifest | None,
     prep: Prepared,
     digest: str | None,
+    shard: str | None = None,
 ) -> None:
     """Refuse to add records of another model or template to a file."""
     model, template = prep.backend.model, prep.pre_query.name
@@ -204,6 +207,8 @@ def _check_mixed(
         old_text = (previous.template or {}).get("text")
         if old_text is not None and old_text != prep.pre_query.text and not problems:
             problems.append("a different pre-query text (system prompt or template)")
+    if previous is not None and existing.count and previous.settings.get("shard") != shard:
+        problems.append(f"shard {previous.settings.get('shard')} (this run: {shard})")
     if problems:
         raise UsageError(
             f"{path} holds records made with {'; '.join(problems)}: pass --allow-mixed to add "
@@ -231,6 +236,7 @@ def _settings(config: RunConfig, settings: PipelineSettings) -> dict[str, Any]:
         "max_retries": config.max_retries,
         "timeout": config.timeout,
         "unreachable_budget": config.unreachable_budget,
+        "shard": config.shard,
     }
 
 
@@ -307,6 +313,8 @@ async def _agenerate(
         keep_truncated=config.keep_truncated,
         thresholds=config.thresholds,
         prejudge=config.prejudge,
+        shard_index=config.shard_spec[0],
+        shard_count=config.shard_spec[1],
     )
     judge, judge_backend = await _open_judge(config, backend, stats)
     pipeline = Pipeline(
@@ -326,7 +334,7 @@ async def _agenerate(
         if path is not None:
             digest, model_file = _model_digest(prep, previous)
             if not config.allow_mixed:
-                _check_mixed(path, existing, previous, prep, digest)
+                _check_mixed(path, existing, previous, prep, digest, config.shard)
             runs = list(previous.runs) if previous is not None else []
             for old in runs:
                 if old.status == "running":
@@ -386,6 +394,9 @@ async def _agenerate(
         result.exit_status = ExitStatus.ERROR
         raise
     finally:
+        pairs_per_host = getattr(backend, "pairs", None)
+        if pairs_per_host:
+            stats.per_host = dict(pairs_per_host)
         writer.close()
         if rejects is not None:
             rejects.close()
@@ -423,6 +434,8 @@ def _update(
     entry.retries = dict(stats.retries)
     entry.prompt_tokens = stats.prompt_tokens
     entry.completion_tokens = stats.completion_tokens
+    if stats.per_host:
+        entry.pairs_per_host = dict(stats.per_host)  # type: ignore[attr-defined]
 
 
 def generate(config: RunConfig, **kwargs: Any) -> RunResult:

@@ -72,6 +72,10 @@ class PipelineSettings(BaseModel):
     #: Judge the instruction before the response is generated (a second, cheaper
     #: call), so instructions below the thresholds cost no response tokens.
     prejudge: bool = False
+    #: ``--shard i/N``: this run uses the attempt indexes ``i, i+N, i+2N, ...`` so
+    #: N machines sharing one seed write disjoint seeds and ids.
+    shard_index: int = Field(0, ge=0)
+    shard_count: int = Field(1, ge=1)
 
 
 @dataclass
@@ -233,7 +237,7 @@ class Pipeline:
             ],
             model=self.backend.model,
             backend=self.backend.name,
-            host=self.backend.host,
+            host=completion.host or self.backend.host,
             template=self.pre_query.name,
             template_source=self.pre_query.source,
             system=self.pre_query.system,
@@ -301,6 +305,11 @@ class Pipeline:
         are dropped.  ``self.next_index`` is then the first index not yet
         yielded: where a resumed run continues.
         """
+        stride, offset = self.settings.shard_count, self.settings.shard_index
+        if start_index <= offset:
+            start_index = offset
+        elif (start_index - offset) % stride:
+            start_index += stride - (start_index - offset) % stride  # next index of this shard
         self.next_index = start_index
         if target <= 0:
             return
@@ -326,10 +335,10 @@ class Pipeline:
                     while (
                         len(pending) < k
                         and potential < target
-                        and next_index - self.next_index < window
+                        and (next_index - self.next_index) // stride < window
                     ):
                         pending[next_index] = asyncio.ensure_future(self.attempt(next_index))
-                        next_index += 1
+                        next_index += stride
                         potential += 1
                 waits: list[asyncio.Future[object]] = list(pending.values())  # type: ignore[arg-type]
                 if stop_wait is not None and deadline is None:
@@ -344,7 +353,7 @@ class Pipeline:
                         done[idx] = task.result()  # re-raises a failed attempt
                 while self.next_index in done:
                     result = done.pop(self.next_index)
-                    self.next_index += 1
+                    self.next_index += stride
                     self.stats.attempts += 1
                     if isinstance(result, Record):
                         kept += 1

@@ -21,6 +21,8 @@ class RunStats:
     #: Instructions rejected before a response was requested, and the response
     #: tokens so far (to estimate what the early rejections saved).
     saved_responses: int = 0
+    #: Pairs answered per host, when a run spreads over several.
+    per_host: dict[str, int] = field(default_factory=dict)
     response_tokens: int = 0
     responses: int = 0
 
@@ -65,6 +67,9 @@ class RunStats:
         parts.append(f"{self.prompt_tokens + self.completion_tokens} tokens")
         if self.saved_tokens:
             parts.append(f"~{self.saved_tokens} response tokens saved by early rejects")
+        if self.per_host:
+            hosts = ", ".join(f"{h} {n}" for h, n in sorted(self.per_host.items()))
+            parts.append(f"pairs per host: {hosts}")
         parts.append(f"{self.elapsed:.1f} s")
         parts.append(f"{self.pairs_per_second:.2f} pairs/s")
         return ", ".join(parts)
@@ -79,5 +84,6 @@ class RunStats:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "saved_tokens": self.saved_tokens,
+            "per_host": dict(self.per_host),
             "elapsed_s": round(self.elapsed, 3),
         }

@@ -53,6 +53,8 @@ class Completion(BaseModel):
     finish_reason: FinishReason = "unknown"
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    #: The host that answered (set by a multi-host pool).
+    host: str | None = None
 
 
 class ModelInfo(BaseModel):

@@ -36,7 +36,16 @@ def _embedded(config: RunConfig) -> Backend:
 def _ollama(config: RunConfig, model: str) -> Backend:
     from magpie.backends.ollama import OllamaBackend
 
-    return OllamaBackend(model, config.host, timeout=config.timeout, keep_alive=config.keep_alive)
+    backends: list[Backend] = [
+        OllamaBackend(model, host, timeout=config.timeout, keep_alive=config.keep_alive)
+        for host in config.hosts
+    ]
+    if len(backends) == 1:
+        return backends[0]
+    from magpie.backends.pool import HostPool
+
+    per_host = config.per_host or (config.concurrency if isinstance(config.concurrency, int) else 4)
+    return HostPool(backends, per_host=per_host)
 
 
 async def choose_judge_backend(config: RunConfig) -> BackendChoice:
@@ -89,7 +98,7 @@ async def choose_backend(config: RunConfig) -> BackendChoice:
         )
     from magpie.backends.ollama import OllamaBackend
 
-    probe = OllamaBackend(DEFAULT_OLLAMA_MODEL, config.host, timeout=PROBE_TIMEOUT)
+    probe = OllamaBackend(DEFAULT_OLLAMA_MODEL, config.hosts[0], timeout=PROBE_TIMEOUT)
     try:
         try:
             names = [
