@@ -307,11 +307,85 @@ class LlamaEngine:
 
 _ANSWER_HINTS = ("assistant", "[/inst]", "response", "model\n", "answer:")
 _INSTRUCTIONS = (
-    "Write a short poem about topic {n}?",
-    "How can I get better at skill {n} in a month?",
-    "Explain concept {n} in simple terms for a beginner?",
-    "What were the main causes of event {n}?",
+    "Write a short poem about {a}, {b} and {c} (topic {n})?",
+    "How can I get better at {a} and {b} while living near {c}?",
+    "Explain {a} in simple terms, using {b} and {c} as examples?",
+    "What do {a}, {b} and {c} have in common, and why does it matter?",
 )
+# Words for scripted instructions: a hash of N picks three, so scripted
+# instructions differ in more than a number (magpie rejects near-duplicates).
+_WORDS = [
+    "glaciers",
+    "violins",
+    "harbors",
+    "compilers",
+    "tulips",
+    "satellites",
+    "bakeries",
+    "volcanoes",
+    "chess",
+    "origami",
+    "tides",
+    "lanterns",
+    "beetles",
+    "spreadsheets",
+    "marathons",
+    "telescopes",
+    "quilts",
+    "subways",
+    "orchards",
+    "thunderstorms",
+    "typewriters",
+    "dolphins",
+    "bridges",
+    "cacti",
+    "podcasts",
+    "fossils",
+    "kites",
+    "libraries",
+    "espresso",
+    "canyons",
+    "robots",
+    "sourdough",
+    "lighthouses",
+    "algebra",
+    "jazz",
+    "deserts",
+    "backpacks",
+    "chemistry",
+    "meteors",
+    "gardens",
+    "tax-returns",
+    "carpentry",
+    "penguins",
+    "vaccines",
+    "opera",
+    "bicycles",
+    "mushrooms",
+    "budgets",
+    "castles",
+    "sonnets",
+    "oceans",
+    "poker",
+    "lasers",
+    "ferns",
+    "trains",
+    "pottery",
+    "wolves",
+    "mangoes",
+    "blockchains",
+    "sailboats",
+    "islands",
+    "cathedrals",
+]
+
+
+def _instruction(n: int) -> str:
+    h = hashlib.blake2b(str(n).encode(), digest_size=8).digest()
+    a, b, c = (_WORDS[x % len(_WORDS)] for x in h[:3])
+    return _INSTRUCTIONS[h[3] % len(_INSTRUCTIONS)].format(a=a, b=b, c=c, n=n)
+
+
 _ANSWER = (
     "Answer {n}: Here is a clear and helpful reply. First, look at the main idea. "
     "Second, apply it step by step with a small example. Finally, check the result "
@@ -374,7 +448,7 @@ class ScriptedEngine:
 
     def generate(self, prompt: str, options: Mapping[str, Any], fmt: Any = None) -> Generation:
         """Raw completion: an instruction, or an answer after an assistant header."""
-        answer = any(h in prompt[-40:].lower() for h in _ANSWER_HINTS)
+        answer = any(h in prompt[-24:].lower() for h in _ANSWER_HINTS)
         return self._start(prompt, prompt, answer, options, fmt)
 
     def chat(
@@ -408,7 +482,7 @@ class ScriptedEngine:
         elif fmt:
             text = json.dumps(_schema_example(fmt, n))
         else:
-            text = (_ANSWER if answer else _INSTRUCTIONS[n % len(_INSTRUCTIONS)]).format(n=n)
+            text = _ANSWER.format(n=n) if answer else _instruction(n)
         gen = Generation()
         gen.prompt_eval_count = max(1, len(key.split()))
         gen.pieces = self._emit(gen, text, options)

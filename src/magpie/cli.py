@@ -206,6 +206,12 @@ def generate(
     shard: str | None = typer.Option(
         None, "--shard", help="i/N: this machine's disjoint share of a run split over N machines."
     ),
+    no_dedup: bool = typer.Option(
+        False, "--no-dedup", help="Keep near-duplicate instructions (dedup is on by default)."
+    ),
+    dedup_threshold: float | None = typer.Option(
+        None, "--dedup-threshold", help="Jaccard from which instructions are near-duplicates (0.7)."
+    ),
     config: Path | None = typer.Option(
         None, "--config", help="TOML or YAML file with these settings."
     ),
@@ -251,6 +257,8 @@ def generate(
         "drop_unsafe": drop_unsafe,
         "rejects": rejects,
         "shard": shard,
+        "dedup": False if no_dedup else None,
+        "dedup_threshold": dedup_threshold,
         "filters": {"language": language},
         "instruction": {
             "temperature": instruction_temperature,
@@ -492,6 +500,40 @@ def filter_cmd(
         event="summary",
     )
     raise typer.Exit(int(control.stop_status) if control.stopped else 0)
+
+
+# --------------------------------------------------------------------------- dedup
+@app.command()
+def dedup(
+    input: str = typer.Argument(..., help="magpie JSONL, or - for stdin."),
+    output: str = typer.Option(..., "-o", "--output", help="Deduplicated JSONL, or - for stdout."),
+    rejects: str | None = typer.Option(
+        None, "--rejects", help="Write dropped records here, each naming the id it duplicates."
+    ),
+    threshold: float = typer.Option(
+        0.7,
+        "--threshold",
+        help="Estimated Jaccard (character 5-grams) that makes a near-duplicate.",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors on stderr."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Drop exact and near-duplicate instructions (keeps the first of each group)."""
+    try:
+        from magpie.dedup import DedupIndex, dedup_file
+
+        index = DedupIndex(threshold=threshold)
+        counts = dedup_file(input, output, rejects=rejects, index=index, overwrite=overwrite)
+        if output != "-":
+            index.save(output)  # a later top-up of this file starts from this index
+    except (MagpieError, Exception) as exc:  # noqa: BLE001
+        raise fail(exc, debug) from None
+    if not quiet:
+        err(
+            f"magpie: {counts.kept} kept, {counts.duplicates} duplicates dropped "
+            f"({counts.exact} exact, {counts.near} near) of {counts.total}"
+        )
 
 
 # --------------------------------------------------------------------------- stats

@@ -86,6 +86,12 @@ class RunConfig(BaseModel):
     drop_unsafe: bool = False
     #: Append rejected attempts (with their reasons) to this JSONL file.
     rejects: str | None = None
+    #: Reject exact and near-duplicate instructions, also against the records
+    #: already in the output (the index persists next to it as <output>.dedup.npz).
+    dedup: bool = True
+    #: Estimated Jaccard similarity (character 5-grams) from which two
+    #: instructions count as near-duplicates.
+    dedup_threshold: float = Field(0.7, gt=0.0, le=1.0)
     #: "i/N": this machine's share of a run split over N machines (0 <= i < N).
     shard: str | None = Field(None, pattern=r"^\d+/\d+$")
     instruction: Sampling = Field(default_factory=default_instruction_sampling)

@@ -317,6 +317,14 @@ async def _agenerate(
         shard_count=config.shard_spec[1],
     )
     judge, judge_backend = await _open_judge(config, backend, stats)
+    dedup = None
+    if config.dedup:
+        from magpie.dedup import DedupIndex
+
+        opts = {"threshold": config.dedup_threshold}
+        dedup = (
+            DedupIndex.open(path, **opts) if path is not None and not fresh else DedupIndex(**opts)
+        )
     pipeline = Pipeline(
         backend,
         pre_query,
@@ -325,6 +333,7 @@ async def _agenerate(
         stats=stats,
         filters=build_filters(config.filters),
         judge=judge,
+        dedup=dedup,
     )
     writer = JsonlWriter(path, overwrite=config.overwrite, existing=existing)
     rejects = RejectsWriter(Path(config.rejects)) if config.rejects else None
@@ -370,7 +379,12 @@ async def _agenerate(
         last_manifest = time.monotonic()
         async for item in pipeline.run(target, start_index, stop=stop, grace=config.grace_period):
             if isinstance(item, Record):
-                writer.write(item)
+                try:
+                    writer.write(item)
+                except BaseException:
+                    if dedup is not None:
+                        dedup.discard(item.id)  # never remember a record the file lacks
+                    raise
                 stats.written += 1
             elif rejects is not None:
                 rejects.write(item, model=backend.model, seed=seed)
@@ -400,6 +414,8 @@ async def _agenerate(
         writer.close()
         if rejects is not None:
             rejects.close()
+        if dedup is not None and path is not None and path.exists():
+            dedup.save(path)
         await backend.aclose()
         if judge_backend is not None and judge_backend is not backend:
             await judge_backend.aclose()

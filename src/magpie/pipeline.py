@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from magpie.backends.base import Backend, Completion, Sampling
 from magpie.clean import clean_instruction
+from magpie.dedup import DedupIndex
 from magpie.errors import MagpieError
 from magpie.judge import InstructionVerdict, Judge, JudgeInvalid, Thresholds
 from magpie.records import (
@@ -133,6 +134,7 @@ class Pipeline:
         stats: RunStats | None = None,
         filters: list[InstructionFilter] | None = None,
         judge: Judge | None = None,
+        dedup: DedupIndex | None = None,
     ) -> None:
         self.backend = backend
         self.pre_query = pre_query
@@ -141,6 +143,10 @@ class Pipeline:
         self.stats = stats or RunStats()
         self.filters = list(filters or [])
         self.judge = judge
+        #: Near-duplicate index: checked before a response is requested (against
+        #: records already emitted) and updated in index order as records are
+        #: emitted, so the decisions do not depend on timing.
+        self.dedup = dedup
         if judge is not None and judge.on_retry is None:
             judge.on_retry = self._on_retry
             judge.retry = self.settings.retry
@@ -176,6 +182,16 @@ class Pipeline:
             if reason is not None:
                 break
             reason = flt(text)
+        if reason is None and self.dedup is not None:
+            dup = self.dedup.check(text)
+            if dup is not None:
+                self._count_saved()
+                return Rejection(
+                    index=index,
+                    reason="duplicate",
+                    text=text,
+                    detail=f"{dup.kind} duplicate of {dup.of_id} ({dup.similarity:.2f})",
+                )
         verdict = None
         if reason is None and self.judge is not None and self.settings.prejudge:
             try:
@@ -354,6 +370,17 @@ class Pipeline:
                 while self.next_index in done:
                     result = done.pop(self.next_index)
                     self.next_index += stride
+                    if isinstance(result, Record) and self.dedup is not None:
+                        dup = self.dedup.check_and_add(result.id, result.instruction)
+                        if dup is not None:
+                            result = Rejection(
+                                index=result.index,
+                                reason="duplicate",
+                                stage="response",
+                                text=result.instruction,
+                                detail=f"{dup.kind} duplicate of {dup.of_id} ({dup.similarity:.2f})",
+                                record=result,
+                            )
                     self.stats.attempts += 1
                     if isinstance(result, Record):
                         kept += 1

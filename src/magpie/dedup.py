@@ -1,0 +1,994 @@
+"""Deduplication of instructions: exact, near (MinHash LSH) and semantic.
+
+Three checks, in this order, each against the records already kept:
+
+* **exact**: a 64-bit BLAKE2b hash of the normalized instruction
+  (:func:`normalize`: Unicode NFKC, casefold, whitespace collapsed, punctuation
+  and spaces stripped at both ends).  ``"What is X?"`` and ``"  what is x"`` are
+  the same instruction.
+* **near**: MinHash over character 5-grams of the normalized text, banded LSH
+  to find candidates, and the estimated Jaccard similarity (share of equal
+  MinHash values) against ``threshold`` (default 0.7) to confirm them.
+  Character shingles work for every script (Chinese and Japanese have no
+  spaces to split words on) and tolerate typos and inflections; a one-word
+  change in a 20-word instruction scores about 0.85, two instructions from the
+  same template with different content words about 0.4 to 0.55.
+* **semantic** (optional, when an ``embed`` function is given): cosine
+  similarity of embeddings against ``semantic_threshold`` (default 0.95), with
+  a `usearch <https://github.com/unum-cloud/usearch>`_ HNSW index when that
+  package is installed, else exact numpy search (fine up to some 50,000
+  records).
+
+The MinHash values are those of ``datasketch.MinHash`` with
+``scheme="affine32"`` and the same seed, fed the shingle hashes of
+:meth:`MinHasher.shingle_hashes` (the tests check this), but computed for many
+texts at once with numpy: hashing is the expensive part, and datasketch's
+per-document ``update`` loop would take minutes for 100,000 texts.  The LSH
+band tables are plain dicts of integer band keys: at 100,000 texts 2.5 times
+faster than ``datasketch.MinHashLSH`` with its per-band byte-string keys, in a
+third of the memory.  Band parameters are datasketch's optimum for the
+threshold, weighted towards recall (:func:`lsh_params`).
+
+An index of an output file persists next to it as ``<output>.dedup.npz``
+(:meth:`DedupIndex.save`, atomic).  It is only a cache: the JSONL is the
+source of truth.  :meth:`DedupIndex.open` uses the cache as is when the output
+is byte for byte what it was at the last save (size, mtime, hash of its last
+64 KiB), and otherwise rebuilds the index from the JSONL, reusing the cached
+MinHash values and embeddings of instructions it already knows.  A crash
+between writing a record and saving the index therefore never loses a
+decision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal, NamedTuple
+
+import numpy as np
+from pydantic import ValidationError
+
+from magpie.errors import MagpieError, UsageError
+from magpie.records import Record
+
+#: Defaults, chosen and measured in benchmarks/README.md.
+DEFAULT_THRESHOLD = 0.7
+DEFAULT_NUM_PERM = 128
+DEFAULT_SHINGLE_SIZE = 5
+DEFAULT_SEMANTIC_THRESHOLD = 0.95
+#: Seed of the MinHash permutations (datasketch's default).
+MINHASH_SEED = 1
+#: LSH band parameters minimise ``0.2 * P(false candidate) + 0.8 * P(missed pair)``:
+#: candidates are confirmed with the MinHash estimate anyway, so a missed pair
+#: costs more than a false candidate.
+LSH_WEIGHTS = (0.2, 0.8)
+
+CACHE_SUFFIX = ".dedup.npz"
+#: Bump when normalization, shingle hashing or the cache layout change.
+CACHE_FORMAT = 1
+STDIO = "-"
+
+_BATCH = 1024  # texts hashed per numpy batch
+_CHARS = 1 << 20  # characters hashed per numpy call (bounds temporary arrays)
+_BLOCK = 1024  # shingles per numpy block: 512 KiB at 128 permutations, fits L2 caches
+_TAIL_BYTES = 65536  # bytes of the output hashed into the cache fingerprint
+_EMBED_CACHE = 256  # embeddings kept between check() and add() of the same text
+
+_M1 = np.uint64(0x9E3779B97F4A7C15)
+_M2 = np.uint64(0xBF58476D1CE4E5B9)
+_FMIX = (np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35))
+
+
+def normalize(text: str) -> str:
+    """The form two instructions must share to be exact duplicates.
+
+    Unicode NFKC (full-width letters, ligatures), casefold, runs of whitespace
+    collapsed to one space, and punctuation and spaces stripped at both ends.
+    Punctuation inside the text is kept.
+    """
+    text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
+    text = " ".join(text.split())
+    start, end = 0, len(text)
+    while start < end and _is_edge(text[start]):
+        start += 1
+    while end > start and _is_edge(text[end - 1]):
+        end -= 1
+    return text[start:end]
+
+
+def _is_edge(ch: str) -> bool:
+    return ch == " " or unicodedata.category(ch).startswith("P")
+
+
+def text_hash(normalized: str) -> int:
+    """A stable 64-bit hash of a normalized text (the exact-duplicate key)."""
+    data = normalized.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def lsh_params(
+    threshold: float, num_perm: int, weights: tuple[float, float] = LSH_WEIGHTS
+) -> tuple[int, int]:
+    """Bands ``b`` and rows per band ``r`` (``b * r <= num_perm``) for a threshold.
+
+    Minimises ``weights[0] * FP + weights[1] * FN`` where FP and FN are the
+    integrals of the LSH S-curve ``1 - (1 - s**r)**b`` below and above the
+    threshold: the criterion of ``datasketch.lsh._optimal_param``, integrated
+    numerically with numpy instead of scipy.
+    """
+    lo = np.linspace(0.0, threshold, 513)
+    hi = np.linspace(threshold, 1.0, 513)
+    best, best_err = (1, 1), float("inf")
+    for b in range(1, num_perm + 1):
+        r = np.arange(1, num_perm // b + 1, dtype=np.float64)[:, None]
+        fp = _trapezoid(1.0 - (1.0 - lo**r) ** b, lo)
+        fn = _trapezoid((1.0 - hi**r) ** b, hi)
+        err = weights[0] * fp + weights[1] * fn
+        i = int(np.argmin(err))
+        if err[i] < best_err:
+            best, best_err = (b, i + 1), float(err[i])
+    return best
+
+
+def _trapezoid(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return ((y[:, 1:] + y[:, :-1]) * np.diff(x)).sum(axis=1) / 2.0
+
+
+class MinHasher:
+    """MinHash signatures of character n-grams, many texts per numpy call."""
+
+    def __init__(
+        self,
+        num_perm: int = DEFAULT_NUM_PERM,
+        shingle_size: int = DEFAULT_SHINGLE_SIZE,
+        seed: int = MINHASH_SEED,
+    ) -> None:
+        self.num_perm = num_perm
+        self.shingle_size = shingle_size
+        self.seed = seed
+        # Exactly datasketch's affine32 permutations for this seed.
+        gen = np.random.RandomState(seed)
+        a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+        b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+        self.permutations = np.array([a, b])
+        self._a = np.ascontiguousarray(a)
+        self._b = np.ascontiguousarray(b)
+
+    def _pad(self, text: str) -> str:
+        k = self.shingle_size
+        return text if len(text) >= k else text + "\0" * (k - len(text))
+
+    def _hash_all(self, padded: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Hashes of all shingles, and the number of shingles per text."""
+        k = self.shingle_size
+        lens = np.fromiter(map(len, padded), dtype=np.int64, count=len(padded))
+        cps = np.frombuffer("".join(padded).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        cps = cps.astype(np.uint64)
+        n = len(cps) - k + 1
+        h = cps[:n] * _M1
+        for j in range(1, k):
+            h += cps[j : n + j]
+            h *= _M1
+        h ^= h >> np.uint64(29)
+        h *= _M2
+        h = (h >> np.uint64(32)).astype(np.uint32)
+        # Keep the shingles that lie inside one text.
+        counts = lens - k + 1
+        offsets = np.cumsum(lens) - lens
+        firsts = np.cumsum(counts) - counts
+        pos = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(offsets - firsts, counts)
+        return h[pos], counts
+
+    def shingle_hashes(self, normalized: str) -> np.ndarray:
+        """The 32-bit hashes of the character n-grams of one normalized text.
+
+        ``datasketch.MinHash(num_perm, seed, hashfunc=int, scheme="affine32")``
+        updated with these values holds the same signature as :meth:`signatures`.
+        """
+        return self._hash_all([self._pad(normalized)])[0]
+
+    def signatures(self, normalized: Sequence[str]) -> np.ndarray:
+        """MinHash signatures, shape ``(len(normalized), num_perm)``, uint32."""
+        out = np.empty((len(normalized), self.num_perm), dtype=np.uint32)
+        start, chars = 0, 0
+        for i, text in enumerate(normalized):  # bound the temporaries of long texts
+            chars += len(text)
+            if chars > _CHARS and i > start:
+                out[start:i] = self._signatures(normalized[start:i])
+                start, chars = i, len(text)
+        if start < len(normalized):
+            out[start:] = self._signatures(normalized[start:])
+        return out
+
+    def _signatures(self, normalized: Sequence[str]) -> np.ndarray:
+        out = np.empty((len(normalized), self.num_perm), dtype=np.uint32)
+        hv, counts = self._hash_all([self._pad(t) for t in normalized])
+        # datasketch's affine32: MurmurHash3 finalizer, then a * h + b mod 2**32.
+        hv ^= hv >> np.uint32(16)
+        hv *= _FMIX[0]
+        hv ^= hv >> np.uint32(13)
+        hv *= _FMIX[1]
+        hv ^= hv >> np.uint32(16)
+        ends = np.cumsum(counts)
+        starts = ends - counts
+        buf = np.empty((_BLOCK, self.num_perm), dtype=np.uint32)
+        i, n_docs = 0, len(normalized)
+        while i < n_docs:
+            j = max(i + 1, int(np.searchsorted(ends, starts[i] + _BLOCK, side="right")))
+            s0, s1 = int(starts[i]), int(ends[j - 1])
+            if s1 - s0 <= _BLOCK:
+                blk = self._permute(hv[s0:s1], buf)
+                out[i:j] = np.minimum.reduceat(blk, starts[i:j] - s0, axis=0)
+            else:  # one long text: a running minimum over blocks
+                acc = np.full(self.num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
+                for s in range(s0, s1, _BLOCK):
+                    blk = self._permute(hv[s : min(s1, s + _BLOCK)], buf)
+                    np.minimum(acc, blk.min(axis=0), out=acc)
+                out[i] = acc
+            i = j
+        return out
+
+    def _permute(self, hv: np.ndarray, buf: np.ndarray) -> np.ndarray:
+        blk = buf[: len(hv)]
+        np.multiply(hv[:, None], self._a, out=blk)
+        np.add(blk, self._b, out=blk)
+        return blk
+
+
+@dataclass
+class Duplicate:
+    """Why a text was found to duplicate an earlier record."""
+
+    kind: Literal["exact", "near", "semantic"]
+    #: The id of the earlier record it duplicates.
+    of_id: str
+    #: 1.0 for exact; estimated Jaccard (near) or cosine (semantic) otherwise.
+    similarity: float
+
+
+@dataclass
+class DedupCounts:
+    """What :func:`dedup_file` did."""
+
+    total: int = 0
+    kept: int = 0
+    exact: int = 0
+    near: int = 0
+    semantic: int = 0
+
+    @property
+    def duplicates(self) -> int:
+        return self.exact + self.near + self.semantic
+
+
+class _Item(NamedTuple):
+    """One text, prepared for checking and adding."""
+
+    text: str
+    digest: int
+    sig: np.ndarray
+    keys: list[int]
+
+
+EmbedFn = Callable[[list[str]], list[list[float]]]
+
+
+class DedupIndex:
+    """Exact, near- and (optionally) semantic-duplicate index of instructions.
+
+    ``check`` is read-only; ``add`` records a kept record; ``check_and_add``
+    does both, adding only a text that is not a duplicate.  Use one instance
+    from one thread.
+
+    With an output file: ``DedupIndex.open(output)`` before a run, ``add`` each
+    record once its line is written (or ``check_and_add`` when the instruction
+    arrives and ``discard`` if its record is then not written), and
+    ``save(output)`` when the records of all added ids are in the file.
+    """
+
+    def __init__(
+        self,
+        *,
+        threshold: float = DEFAULT_THRESHOLD,
+        num_perm: int = DEFAULT_NUM_PERM,
+        embed: EmbedFn | None = None,
+        semantic_threshold: float = DEFAULT_SEMANTIC_THRESHOLD,
+        shingle_size: int = DEFAULT_SHINGLE_SIZE,
+        embed_name: str | None = None,
+        ann: Literal["auto", "usearch", "numpy"] = "auto",
+    ) -> None:
+        """``embed`` turns a batch of texts into vectors (semantic dedup is off
+        without it); ``embed_name`` names its model, so that cached vectors are
+        reused only for the same model.  ``ann`` picks the vector index:
+        ``usearch`` (HNSW) or exact ``numpy`` search; ``auto`` takes usearch
+        when it is installed."""
+        if not 0.0 < threshold <= 1.0:
+            raise UsageError(f"dedup threshold must be in (0, 1], got {threshold}")
+        if not 0.0 < semantic_threshold <= 1.0:
+            raise UsageError(
+                f"semantic dedup threshold must be in (0, 1], got {semantic_threshold}"
+            )
+        if not 2 <= num_perm <= 1024:
+            raise UsageError(f"dedup num_perm must be in 2..1024, got {num_perm}")
+        if not 1 <= shingle_size <= 32:
+            raise UsageError(f"dedup shingle size must be in 1..32, got {shingle_size}")
+        if ann not in ("auto", "usearch", "numpy"):
+            raise UsageError(f"dedup vector index must be auto, usearch or numpy, got {ann!r}")
+        self.threshold = threshold
+        self.num_perm = num_perm
+        self.shingle_size = shingle_size
+        self.embed = embed
+        self.embed_name = embed_name
+        self.semantic_threshold = semantic_threshold
+        self.hasher = MinHasher(num_perm, shingle_size)
+        self.bands, self.rows_per_band = lsh_params(threshold, num_perm)
+        self._band_mult = np.random.RandomState(MINHASH_SEED + 1).randint(
+            1, 1 << 63, self.rows_per_band, dtype=np.uint64
+        ) | np.uint64(1)
+        #: How :meth:`open` got the index: "new", "empty", "cache" or "rebuilt".
+        self.source = "new"
+        self._ids: list[str] = []
+        self._digests: list[int] = []
+        self._sigs = np.empty((1024, num_perm), dtype=np.uint32)
+        self._exact: dict[int, int] = {}
+        self._tables: list[dict[int, Any]] = [{} for _ in range(self.bands)]
+        self._dead: set[int] = set()
+        self._vectors: _VectorIndex | None = None
+        self._ann = ann
+        self._embed_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    # -- public API -----------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._ids) - len(self._dead)
+
+    def check(self, text: str) -> Duplicate | None:
+        """The earlier record ``text`` duplicates, or None.  Changes nothing."""
+        return self._check(self._prepare([text])[0])
+
+    def add(self, record_id: str, text: str) -> None:
+        """Record that the record ``record_id`` with instruction ``text`` is kept."""
+        vector = self._embed_one(text) if self.embed is not None else None
+        self._add(record_id, self._prepare([text])[0], vector)
+
+    def check_and_add(self, record_id: str, text: str) -> Duplicate | None:
+        """:meth:`check`, then :meth:`add` when ``text`` is not a duplicate."""
+        item = self._prepare([text])[0]
+        dup = self._check(item)
+        if dup is None:
+            vector = self._embed_one(text) if self.embed is not None else None
+            self._add(record_id, item, vector)
+        return dup
+
+    def check_and_add_many(self, items: Iterable[tuple[str, str]]) -> list[Duplicate | None]:
+        """``check_and_add`` of each ``(record_id, text)`` in order, hashing in batches.
+
+        The same decisions as one ``check_and_add`` per item, several times faster.
+        With ``embed``, every text of a batch is embedded (one call per batch).
+        """
+        out: list[Duplicate | None] = []
+        batch: list[tuple[str, str]] = []
+        for pair in items:
+            batch.append(pair)
+            if len(batch) >= _BATCH:
+                out.extend(self._check_and_add_batch(batch))
+                batch = []
+        out.extend(self._check_and_add_batch(batch))
+        return out
+
+    def discard(self, record_id: str) -> bool:
+        """Forget the last added record with this id (its line was not written)."""
+        for row in range(len(self._ids) - 1, -1, -1):
+            if self._ids[row] == record_id and row not in self._dead:
+                self._remove(row)
+                return True
+        return False
+
+    @classmethod
+    def open(cls, output: Path | str, *, verify: bool = False, **kwargs: Any) -> DedupIndex:
+        """The index of ``output``: its cache when it matches, else rebuilt from the JSONL.
+
+        ``kwargs`` are the constructor's.  ``verify=True`` always rereads the JSONL (still reusing cached hashes).
+        A line that is not a magpie record is a :class:`UsageError`; a torn
+        last line (no newline, not JSON) is ignored, as ``magpie generate``
+        sets it aside.
+        """
+        index = cls(**kwargs)
+        output = Path(output)
+        cache = _read_cache(cache_path(output))
+        if cache is not None and not index._compatible(cache["meta"]):
+            cache = None
+        if not output.exists() or output.stat().st_size == 0:
+            index.source = "empty"
+            return index
+        if (
+            cache is not None
+            and not verify
+            and cache["meta"].get("fingerprint") == _fingerprint(output)
+            and index._load_rows(cache)
+        ):
+            index.source = "cache"
+            return index
+        index._rebuild(output, cache)
+        index.source = "rebuilt"
+        return index
+
+    def save(self, output: Path | str) -> None:
+        """Write the index next to ``output`` atomically (temporary file + rename)."""
+        output = Path(output)
+        path = cache_path(output)
+        live = [r for r in range(len(self._ids)) if r not in self._dead]
+        meta = self._params() | {"fingerprint": _fingerprint(output), "count": len(live)}
+        arrays: dict[str, np.ndarray] = {
+            "ids": np.array([self._ids[r] for r in live], dtype=str),
+            "digests": np.array([self._digests[r] for r in live], dtype=np.uint64),
+            "sigs": self._sigs[live] if self._dead else self._sigs[: len(self._ids)],
+        }
+        if self._vectors is not None:
+            arrays["vectors"] = self._vectors.matrix()[live]
+            blob = None if self._dead else self._vectors.blob()
+            if blob is not None:
+                arrays["ann"] = blob
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+    # -- checking and adding --------------------------------------------------
+
+    def _prepare(self, texts: Sequence[str]) -> list[_Item]:
+        norms = [normalize(t) for t in texts]
+        sigs = self.hasher.signatures(norms)
+        keys = self._band_keys(sigs)
+        return [
+            _Item(t, text_hash(n), s, k)
+            for t, n, s, k in zip(texts, norms, sigs, keys, strict=True)
+        ]
+
+    def _band_keys(self, sigs: np.ndarray) -> list[list[int]]:
+        b, r = self.bands, self.rows_per_band
+        bands = sigs[:, : b * r].reshape(len(sigs), b, r).astype(np.uint64)
+        return (bands * self._band_mult).sum(axis=2, dtype=np.uint64).tolist()
+
+    def _check(self, item: _Item, vector: np.ndarray | None = None) -> Duplicate | None:
+        row = self._exact.get(item.digest)
+        if row is not None:
+            return Duplicate("exact", self._ids[row], 1.0)
+        near = self._near(item)
+        if near is not None:
+            return Duplicate("near", self._ids[near[0]], near[1])
+        if self.embed is None:
+            return None
+        if vector is None:
+            vector = self._embed_one(item.text)
+        if self._vectors is None:
+            return None
+        hit = self._vectors.nearest(vector, self._dead)
+        if hit is not None and hit[1] >= self.semantic_threshold:
+            return Duplicate("semantic", self._ids[hit[0]], hit[1])
+        return None
+
+    def _near(self, item: _Item) -> tuple[int, float] | None:
+        cands: set[int] = set()
+        for table, key in zip(self._tables, item.keys, strict=True):
+            hit = table.get(key)
+            if hit is None:
+                continue
+            if type(hit) is int:
+                cands.add(hit)
+            else:
+                cands.update(hit)
+        if self._dead:
+            cands -= self._dead
+        if not cands:
+            return None
+        rows = np.fromiter(cands, dtype=np.int64, count=len(cands))
+        agree = np.count_nonzero(self._sigs[rows] == item.sig, axis=1)
+        best = int(np.lexsort((rows, -agree))[0])
+        similarity = float(agree[best]) / self.num_perm
+        if similarity < self.threshold:
+            return None
+        return int(rows[best]), similarity
+
+    def _add(self, record_id: str, item: _Item, vector: np.ndarray | None = None) -> None:
+        """Insert one row (its vector, if given, into the vector index too)."""
+        row = len(self._ids)
+        if row == len(self._sigs):
+            grown = np.empty((2 * row, self.num_perm), dtype=np.uint32)
+            grown[:row] = self._sigs
+            self._sigs = grown
+        self._sigs[row] = item.sig
+        self._ids.append(record_id)
+        self._digests.append(item.digest)
+        self._exact.setdefault(item.digest, row)
+        for table, key in zip(self._tables, item.keys, strict=True):
+            hit = table.get(key)
+            if hit is None:
+                table[key] = row
+            elif type(hit) is int:
+                table[key] = [hit, row]
+            else:
+                hit.append(row)
+        if vector is not None:
+            self._vector_index(len(vector)).add_many([row], vector[None, :])
+
+    def _vector_index(self, dim: int) -> _VectorIndex:
+        if self._vectors is None:
+            self._vectors = _VectorIndex(dim, self._ann)
+        return self._vectors
+
+    def _remove(self, row: int) -> None:
+        self._dead.add(row)
+        digest = self._digests[row]
+        if self._exact.get(digest) == row:
+            del self._exact[digest]
+            for other in range(row + 1, len(self._ids)):
+                if self._digests[other] == digest and other not in self._dead:
+                    self._exact[digest] = other
+                    break
+        if self._vectors is not None:
+            self._vectors.remove(row)
+
+    def _check_and_add_batch(self, batch: list[tuple[str, str]]) -> list[Duplicate | None]:
+        if not batch:
+            return []
+        items = self._prepare([text for _, text in batch])
+        vectors = self._embed_many([it.text for it in items]) if self.embed else None
+        out: list[Duplicate | None] = []
+        for i, ((record_id, _), item) in enumerate(zip(batch, items, strict=True)):
+            vec = None if vectors is None else vectors[i]
+            dup = self._check(item, vec)
+            if dup is None:
+                self._add(record_id, item, vec)
+            out.append(dup)
+        return out
+
+    # -- embeddings -----------------------------------------------------------
+
+    def _embed_many(self, texts: list[str]) -> np.ndarray:
+        assert self.embed is not None
+        raw = self.embed(texts)
+        try:
+            vecs = np.asarray(raw, dtype=np.float32)
+        except (TypeError, ValueError):
+            vecs = np.empty(0, dtype=np.float32)
+        if vecs.ndim != 2 or len(vecs) != len(texts) or vecs.shape[1] == 0:
+            raise MagpieError(
+                "the embedding function did not return one vector of one length per text "
+                f"({len(texts)} texts, got an array of shape {vecs.shape})"
+            )
+        if self._vectors is not None and vecs.shape[1] != self._vectors.dim:
+            raise MagpieError(
+                f"the embedding function returned {vecs.shape[1]}-dimensional vectors, "
+                f"the index holds {self._vectors.dim}-dimensional ones"
+            )
+        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+        return vecs / np.where(norms == 0, 1.0, norms)
+
+    def _embed_one(self, text: str) -> np.ndarray:
+        vec = self._embed_cache.get(text)
+        if vec is None:
+            vec = self._embed_many([text])[0]
+            self._embed_cache[text] = vec
+            if len(self._embed_cache) > _EMBED_CACHE:
+                self._embed_cache.popitem(last=False)
+        return vec
+
+    # -- persistence ----------------------------------------------------------
+
+    def _params(self) -> dict[str, Any]:
+        return {
+            "format": CACHE_FORMAT,
+            "num_perm": self.num_perm,
+            "shingle_size": self.shingle_size,
+            "seed": MINHASH_SEED,
+            "embed_name": self.embed_name,
+        }
+
+    def _compatible(self, meta: dict[str, Any]) -> bool:
+        mine = self._params()
+        return all(meta.get(k) == mine[k] for k in ("format", "num_perm", "shingle_size", "seed"))
+
+    def _cached_vectors(self, cache: dict[str, Any]) -> np.ndarray | None:
+        vecs = cache.get("vectors")
+        if self.embed is None or vecs is None or cache["meta"].get("embed_name") != self.embed_name:
+            return None
+        return vecs
+
+    def _load_rows(self, cache: dict[str, Any]) -> bool:
+        """Take the cached rows as they are (False: they lack needed embeddings)."""
+        vecs = self._cached_vectors(cache)
+        if self.embed is not None and vecs is None and len(cache["ids"]):
+            return False
+        ids, digests, sigs = cache["ids"], cache["digests"], cache["sigs"]
+        for start in range(0, len(ids), _BATCH):
+            chunk = sigs[start : start + _BATCH]
+            keys = self._band_keys(chunk)
+            for j, digest in enumerate(digests[start : start + _BATCH].tolist()):
+                self._add(ids[start + j], _Item("", digest, chunk[j], keys[j]))
+        if vecs is not None and len(vecs):
+            index = self._vector_index(vecs.shape[1])
+            index.add_many(range(len(vecs)), vecs, cache.get("ann"))
+        return True
+
+    def _rebuild(self, output: Path, cache: dict[str, Any] | None) -> None:
+        """Add every record of ``output``, reusing what the cache already computed."""
+        known: dict[int, int] = {}
+        vecs = None
+        if cache is not None:
+            known = {d: i for i, d in enumerate(cache["digests"].tolist())}
+            vecs = self._cached_vectors(cache)
+        batch: list[tuple[str, str]] = []
+        for record_id, text in _read_instructions(output):
+            batch.append((record_id, text))
+            if len(batch) >= _BATCH:
+                self._add_batch(batch, known, cache, vecs)
+                batch = []
+        self._add_batch(batch, known, cache, vecs)
+
+    def _add_batch(
+        self,
+        batch: list[tuple[str, str]],
+        known: dict[int, int],
+        cache: dict[str, Any] | None,
+        vecs: np.ndarray | None,
+    ) -> None:
+        if not batch:
+            return
+        norms = [normalize(text) for _, text in batch]
+        digests = [text_hash(n) for n in norms]
+        hits = [known.get(d) for d in digests]
+        todo = [i for i, h in enumerate(hits) if h is None]
+        sigs = np.empty((len(batch), self.num_perm), dtype=np.uint32)
+        if cache is not None and len(todo) < len(batch):
+            done = [i for i, h in enumerate(hits) if h is not None]
+            sigs[done] = cache["sigs"][[hits[i] for i in done]]
+        sigs[todo] = self.hasher.signatures([norms[i] for i in todo])
+        keys = self._band_keys(sigs)
+        first = len(self._ids)
+        for i, (record_id, text) in enumerate(batch):
+            self._add(record_id, _Item(text, digests[i], sigs[i], keys[i]))
+        if self.embed is None:
+            return
+        missing = [i for i, h in enumerate(hits) if h is None or vecs is None]
+        fresh = self._embed_many([batch[i][1] for i in missing]) if missing else None
+        dim = fresh.shape[1] if fresh is not None else vecs.shape[1]  # type: ignore[union-attr]
+        vectors = np.empty((len(batch), dim), dtype=np.float32)
+        if fresh is not None:
+            vectors[missing] = fresh
+        if vecs is not None:
+            reused = [i for i, h in enumerate(hits) if h is not None]
+            vectors[reused] = vecs[[hits[i] for i in reused]]
+        self._vector_index(dim).add_many(range(first, first + len(batch)), vectors)
+
+
+class _VectorIndex:
+    """Unit vectors by row, with nearest-neighbour search (usearch or numpy)."""
+
+    def __init__(self, dim: int, ann: str = "auto") -> None:
+        self.dim = dim
+        self._matrix = np.empty((1024, dim), dtype=np.float32)
+        self._n = 0
+        self._usearch: Any = None
+        if ann in ("auto", "usearch"):
+            try:
+                from usearch.index import Index
+            except ImportError:
+                if ann == "usearch":
+                    raise UsageError(
+                        "semantic dedup with usearch needs it installed: pip install usearch"
+                    ) from None
+            else:
+                self._usearch = Index(ndim=dim, metric="cos", dtype="f32")
+
+    def add_many(
+        self, rows: Iterable[int], vecs: np.ndarray, blob: np.ndarray | None = None
+    ) -> None:
+        """Store ``vecs`` under consecutive ``rows`` (``blob``: a saved usearch
+        graph of exactly these rows, used instead of rebuilding one)."""
+        rows = np.fromiter(rows, dtype=np.int64, count=len(vecs))
+        end = int(rows[-1]) + 1
+        if end > len(self._matrix):
+            grown = np.empty((max(2 * len(self._matrix), end), self.dim), dtype=np.float32)
+            grown[: self._n] = self._matrix[: self._n]
+            self._matrix = grown
+        self._matrix[rows] = vecs
+        self._n = max(self._n, end)
+        if self._usearch is None:
+            return
+        if blob is not None and self._restore(blob):
+            return
+        self._usearch.add(rows, vecs)
+
+    def _restore(self, blob: np.ndarray) -> bool:
+        from usearch.index import Index
+
+        try:
+            restored = Index.restore(blob.tobytes())
+        except Exception:  # a damaged graph is rebuilt from the vectors
+            return False
+        if restored is None or len(restored) != self._n or restored.ndim != self.dim:
+            return False
+        self._usearch = restored
+        return True
+
+    def remove(self, row: int) -> None:
+        if self._usearch is not None:
+            self._usearch.remove(row)
+
+    def nearest(self, vec: np.ndarray, dead: set[int]) -> tuple[int, float] | None:
+        """The most similar live row and its cosine similarity."""
+        if self._n == 0:
+            return None
+        if self._usearch is not None:
+            found = self._usearch.search(vec, count=min(8, self._n))
+            hits = [
+                (int(k), 1.0 - float(d)) for k, d in zip(found.keys, found.distances, strict=True)
+            ]
+            hits = [h for h in hits if h[0] not in dead]
+            return max(hits, key=lambda h: (h[1], -h[0])) if hits else None
+        sims = self._matrix[: self._n] @ vec
+        if dead:
+            sims[list(dead)] = -2.0
+        row = int(np.argmax(sims))
+        return (row, float(sims[row])) if sims[row] > -2.0 else None
+
+    def matrix(self) -> np.ndarray:
+        return self._matrix[: self._n]
+
+    def blob(self) -> np.ndarray | None:
+        if self._usearch is None:
+            return None
+        return np.frombuffer(bytes(self._usearch.save()), dtype=np.uint8)
+
+
+def cache_path(output: Path | str) -> Path:
+    """Where the dedup index of ``output`` lives: ``<output>.dedup.npz``."""
+    output = Path(output)
+    return output.with_name(output.name + CACHE_SUFFIX)
+
+
+def _fingerprint(output: Path) -> dict[str, Any]:
+    try:
+        st = output.stat()
+    except FileNotFoundError:
+        return {"size": 0}
+    with output.open("rb") as fh:
+        fh.seek(max(0, st.st_size - _TAIL_BYTES))
+        tail = hashlib.blake2b(fh.read(), digest_size=16).hexdigest()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "tail": tail}
+
+
+def _read_cache(path: Path) -> dict[str, Any] | None:
+    """The cached arrays, or None when missing or unreadable (then it is rebuilt)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            cache: dict[str, Any] = {k: data[k] for k in data.files}
+        cache["meta"] = json.loads(cache["meta"].tobytes())
+        cache["ids"] = cache["ids"].tolist()
+        n = len(cache["ids"])
+        if len(cache["digests"]) != n or cache["sigs"].shape[0] != n:
+            return None
+        if "vectors" in cache and len(cache["vectors"]) != n:
+            del cache["vectors"]
+        return cache
+    except FileNotFoundError:
+        return None
+    except Exception:  # a damaged cache is rebuilt, never fatal
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_instructions(output: Path) -> Iterable[tuple[str, str]]:
+    """``(id, instruction)`` of each record of an output JSONL, streamed."""
+    with output.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+                record_id, text = obj["id"], obj["instruction"]
+                if not isinstance(record_id, str) or not isinstance(text, str):
+                    raise ValueError("id and instruction must be strings")
+            except (ValueError, TypeError, KeyError) as exc:
+                if not raw.endswith(b"\n"):
+                    return  # a torn last line: generate sets it aside
+                detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+                raise UsageError(
+                    f"{output} is not a magpie JSONL (line {lineno}: {detail.splitlines()[0]}); "
+                    "cannot build its dedup index"
+                ) from None
+            yield record_id, text
+
+
+# -- dedup of a whole file ---------------------------------------------------
+
+
+def dedup_file(
+    src: Path | str,
+    dst: Path | str,
+    *,
+    rejects: Path | str | None = None,
+    index: DedupIndex | None = None,
+    overwrite: bool = False,
+) -> DedupCounts:
+    """Copy the records of ``src`` that are not duplicates to ``dst``.
+
+    Streams ``src`` (``-``: stdin); keeps each record's line byte for byte;
+    writes ``dst`` (``-``: stdout) and ``rejects`` through temporary files
+    renamed at the end, so a failed run leaves neither behind.  A rejected
+    record goes to ``rejects`` with ``reject_reason``, ``duplicate_of``,
+    ``duplicate_kind`` and ``similarity`` added.  ``index`` may already hold
+    records (of another file): those count as earlier records; kept records are
+    added to it.  An existing ``dst`` or ``rejects`` is replaced only with
+    ``overwrite``.
+    """
+    index = index if index is not None else DedupIndex()
+    src_name = str(src)
+    if src_name != STDIO and not Path(src_name).is_file():
+        raise UsageError(f"input {src_name} does not exist or is not a file")
+    if rejects is not None and _same(rejects, src_name):
+        raise UsageError(f"rejects {rejects} is the input: pick another path")
+    if not overwrite and _same(dst, src_name):
+        raise UsageError(f"output {dst} is the input: pass --overwrite to replace it")
+    out = _AtomicOutput(dst, overwrite, "output")
+    rej = _AtomicOutput(rejects, overwrite, "rejects") if rejects is not None else None
+    if rej is not None and out.path is not None and rej.path == out.path:
+        raise UsageError(f"rejects {rej.path} is the output: pick another path")
+    counts = DedupCounts()
+    try:
+        out.open()
+        if rej is not None:
+            rej.open()
+        with contextlib.ExitStack() as stack:
+            fin: IO[bytes] = (
+                sys.stdin.buffer if src_name == STDIO else stack.enter_context(open(src_name, "rb"))
+            )
+            for batch in _record_batches(fin, src_name):
+                dups = index.check_and_add_many((rid, text) for _, rid, text in batch)
+                for (raw, _, _), dup in zip(batch, dups, strict=True):
+                    counts.total += 1
+                    if dup is None:
+                        counts.kept += 1
+                        out.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                        continue
+                    setattr(counts, dup.kind, getattr(counts, dup.kind) + 1)
+                    if rej is not None:
+                        rej.write(_reject_line(raw, dup))
+        out.commit()
+        if rej is not None:
+            rej.commit()
+    finally:
+        out.abort()
+        if rej is not None:
+            rej.abort()
+    return counts
+
+
+def _same(path: Path | str, src: str) -> bool:
+    if src == STDIO or str(path) == STDIO:
+        return False
+    try:
+        return os.path.samefile(path, src)
+    except OSError:
+        return False
+
+
+def _record_batches(fin: IO[bytes], name: str) -> Iterable[list[tuple[bytes, str, str]]]:
+    batch: list[tuple[bytes, str, str]] = []
+    for lineno, raw in enumerate(fin, start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = Record.model_validate_json(raw)
+        except (ValidationError, ValueError) as exc:
+            raise UsageError(
+                f"{name} is not a magpie JSONL (line {lineno}: {_detail(exc)}); nothing written"
+            ) from None
+        batch.append((raw, rec.id, rec.instruction))
+        if len(batch) >= _BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _detail(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        return f"{'.'.join(str(x) for x in err['loc']) or 'record'}: {err['msg']}"
+    return str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+
+
+def _reject_line(raw: bytes, dup: Duplicate) -> bytes:
+    obj = json.loads(raw)
+    obj["reject_reason"] = "duplicate"
+    obj["duplicate_of"] = dup.of_id
+    obj["duplicate_kind"] = dup.kind
+    obj["similarity"] = round(dup.similarity, 6)
+    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+class _AtomicOutput:
+    """A file written under a temporary name and renamed into place on commit."""
+
+    def __init__(self, target: Path | str, overwrite: bool, what: str) -> None:
+        self.what = what
+        self.path: Path | None = None if str(target) == STDIO else Path(target).expanduser()
+        self._tmp: Path | None = None
+        self._fh: IO[bytes] | None = None
+        if self.path is None:
+            return
+        if self.path.is_dir():
+            raise UsageError(f"{what} {self.path} is a directory: give a file path")
+        parent = self.path.parent
+        if not parent.is_dir():
+            raise UsageError(f"{what} directory {parent} does not exist: create it first")
+        if self.path.exists() and not overwrite:
+            raise UsageError(f"{what} {self.path} exists: pass --overwrite to replace it")
+
+    def open(self) -> None:
+        if self.path is None:
+            self._fh = sys.stdout.buffer
+            return
+        try:
+            fd, tmp = tempfile.mkstemp(
+                prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
+            )
+        except OSError as exc:
+            raise UsageError(f"{self.what} {self.path} is not writable ({exc.strerror})") from None
+        self._tmp = Path(tmp)
+        self._fh = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes) -> None:
+        assert self._fh is not None
+        self._fh.write(data)
+
+    def commit(self) -> None:
+        assert self._fh is not None
+        self._fh.flush()
+        if self.path is None:
+            return
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.chmod(self._tmp, 0o644)  # mkstemp makes 0600; match JsonlWriter's files
+        os.replace(self._tmp, self.path)
+        self._tmp = None
+        _fsync_dir(self.path.parent)
+
+    def abort(self) -> None:
+        """Remove the temporary file if :meth:`commit` did not run."""
+        if self._tmp is not None:
+            if self._fh is not None:
+                self._fh.close()
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
