@@ -100,7 +100,10 @@ def generate(
         show_default=False,
     ),
     backend: str | None = typer.Option(
-        None, "--backend", help="auto (Ollama if it is running, else embedded), ollama or embedded."
+        None,
+        "--backend",
+        help="auto (Ollama if it is running, else embedded), ollama, embedded, or openai "
+        "(an OpenAI-compatible server: vLLM, SGLang, llama.cpp llama-server, LM Studio).",
     ),
     model: str | None = typer.Option(
         None, "--model", "-m", help="Ollama model name, or a .gguf file for the embedded backend."

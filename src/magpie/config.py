@@ -36,7 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-BackendName = Literal["auto", "ollama", "embedded"]
+BackendName = Literal["auto", "ollama", "embedded", "openai"]
 
 
 class RunConfig(BaseModel):
@@ -238,6 +238,15 @@ def build_config(
         _merge(merged, load_config_file(config_file), f"config file {config_file}", sources)
     _merge(merged, env_settings(os.environ if environ is None else environ), "environment", sources)
     _merge(merged, flags or {}, "command line", sources)
+    env = os.environ if environ is None else environ
+    if (
+        merged.get("backend") == "openai"
+        and sources.get("host") == "environment"
+        and merged.get("host") == env.get("OLLAMA_HOST")
+    ):
+        # OLLAMA_HOST names an Ollama server, not an OpenAI-compatible one
+        # (those read OPENAI_BASE_URL).
+        del merged["host"]
     try:
         return RunConfig.model_validate(merged)
     except ValidationError as exc:

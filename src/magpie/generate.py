@@ -54,7 +54,7 @@ from magpie.templates import PreQuery, resolve_pre_query
 #: Concurrency ``auto`` picks: the embedded backend decodes one sequence at a
 #: time; an Ollama server queues what it cannot run in parallel, and a few
 #: requests in flight hide the client's own latency.
-AUTO_CONCURRENCY = {"embedded": 1, "ollama": 4}
+AUTO_CONCURRENCY = {"embedded": 1, "ollama": 4, "openai": 16}
 #: Rewrite the manifest after this many results (records or rejections).
 MANIFEST_EVERY = 50
 
@@ -120,7 +120,11 @@ def validate_config(config: RunConfig) -> Path | None:
     for host in config.hosts:
         if host is not None:
             validate_host(host)
-    if config.model and config.backend != "ollama" and looks_like_gguf(config.model):
+    if (
+        config.model
+        and config.backend not in ("ollama", "openai")
+        and looks_like_gguf(config.model)
+    ):
         check_gguf(config.model)
     config.shard_spec  # noqa: B018 - validates --shard
     spec = config.template.strip()

@@ -48,6 +48,21 @@ def _ollama(config: RunConfig, model: str) -> Backend:
     return HostPool(backends, per_host=per_host)
 
 
+def _openai(config: RunConfig) -> Backend:
+    from magpie.backends.openai_compat import OpenAIBackend, resolve_host
+
+    backends: list[Backend] = [
+        OpenAIBackend(config.model, resolve_host(host), timeout=config.timeout)
+        for host in config.hosts
+    ]
+    if len(backends) == 1:
+        return backends[0]
+    from magpie.backends.pool import HostPool
+
+    per_host = config.per_host or (config.concurrency if isinstance(config.concurrency, int) else 4)
+    return HostPool(backends, per_host=per_host)
+
+
 async def choose_judge_backend(config: RunConfig) -> BackendChoice:
     """The judge's backend: ``--judge MODEL`` on ``--judge-backend``/``--judge-host``
     (defaults: the generator's host).  ``--judge same`` is handled by the caller."""
@@ -79,6 +94,12 @@ async def choose_backend(config: RunConfig) -> BackendChoice:
             )
         b = _embedded(config)
         return BackendChoice(b, f"backend embedded: {b.model} (llama.cpp, in process)")
+    if config.backend == "openai":
+        b = _openai(config)
+        where = b.host
+        return BackendChoice(
+            b, f"backend openai: {config.model or 'the first model served'} at {where}"
+        )
     if config.backend == "ollama":
         if looks_like_gguf(config.model):
             raise UsageError(

@@ -1,0 +1,548 @@
+"""The OpenAI-compatible backend: vLLM, SGLang, llama.cpp ``llama-server``, LM Studio.
+
+Raw pre-queries go through ``POST /v1/completions`` (the prompt is tokenized as
+sent, no chat template), responses through ``POST /v1/chat/completions`` (the
+server applies the model's chat template).  Both stream Server-Sent Events, so
+``timeout`` bounds the silence between two chunks, not the length of a
+generation.  :meth:`OpenAIBackend.complete_n` asks for ``n`` samples of one
+prompt in one request, which vLLM serves with a single prefill.
+
+Sampling on the wire: ``temperature``, ``top_p``, ``max_tokens``, ``seed`` and
+``stop`` are standard.  ``top_k`` and the repetition penalty are extra fields
+that vLLM, SGLang, llama.cpp and LM Studio read (OpenAI's own API rejects
+them): ``top_k`` 0 (disabled) is sent as -1, which every one of those servers
+reads as "off" (llama.cpp would otherwise use 40, and older vLLM rejects 0);
+``top_k = None`` leaves the field out.  The repetition penalty is sent as
+``repetition_penalty`` (vLLM, SGLang; llama.cpp ignores it) unless it is None,
+and also as ``repeat_penalty`` (llama.cpp, LM Studio) when it is not 1.0:
+vLLM logs a warning for every request with a field it does not know, and 1.0
+is llama.cpp's default anyway.
+
+The chat template is known only where the server exposes it: llama.cpp's
+``GET /props`` has the GGUF's Jinja ``chat_template`` and the BOS/EOS strings.
+vLLM and the others do not, so ``describe()`` returns ``template=None`` there
+and ``--template auto`` asks for ``--template NAME``.  Whether the server adds
+BOS to a raw prompt is probed with ``POST /tokenize`` (llama.cpp and vLLM both
+have it, with different field names: one body carries both); when the probe
+fails it is assumed (``adds_bos=True``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from magpie.backends.base import (
+    AbortCheck,
+    Backend,
+    Completion,
+    FinishReason,
+    ModelInfo,
+    Sampling,
+)
+from magpie.errors import (
+    BackendError,
+    BackendUnavailable,
+    MagpieError,
+    ModelNotFound,
+    UsageError,
+)
+
+#: ``vllm serve``'s default address (llama-server uses :8080, LM Studio :1234).
+DEFAULT_HOST = "http://127.0.0.1:8000"
+#: Seconds without a byte from the server before a request fails (and is retried).
+DEFAULT_TIMEOUT = 300.0
+#: The ``json_schema.name`` sent with structured-output requests.
+SCHEMA_NAME = "verdict"
+
+#: Statuses worth a retry besides 5xx: request timeout, rate limit.
+_RETRYABLE_STATUS = {408, 429}
+
+
+def normalize_host(host: str) -> str:
+    """``host[:port]`` or a URL, as the base URL requests are built on.
+
+    A scheme is added when missing; a trailing ``/`` or ``/v1`` (how the
+    ``openai`` client's ``base_url`` is usually written) is dropped.
+    """
+    text = (host or "").strip()
+    bad = UsageError(f"--host {host!r} is not a URL: use e.g. {DEFAULT_HOST}")
+    if not text or any(c.isspace() for c in text):
+        raise bad
+    if "://" not in text:
+        text = f"http://{text}"
+    elif not text.startswith(("http://", "https://")):
+        raise bad
+    text = text.rstrip("/")
+    if text.endswith("/v1"):
+        text = text[: -len("/v1")]
+    try:
+        url = httpx.URL(text)
+    except Exception:  # noqa: BLE001 - httpx raises several kinds
+        raise bad from None
+    if not url.host:
+        raise bad
+    return text
+
+
+def resolve_host(host: str | None) -> str:
+    """The base URL: ``host``, else ``OPENAI_BASE_URL``, else :data:`DEFAULT_HOST`."""
+    return normalize_host(host or os.getenv("OPENAI_BASE_URL") or DEFAULT_HOST)
+
+
+def sampling_fields(sampling: Sampling, seed: int | None, stop: list[str] | None) -> dict[str, Any]:
+    """The request fields for one stage's sampling settings (see the module doc)."""
+    body: dict[str, Any] = {
+        "max_tokens": sampling.max_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+    }
+    if sampling.top_k is not None:
+        body["top_k"] = sampling.top_k if sampling.top_k > 0 else -1
+    if sampling.repeat_penalty is not None:
+        body["repetition_penalty"] = sampling.repeat_penalty
+        if sampling.repeat_penalty != 1.0:
+            body["repeat_penalty"] = sampling.repeat_penalty
+    if seed is not None:
+        body["seed"] = seed
+    if stop:
+        body["stop"] = list(stop)
+    return body
+
+
+def _finish(reason: Any) -> FinishReason:
+    return reason if reason in ("stop", "length") else "unknown"
+
+
+def error_message(body: bytes) -> str:
+    """The message of an error body, whatever shape the server gives it.
+
+    ``{"error": {"message": ...}}`` (OpenAI, llama.cpp, recent vLLM),
+    ``{"object": "error", "message": ...}`` (older vLLM), ``{"error": "..."}``
+    (vLLM's API-key check), ``{"detail": ...}`` (FastAPI) or plain text.
+    """
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text[:300]
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            msg = err.get("message") or err.get("detail") or err.get("msg")
+            if msg:
+                return str(msg)
+        elif err:
+            return str(err)
+        if "detail" in data:
+            return str(data["detail"])
+    return text[:300]
+
+
+@dataclass
+class _Choice:
+    """One choice of a (streamed) reply as it is gathered."""
+
+    text: str = ""
+    finish: Any = None
+    chunks: int = 0
+
+
+@dataclass
+class _Reply:
+    """A whole reply: its choices by index and the server's usage, if sent."""
+
+    choices: dict[int, _Choice] = field(default_factory=dict)
+    usage: dict[str, Any] | None = None
+    aborted: bool = False
+
+    def add(self, data: dict[str, Any]) -> _Choice | None:
+        """Take one chunk (or a whole non-streamed reply); return choice 0 if it grew."""
+        grown = None
+        for raw in data.get("choices") or []:
+            index = int(raw.get("index") or 0)
+            choice = self.choices.setdefault(index, _Choice())
+            piece = raw.get("text")
+            if piece is None:  # chat: "delta" when streamed, "message" when not
+                piece = (raw.get("delta") or raw.get("message") or {}).get("content")
+            if piece:
+                choice.text += piece
+                choice.chunks += 1
+                grown = choice if index == 0 else grown
+            if raw.get("finish_reason"):
+                choice.finish = raw["finish_reason"]
+        if isinstance(data.get("usage"), dict):
+            self.usage = data["usage"]
+        return grown
+
+    def completion(self, index: int = 0, *, own_usage: bool = True) -> Completion:
+        """One choice as a Completion.
+
+        ``prompt_tokens`` comes from the server's usage; ``completion_tokens``
+        too when ``own_usage`` (the reply has this one choice), else it is the
+        choice's chunk count (one token per chunk as the servers stream).
+        """
+        choice = self.choices.get(index, _Choice())
+        usage = self.usage or {}
+        completion_tokens = usage.get("completion_tokens") if own_usage else None
+        return Completion(
+            text=choice.text,
+            finish_reason="abort" if self.aborted else _finish(choice.finish),
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=choice.chunks if completion_tokens is None else completion_tokens,
+        )
+
+
+class OpenAIBackend(Backend):
+    """Talks to an OpenAI-compatible server over HTTP (``httpx.AsyncClient``).
+
+    ``model`` None means the server's only (or first) model, looked up once in
+    ``GET /v1/models``.  ``api_key`` defaults to ``OPENAI_API_KEY``; the
+    ``Authorization`` header is sent only when a key is set.  Retries are not
+    done here (:mod:`magpie.retry`).
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        model: str | None,
+        host: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        api_key: str | None = None,
+    ) -> None:
+        self._model = model or None
+        self._host = normalize_host(host)
+        self._timeout = timeout
+        self._api_key = api_key if api_key is not None else os.getenv("OPENAI_API_KEY") or None
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        self._client = httpx.AsyncClient(
+            base_url=self._host,
+            headers=headers,
+            timeout=httpx.Timeout(timeout),
+            # Concurrency is bounded by the pipeline, not by the connection pool.
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+
+    @property
+    def model(self) -> str:
+        """The model id (empty until resolved when none was given)."""
+        return self._model or ""
+
+    @property
+    def host(self) -> str:
+        return self._host
+
+    # -- error mapping ------------------------------------------------------
+    def _status_error(self, status: int, body: bytes, path: str) -> Exception:
+        msg = error_message(body)
+        where = f"the OpenAI-compatible server at {self._host}"
+        if status == 404:
+            lowered = msg.lower()
+            if "model" in lowered or (self._model and self._model.lower() in lowered):
+                return ModelNotFound(
+                    f"model {self._model!r} is not served by {where} ({msg}); "
+                    f"list its models with `curl {self._host}/v1/models` and pass one as --model"
+                )
+            return BackendError(
+                f"{where} has no {path} (404: {msg}); is --host the server's base URL?",
+                retryable=False,
+                cause="http_404",
+            )
+        if status == 401:
+            hint = (
+                "the API key was refused: check OPENAI_API_KEY"
+                if self._api_key
+                else "it needs an API key: set OPENAI_API_KEY"
+            )
+            return BackendError(
+                f"{where} answered 401 ({msg}): {hint}", retryable=False, cause="http_401"
+            )
+        retryable = status in _RETRYABLE_STATUS or status >= 500
+        return BackendError(
+            f"{where} answered {status}: {msg}", retryable=retryable, cause=f"http_{status}"
+        )
+
+    def _translate(self, exc: BaseException) -> Exception:
+        if isinstance(exc, httpx.ConnectError):
+            return BackendUnavailable(
+                f"OpenAI-compatible server is not reachable at {self._host}: start it "
+                "(e.g. `vllm serve MODEL`) or pass --host"
+            )
+        if isinstance(exc, httpx.TimeoutException):
+            return BackendError(
+                f"the server at {self._host} sent nothing for {self._timeout:g} s",
+                cause="timeout",
+            )
+        if isinstance(exc, httpx.TransportError):
+            return BackendError(
+                f"connection to the server at {self._host} failed: {exc.__class__.__name__}",
+                cause="connection",
+            )
+        return exc  # type: ignore[return-value]
+
+    # -- plumbing -----------------------------------------------------------
+    async def _get_json(self, path: str) -> Any:
+        try:
+            resp = await self._client.get(path)
+        except Exception as exc:  # noqa: BLE001 - translated below
+            raise self._translate(exc) from exc
+        if resp.status_code >= 400:
+            raise self._status_error(resp.status_code, resp.content, path)
+        try:
+            return resp.json()
+        except ValueError:
+            raise BackendError(
+                f"{self._host}{path} did not answer JSON: is --host an OpenAI-compatible server?",
+                retryable=False,
+                cause="bad_reply",
+            ) from None
+
+    async def _events(self, resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+        """The JSON events of an SSE body (``data: {...}``) up to ``data: [DONE]``.
+
+        Error events (``data: {"error": ...}`` from vLLM, ``error: {...}`` from
+        llama.cpp) raise a retryable BackendError.
+        """
+        async for line in resp.aiter_lines():
+            field_name, _, value = line.partition(":")
+            value = value.strip()
+            if field_name == "error":
+                raise BackendError(
+                    f"the server at {self._host} failed mid-stream: {error_message(value.encode())}",
+                    cause="stream_error",
+                )
+            if field_name != "data" or not value:
+                continue  # comments (keep-alives), event names, blank lines
+            if value == "[DONE]":
+                return
+            try:
+                data = json.loads(value)
+            except ValueError:
+                raise BackendError(
+                    f"the server at {self._host} sent a malformed event: {value[:100]!r}",
+                    cause="stream_error",
+                ) from None
+            if not isinstance(data, dict):
+                continue
+            if "error" in data or data.get("object") == "error":
+                raise BackendError(
+                    f"the server at {self._host} failed mid-stream: "
+                    f"{error_message(value.encode())}",
+                    cause="stream_error",
+                )
+            yield data
+
+    async def _post(
+        self, path: str, body: dict[str, Any], abort: AbortCheck | None = None
+    ) -> _Reply:
+        """POST a generation request and gather its (streamed) reply.
+
+        When ``abort`` says so, the stream is closed (the server then cancels
+        the generation) and the reply is marked aborted.
+        """
+        await self._ensure_model()
+        body = {"model": self._model, **body}
+        reply = _Reply()
+        try:
+            async with self._client.stream("POST", path, json=body) as resp:
+                if resp.status_code >= 400:
+                    raise self._status_error(resp.status_code, await resp.aread(), path)
+                if "text/event-stream" not in resp.headers.get("content-type", ""):
+                    # A server (or proxy) that ignored "stream": one JSON reply.
+                    reply.add(json.loads(await resp.aread()))
+                else:
+                    async for event in self._events(resp):
+                        grown = reply.add(event)
+                        if abort is not None and grown is not None and grown.finish is None:
+                            reply.aborted = abort(grown.text)
+                            if reply.aborted:
+                                return reply  # leaving the block closes the stream
+        except MagpieError:
+            raise
+        except ValueError as exc:  # a non-streamed reply that is not JSON
+            raise BackendError(
+                f"the server at {self._host} sent a malformed reply: {exc}", cause="bad_reply"
+            ) from exc
+        except Exception as exc:  # noqa: BLE001 - translated below
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+        if not reply.choices or any(c.finish is None for c in reply.choices.values()):
+            raise BackendError(
+                f"the server at {self._host} closed the stream before it was done",
+                cause="connection",
+            )
+        return reply
+
+    async def list_models(self) -> list[str]:
+        """The model ids the server lists in ``GET /v1/models``."""
+        data = await self._get_json("/v1/models")
+        items = data.get("data") if isinstance(data, dict) else None
+        return [str(m["id"]) for m in items or [] if isinstance(m, dict) and "id" in m]
+
+    def _pick_model(self, served: list[str]) -> str:
+        """The model to use among the served ones (the first when none was named)."""
+        if self._model is None and served:
+            return served[0]
+        if self._model is None or self._model not in served:
+            what = f"model {self._model!r} is not" if self._model else "no model is"
+            raise ModelNotFound(
+                f"{what} served by the OpenAI-compatible server at {self._host}; it serves: "
+                f"{', '.join(served) or 'nothing'} (`curl {self._host}/v1/models`)"
+            )
+        return self._model
+
+    async def _ensure_model(self) -> None:
+        if self._model is None:
+            self._model = self._pick_model(await self.list_models())
+
+    # -- the contract -------------------------------------------------------
+    async def complete(
+        self,
+        prompt: str,
+        *,
+        sampling: Sampling,
+        stop: list[str],
+        seed: int | None = None,
+        abort: AbortCheck | None = None,
+    ) -> Completion:
+        body = {
+            "prompt": prompt,
+            **sampling_fields(sampling, seed, stop),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        return (await self._post("/v1/completions", body, abort)).completion()
+
+    async def complete_n(
+        self,
+        prompt: str,
+        n: int,
+        *,
+        sampling: Sampling,
+        stop: list[str],
+        seed: int | None = None,
+    ) -> list[Completion]:
+        """``n`` raw completions of one prompt from one request (``n`` parameter).
+
+        vLLM prefills the prompt once for all samples.  The result is in choice
+        order; a server that ignores ``n`` (older llama.cpp) returns fewer, never
+        more.  With a seed the samples still differ (one generator draws them
+        all).  Each completion's ``prompt_tokens`` is the prompt's length (the
+        server prefilled it once); ``completion_tokens`` is that choice's
+        streamed chunk count, or the server's usage when ``n`` is 1.
+        """
+        if n < 1:
+            raise ValueError("n must be at least 1")
+        body = {
+            "prompt": prompt,
+            **sampling_fields(sampling, seed, stop),
+            "n": n,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        reply = await self._post("/v1/completions", body)
+        if not reply.choices:
+            raise BackendError(f"the server at {self._host} returned no choices", cause="empty")
+        return [reply.completion(i, own_usage=n == 1) for i in sorted(reply.choices)[:n]]
+
+    async def chat(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        sampling: Sampling,
+        seed: int | None = None,
+        abort: AbortCheck | None = None,
+        json_schema: dict[str, Any] | None = None,
+    ) -> Completion:
+        body: dict[str, Any] = {
+            "messages": messages,
+            **sampling_fields(sampling, seed, None),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if json_schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": SCHEMA_NAME, "schema": json_schema, "strict": True},
+            }
+        return (await self._post("/v1/chat/completions", body, abort)).completion()
+
+    async def _props(self) -> dict[str, Any] | None:
+        """llama.cpp's ``GET /props``; None where the server has no such page."""
+        try:
+            resp = await self._client.get("/props")
+        except Exception as exc:  # noqa: BLE001 - translated below
+            raise self._translate(exc) from exc
+        if resp.status_code != 200:
+            return None
+        with contextlib.suppress(ValueError):
+            data = resp.json()
+            # Some servers answer 200 with an error object for unknown paths.
+            if isinstance(data, dict) and ("chat_template" in data or "build_info" in data):
+                return data
+        return None
+
+    async def _tokens(self, text: str, special: bool) -> list[Any] | None:
+        body = {
+            "model": self._model,
+            # llama.cpp's field names, then vLLM's.
+            "content": text,
+            "add_special": special,
+            "prompt": text,
+            "add_special_tokens": special,
+        }
+        try:
+            resp = await self._client.post("/tokenize", json=body)
+            tokens = resp.json().get("tokens") if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return tokens if isinstance(tokens, list) else None
+
+    async def _adds_bos(self) -> bool | None:
+        """Whether the server puts a special token before a raw prompt (None: unknown)."""
+        plain = await self._tokens("Hello", False)
+        special = await self._tokens("Hello", True) if plain is not None else None
+        if plain is None or special is None:
+            return None
+        return len(special) > len(plain) and special[1 : 1 + len(plain)] == plain
+
+    async def describe(self) -> ModelInfo:
+        served = await self.list_models()
+        self._model = self._pick_model(served)
+        props = await self._props() or {}
+        template = props.get("chat_template") or None
+        adds_bos = await self._adds_bos()
+        settings = props.get("default_generation_settings") or {}
+        extra = {
+            "served_models": served,
+            "server": "llama.cpp" if props else None,
+            "model_path": props.get("model_path"),
+            "build_info": props.get("build_info"),
+            "n_ctx": settings.get("n_ctx") if isinstance(settings, dict) else None,
+            "adds_bos_probed": adds_bos is not None,
+        }
+        return ModelInfo(
+            backend=self.name,
+            model=self._model,
+            host=self._host,
+            template=template if isinstance(template, str) else None,
+            template_kind="jinja" if isinstance(template, str) else None,
+            bos_token=props.get("bos_token") or None,
+            eos_token=props.get("eos_token") or None,
+            adds_bos=True if adds_bos is None else adds_bos,
+            extra={k: v for k, v in extra.items() if v is not None},
+        )
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):  # closing is best effort
+            await self._client.aclose()
