@@ -25,6 +25,7 @@ from magpie.judge import (
     parse_categories,
     user_message,
 )
+from magpie.records import SEED_SLOTS
 from magpie_cli import run_magpie
 from ollama_server import OllamaTestServer, ScriptedEngine, build_models
 from ollama_server import _instruction as scripted_instruction
@@ -61,7 +62,7 @@ def judge_aware(replies: list[str] | None = None, by_seed: bool = False):  # typ
     def text(source, options):  # type: ignore[no-untyped-def]
         if isinstance(source, str):
             seed = options.get("seed", 0)
-            return f"Topic {(seed // 16) % 1000} question: {scripted_instruction(seed)}"
+            return f"Topic {(seed // SEED_SLOTS) % 1000} question: {scripted_instruction(seed)}"
         system = source[0]["content"] if source[0]["role"] == "system" else ""
         if "data-quality judge" not in system:
             return "Here is an answer: " + source[-1]["content"][:40]

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import typer
 
 from magpie import __version__
-from magpie.errors import ExitStatus, MagpieError
+from magpie.errors import ExitStatus, MagpieError, OutputClosed
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -209,6 +209,15 @@ def generate(
     shard: str | None = typer.Option(
         None, "--shard", help="i/N: this machine's disjoint share of a run split over N machines."
     ),
+    turns: int | None = typer.Option(
+        None, "--turns", help="Conversations of T user turns (the model writes the follow-ups)."
+    ),
+    responses: int | None = typer.Option(
+        None, "--responses", help="Sample K answers per instruction; with --judge: chosen/rejected."
+    ),
+    system_preset: str | None = typer.Option(
+        None, "--system-preset", help="Task-control system prompt: math, code or translation."
+    ),
     no_dedup: bool = typer.Option(
         False, "--no-dedup", help="Keep near-duplicate instructions (dedup is on by default)."
     ),
@@ -260,6 +269,9 @@ def generate(
         "drop_unsafe": drop_unsafe,
         "rejects": rejects,
         "shard": shard,
+        "turns": turns,
+        "responses": responses,
+        "system_preset": system_preset,
         "dedup": False if no_dedup else None,
         "dedup_threshold": dedup_threshold,
         "filters": {"language": language},
@@ -353,6 +365,16 @@ def _generate(
 
     try:
         result = asyncio.run(run())
+    except OutputClosed as exc:
+        # `magpie generate -o - | head`: the reader has what it wanted.
+        progress.close()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        partial = getattr(exc, "result", None)
+        if partial is not None:
+            _report_summary(partial, reporter)
+        reporter.info("stdout was closed by its reader; stopped", event="stdout_closed")
+        return ExitStatus.OK
     except MagpieError as exc:
         progress.close()
         partial = getattr(exc, "result", None)
@@ -685,7 +707,7 @@ def templates_show(
 @app.command()
 def export(
     input: str = typer.Argument(..., help="magpie JSONL file, or - for stdin."),
-    format: str = typer.Option(..., "--format", "-f", help="openai, sharegpt or alpaca."),
+    format: str = typer.Option(..., "--format", "-f", help="openai, sharegpt, alpaca or dpo."),
     output: str = typer.Option("-", "-o", "--output", help="Output JSONL file, or - for stdout."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors on stderr."),
@@ -721,7 +743,7 @@ def main(argv: list[str] | None = None) -> None:
         where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
         err(f"magpie: error: {exc.format_message()}{where}")
         sys.exit(int(ExitStatus.USAGE))
-    except click_exc.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (click_exc.Abort, KeyboardInterrupt):
         sys.exit(int(ExitStatus.INTERRUPTED))

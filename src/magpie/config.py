@@ -39,6 +39,36 @@ else:  # pragma: no cover
 BackendName = Literal["auto", "ollama", "embedded", "openai"]
 
 
+class SystemSpec(BaseModel):
+    """One entry of a weighted set of system prompts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    preset: str | None = None
+    weight: float = Field(1.0, gt=0)
+
+    def text(self) -> str:
+        if (self.prompt is None) == (self.preset is None):
+            raise UsageError("a [systems] entry needs exactly one of prompt or preset")
+        return self.prompt if self.prompt is not None else preset_prompt(self.preset or "")
+
+
+def presets() -> dict[str, str]:
+    from importlib import resources
+
+    return tomllib.loads(
+        resources.files("magpie.prompts").joinpath("presets.toml").read_text("utf-8")
+    )
+
+
+def preset_prompt(name: str) -> str:
+    table = presets()
+    if name not in table:
+        raise UsageError(f"unknown system preset {name!r}; known: {', '.join(table)}")
+    return table[name]
+
+
 class RunConfig(BaseModel):
     """Every setting of ``magpie generate``."""
 
@@ -92,6 +122,18 @@ class RunConfig(BaseModel):
     #: Estimated Jaccard similarity (character 5-grams) from which two
     #: instructions count as near-duplicates.
     dedup_threshold: float = Field(0.7, gt=0.0, le=1.0)
+    #: Conversations of this many user turns.
+    turns: int = Field(1, ge=1, le=8)
+    #: Answers sampled per instruction (K >= 2: preference pairs with --judge).
+    responses: int = Field(1, ge=1, le=16)
+    preference_temperature: float = Field(0.8, ge=0.0, le=5.0)
+    #: (temperature, top_p) pairs for instructions, cycled by record index.
+    schedule: list[tuple[float, float]] | None = None
+    #: A named task-control system prompt (math, code, translation).
+    system_preset: str | None = None
+    #: A weighted set of system prompts, one drawn per record:
+    #: {name: {prompt = "...", weight = 1.0}} or {name: {preset = "math", weight = 2}}.
+    systems: dict[str, SystemSpec] | None = None
     #: "i/N": this machine's share of a run split over N machines (0 <= i < N).
     shard: str | None = Field(None, pattern=r"^\d+/\d+$")
     instruction: Sampling = Field(default_factory=default_instruction_sampling)
@@ -135,6 +177,13 @@ class RunConfig(BaseModel):
         if isinstance(self.host, list):
             return list(self.host)
         return [self.host]
+
+    @property
+    def effective_system(self) -> str | None:
+        """--system, or the text of --system-preset."""
+        if self.system_preset is not None:
+            return preset_prompt(self.system_preset)
+        return self.system
 
     @property
     def shard_spec(self) -> tuple[int, int]:

@@ -76,5 +76,11 @@ class BackendError(MagpieError):
         self.cause = cause
 
 
+class OutputClosed(MagpieError):
+    """The reader of stdout went away (``magpie generate -o - | head``)."""
+
+    exit_status = ExitStatus.OK
+
+
 class TemplateError(UsageError):
     """No pre-query template could be found or derived (exit 2)."""

@@ -6,6 +6,10 @@
   (Axolotl ``sharegpt``, LLaMA-Factory ``formatting: sharegpt``).
 * ``alpaca``: ``{"instruction", "input", "output", "history"}`` (LLaMA-Factory
   ``alpaca``; ``history`` holds earlier turns of a multi-turn record).
+* ``dpo``: ``{"prompt": [user], "chosen": [assistant], "rejected": [assistant]}``,
+  TRL ``DPOTrainer``'s conversational preference format, from records made
+  with ``--responses K --judge``; records without a preference (or whose best
+  and worst answers scored the same) are skipped.
 """
 
 from __future__ import annotations
@@ -23,14 +27,25 @@ from pydantic import ValidationError
 from magpie.errors import UsageError
 from magpie.records import Record
 
-Format = Literal["openai", "sharegpt", "alpaca"]
-FORMATS: tuple[str, ...] = ("openai", "sharegpt", "alpaca")
+Format = Literal["openai", "sharegpt", "alpaca", "dpo"]
+FORMATS: tuple[str, ...] = ("openai", "sharegpt", "alpaca", "dpo")
 _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
 
 
-def convert(record: Record, fmt: str) -> dict[str, Any]:
-    """One record in the target format."""
+def convert(record: Record, fmt: str) -> dict[str, Any] | None:
+    """One record in the target format (None: the record has nothing for it)."""
     messages = [m.model_dump() for m in record.messages]
+    if fmt == "dpo":
+        chosen, rejected = record.chosen, record.rejected
+        if chosen is None or rejected is None or chosen.score == rejected.score:
+            return None
+        return {
+            "prompt": [{"role": "user", "content": record.instruction}],
+            "chosen": [{"role": "assistant", "content": chosen.content}],
+            "rejected": [{"role": "assistant", "content": rejected.content}],
+            "score_chosen": chosen.score,
+            "score_rejected": rejected.score,
+        }
     if fmt == "openai":
         return {"messages": messages}
     if fmt == "sharegpt":
@@ -103,16 +118,20 @@ def export_file(src: str, fmt: str, dst: str, *, overwrite: bool = False) -> int
     try:
         if out_path is None:
             for rec in read_records(fh, name):
-                sys.stdout.write(json.dumps(convert(rec, fmt), ensure_ascii=False) + "\n")
-                count += 1
+                row = convert(rec, fmt)
+                if row is not None:
+                    sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    count += 1
             sys.stdout.flush()
             return count
         fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as out:
                 for rec in read_records(fh, name):
-                    out.write(json.dumps(convert(rec, fmt), ensure_ascii=False) + "\n")
-                    count += 1
+                    row = convert(rec, fmt)
+                    if row is not None:
+                        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        count += 1
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, out_path)

@@ -45,7 +45,7 @@ from magpie.output import (
     check_output_path,
     scan_output,
 )
-from magpie.pipeline import Pipeline, PipelineSettings
+from magpie.pipeline import Pipeline, PipelineSettings, SystemChoice
 from magpie.records import Record, Rejection
 from magpie.retry import call_with_retry
 from magpie.stats import RunStats
@@ -102,6 +102,7 @@ class Prepared:
     info: ModelInfo
     pre_query: PreQuery
     reason: str
+    systems: list[SystemChoice] | None = None
 
 
 def concurrency_for(config: RunConfig, backend: Backend) -> int:
@@ -127,6 +128,15 @@ def validate_config(config: RunConfig) -> Path | None:
     ):
         check_gguf(config.model)
     config.shard_spec  # noqa: B018 - validates --shard
+    config.effective_system  # noqa: B018 - validates --system-preset
+    if config.responses > 1 and config.turns > 1:
+        raise UsageError("--responses K samples the first answer: use it with --turns 1")
+    if config.system_preset is not None and config.system is not None:
+        raise UsageError("pass --system or --system-preset, not both")
+    if config.systems and (config.system is not None or config.system_preset is not None):
+        raise UsageError("a weighted [systems] set replaces --system / --system-preset")
+    for spec in (config.systems or {}).values():
+        spec.text()
     spec = config.template.strip()
     if spec.lower() != "auto":
         fam = (
@@ -134,8 +144,10 @@ def validate_config(config: RunConfig) -> Path | None:
             if spec.endswith((".toml", ".tml")) or "/" in spec or Path(spec).is_file()
             else get_family(spec)
         )
-        if config.system is not None:
-            fam.render(config.system)  # a family without a system slot refuses here
+        if config.effective_system is not None or config.systems:
+            fam.render(
+                config.effective_system or "x"
+            )  # a family without a system slot refuses here
     return check_output_path(config.output)
 
 
@@ -150,11 +162,22 @@ async def prepare(config: RunConfig, on_retry: Callable[[str], None] | None = No
         # connection is not: the server is down, say so at once (exit 3).
         policy = config.retry.model_copy(update={"unreachable_budget": 0.0})
         info = await call_with_retry(choice.backend.describe, policy, on_retry)
-        pre_query = resolve_pre_query(config.template, info, config.system)
+        pre_query = resolve_pre_query(config.template, info, config.effective_system)
+        systems = _system_choices(config, info)
     except BaseException:
         await choice.backend.aclose()
         raise
-    return Prepared(choice.backend, info, pre_query, choice.reason)
+    return Prepared(choice.backend, info, pre_query, choice.reason, systems)
+
+
+def _system_choices(config: RunConfig, info: ModelInfo) -> list[SystemChoice] | None:
+    """The weighted system prompts of a run, each rendered into its pre-query."""
+    if not config.systems:
+        return None
+    return [
+        SystemChoice(name, spec.weight, resolve_pre_query(config.template, info, spec.text()))
+        for name, spec in config.systems.items()
+    ]
 
 
 async def _open_judge(
@@ -319,6 +342,10 @@ async def _agenerate(
         prejudge=config.prejudge,
         shard_index=config.shard_spec[0],
         shard_count=config.shard_spec[1],
+        turns=config.turns,
+        responses=config.responses,
+        preference_temperature=config.preference_temperature,
+        schedule=config.schedule,
     )
     judge, judge_backend = await _open_judge(config, backend, stats)
     dedup = None
@@ -338,6 +365,7 @@ async def _agenerate(
         filters=build_filters(config.filters),
         judge=judge,
         dedup=dedup,
+        systems=prep.systems,
     )
     writer = JsonlWriter(path, overwrite=config.overwrite, existing=existing)
     rejects = RejectsWriter(Path(config.rejects)) if config.rejects else None
@@ -390,6 +418,7 @@ async def _agenerate(
                         dedup.discard(item.id)  # never remember a record the file lacks
                     raise
                 stats.written += 1
+                stats.add_instruction(item.instruction)
             elif rejects is not None:
                 rejects.write(item, model=backend.model, seed=seed)
             if on_result is not None:

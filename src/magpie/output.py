@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 from pydantic import ValidationError
 
-from magpie.errors import UsageError
+from magpie.errors import OutputClosed, UsageError
 from magpie.records import Record, Rejection
 
 STDOUT = "-"
@@ -187,8 +187,11 @@ class JsonlWriter:
         data = (record.model_dump_json() + "\n").encode("utf-8")
         if self.path is None:
             out = self._stdout or sys.stdout.buffer
-            out.write(data)
-            out.flush()
+            try:
+                out.write(data)
+                out.flush()
+            except BrokenPipeError:
+                raise OutputClosed("stdout was closed by its reader") from None
             self.written += 1
             return
         if self._fd is None:

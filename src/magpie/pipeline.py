@@ -10,6 +10,7 @@ and an uninterrupted one write the same records.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from magpie.records import (
     Message,
     Record,
     Rejection,
+    Scored,
     StageInfo,
     derive_seed,
     record_id,
@@ -77,6 +79,16 @@ class PipelineSettings(BaseModel):
     #: N machines sharing one seed write disjoint seeds and ids.
     shard_index: int = Field(0, ge=0)
     shard_count: int = Field(1, ge=1)
+    #: ``--turns T``: conversations of T user turns (the model writes each
+    #: follow-up question after its own answer).
+    turns: int = Field(1, ge=1, le=8)
+    #: ``--responses K``: sample K answers per instruction (a preference pair
+    #: once judged: chosen = best, rejected = worst).
+    responses: int = Field(1, ge=1, le=16)
+    preference_temperature: float = Field(0.8, ge=0.0, le=5.0)
+    #: (temperature, top_p) pairs for instructions, cycled by index (the
+    #: reference's released sets varied them over runs, for diversity).
+    schedule: list[tuple[float, float]] | None = None
 
 
 @dataclass
@@ -86,6 +98,16 @@ class Instruction:
     completion: Completion
     seed: int
     verdict: InstructionVerdict | None = None
+    sampling: Sampling | None = None
+
+
+@dataclass
+class SystemChoice:
+    """One named system prompt of a weighted set, and its rendered pre-query."""
+
+    name: str
+    weight: float
+    pre_query: PreQuery
 
 
 def _stage(sampling: Sampling, seed: int, c: Completion) -> StageInfo:
@@ -135,6 +157,7 @@ class Pipeline:
         filters: list[InstructionFilter] | None = None,
         judge: Judge | None = None,
         dedup: DedupIndex | None = None,
+        systems: list[SystemChoice] | None = None,
     ) -> None:
         self.backend = backend
         self.pre_query = pre_query
@@ -143,6 +166,12 @@ class Pipeline:
         self.stats = stats or RunStats()
         self.filters = list(filters or [])
         self.judge = judge
+        self.systems = list(systems or [])
+        if self.settings.turns > 1:
+            for pq in [pre_query, *(c.pre_query for c in self.systems)]:
+                pq.conversation(
+                    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+                )
         #: Near-duplicate index: checked before a response is requested (against
         #: records already emitted) and updated in index order as records are
         #: emitted, so the decisions do not depend on timing.
@@ -163,25 +192,64 @@ class Pipeline:
     async def _call(self, fn: Callable[[], object]) -> Completion:
         return await call_with_retry(fn, self.settings.retry, self._on_retry)  # type: ignore[arg-type]
 
-    async def instruction(self, index: int) -> Instruction | Rejection:
-        """Stage 1-3: raw completion of the pre-query, then cleaning."""
-        sampling = self.settings.instruction
-        seed = derive_seed(self.seed, index, "instruction")
+    def _pre_query_for(self, index: int) -> tuple[PreQuery, str | None]:
+        """The pre-query of an attempt: the run's, or one of a weighted set of
+        system prompts, drawn reproducibly from the run seed and the index."""
+        if not self.systems:
+            return self.pre_query, None
+        total = sum(c.weight for c in self.systems)
+        h = hashlib.blake2b(f"{self.seed}:{index}:system".encode(), digest_size=8)
+        point = int.from_bytes(h.digest(), "big") / 2**64 * total
+        for choice in self.systems:
+            point -= choice.weight
+            if point < 0:
+                return choice.pre_query, choice.name
+        return self.systems[-1].pre_query, self.systems[-1].name
+
+    def _instruction_sampling(self, index: int) -> Sampling:
+        """The instruction sampling of an attempt (a schedule cycles by index)."""
+        base = self.settings.instruction
+        if not self.settings.schedule:
+            return base
+        temperature, top_p = self.settings.schedule[index % len(self.settings.schedule)]
+        return base.model_copy(update={"temperature": temperature, "top_p": top_p})
+
+    async def _complete(
+        self, index: int, prompt: str, stage: str, pre_query: PreQuery
+    ) -> tuple[str, str | None, Completion, int, Sampling]:
+        sampling = self._instruction_sampling(index)
+        seed = derive_seed(self.seed, index, stage)
         completion = await self._call(
             lambda: self.backend.complete(
-                self.pre_query.text,
+                prompt,
                 sampling=sampling,
-                stop=self._stop,
+                stop=self._stops(pre_query),
                 seed=seed,
                 abort=self._guard(),
             )
         )
         self.stats.add_tokens(completion.prompt_tokens, completion.completion_tokens)
-        text, reason = clean_instruction(completion, self.pre_query.forbidden)
+        text, reason = clean_instruction(completion, pre_query.forbidden)
+        return text, reason, completion, seed, sampling
+
+    def _stops(self, pre_query: PreQuery) -> list[str]:
+        if pre_query is self.pre_query:
+            return self._stop
+        return list(dict.fromkeys([*pre_query.stop, *self.settings.extra_stop]))
+
+    async def instruction(
+        self, index: int, pre_query: PreQuery | None = None
+    ) -> Instruction | Rejection:
+        """Stage 1-3: raw completion of the pre-query, cleaning, rule filters,
+        dedup against records already written, and the optional pre-judge."""
+        pre_query = pre_query or self.pre_query
+        text, reason, completion, seed, sampling = await self._complete(
+            index, pre_query.text, "instruction", pre_query
+        )
+        if reason is not None:  # not a usable instruction at all
+            return Rejection(index=index, reason=reason, stage="instruction", text=text)
         for flt in self.filters:
-            if reason is not None:
-                break
-            reason = flt(text)
+            reason = reason or flt(text)
         if reason is None and self.dedup is not None:
             dup = self.dedup.check(text)
             if dup is not None:
@@ -197,17 +265,21 @@ class Pipeline:
             try:
                 verdict = await self.judge.judge_instruction(text)
             except JudgeInvalid as exc:
-                reason = "judge_invalid"
                 self._count_saved()
                 return Rejection(
-                    index=index, reason=reason, stage="judge", text=text, detail=str(exc)
+                    index=index, reason="judge_invalid", stage="judge", text=text, detail=str(exc)
                 )
             reason = self.settings.thresholds.instruction_reason(verdict)
         if reason is not None:
             self._count_saved()
             return Rejection(index=index, reason=reason, stage="instruction", text=text)
         return Instruction(
-            index=index, text=text, completion=completion, seed=seed, verdict=verdict
+            index=index,
+            text=text,
+            completion=completion,
+            seed=seed,
+            verdict=verdict,
+            sampling=sampling,
         )
 
     def _count_saved(self) -> None:
@@ -215,35 +287,54 @@ class Pipeline:
         tokens that were not spent (estimated by the mean so far)."""
         self.stats.saved_responses += 1
 
-    async def response(self, inst: Instruction) -> Record | Rejection:
-        """Stage 4-5: answer the instruction with the model's chat template."""
-        sampling = self.settings.response
-        seed = derive_seed(self.seed, inst.index, "response")
+    async def _answer(
+        self, messages: list[dict[str, str]], sampling: Sampling, seed: int
+    ) -> tuple[Completion, str | None]:
+        """One chat answer and its reject reason (None when it is usable)."""
         completion = await self._call(
-            lambda: self.backend.chat(
-                [{"role": "user", "content": inst.text}],
-                sampling=sampling,
-                seed=seed,
-                abort=self._guard(),
-            )
+            lambda: self.backend.chat(messages, sampling=sampling, seed=seed, abort=self._guard())
         )
         self.stats.add_tokens(completion.prompt_tokens, completion.completion_tokens)
         self.stats.add_response(completion.completion_tokens)
-        answer = completion.text.strip()
         if completion.finish_reason == "abort":
-            return Rejection(
-                index=inst.index, reason="response_repetition", stage="response", text=inst.text
-            )
-        if not answer:
-            return Rejection(
-                index=inst.index, reason="empty_response", stage="response", text=inst.text
-            )
+            return completion, "response_repetition"
+        if not completion.text.strip():
+            return completion, "empty_response"
         if completion.finish_reason == "length" and not self.settings.keep_truncated:
-            return Rejection(
-                index=inst.index, reason="response_truncated", stage="response", text=inst.text
+            return completion, "response_truncated"
+        return completion, None
+
+    async def response(
+        self, inst: Instruction, pre_query: PreQuery | None = None, system_name: str | None = None
+    ) -> Record | Rejection:
+        """Stage 4-5: answer the instruction with the model's chat template (or
+        sample ``responses`` answers for a preference pair)."""
+        pre_query = pre_query or self.pre_query
+        sampling = self.settings.response
+        messages = [{"role": "user", "content": inst.text}]
+        k = self.settings.responses
+        samples: list[str] = []
+        if k == 1:
+            seed = derive_seed(self.seed, inst.index, "response")
+            completion, reason = await self._answer(messages, sampling, seed)
+            if reason is not None:
+                return Rejection(index=inst.index, reason=reason, stage="response", text=inst.text)
+        else:
+            sampling = sampling.model_copy(
+                update={"temperature": self.settings.preference_temperature}
             )
+            seeds = [derive_seed(self.seed, inst.index, f"sample:{j}") for j in range(k)]
+            answers = await asyncio.gather(*(self._answer(messages, sampling, sd) for sd in seeds))
+            good = [(c, sd) for (c, r), sd in zip(answers, seeds, strict=True) if r is None]
+            if len(good) < 2:
+                return Rejection(
+                    index=inst.index, reason="too_few_responses", stage="response", text=inst.text
+                )
+            completion, seed = good[0]
+            samples = [c.text.strip() for c, _ in good]
+        answer = completion.text.strip()
         return Record(
-            id=record_id(self.backend.model, self.pre_query.text, self.seed, inst.index),
+            id=record_id(self.backend.model, pre_query.text, self.seed, inst.index),
             index=inst.index,
             instruction=inst.text,
             response=answer,
@@ -254,14 +345,107 @@ class Pipeline:
             model=self.backend.model,
             backend=self.backend.name,
             host=completion.host or self.backend.host,
-            template=self.pre_query.name,
-            template_source=self.pre_query.source,
-            system=self.pre_query.system,
-            instruction_generation=_stage(self.settings.instruction, inst.seed, inst.completion),
+            template=pre_query.name,
+            template_source=pre_query.source,
+            system=pre_query.system,
+            system_name=system_name,
+            instruction_generation=_stage(
+                inst.sampling or self.settings.instruction, inst.seed, inst.completion
+            ),
             response_generation=_stage(sampling, seed, completion),
             seed=self.seed,
             created_at=utcnow(),
+            responses=samples or None,
         )
+
+    async def _more_turns(self, record: Record, pre_query: PreQuery) -> Record | Rejection:
+        """Turns 2..T: the model writes the follow-up question after its own
+        answer (the conversation rendered with its template, then the user
+        header), then answers it with the whole conversation."""
+        messages = [m.model_dump() for m in record.messages]
+        infos: list[dict[str, StageInfo]] = []
+        for turn in range(2, self.settings.turns + 1):
+            prompt = pre_query.conversation(messages)
+            text, reason, completion, seed, sampling = await self._complete(
+                record.index, prompt, f"instruction:{turn}", pre_query
+            )
+            if reason is not None:
+                return Rejection(
+                    index=record.index,
+                    reason=f"turn{turn}_{reason}",
+                    stage="instruction",
+                    text=record.instruction,
+                    record=record,
+                )
+            messages.append({"role": "user", "content": text})
+            rseed = derive_seed(self.seed, record.index, f"response:{turn}")
+            answer, why = await self._answer(messages, self.settings.response, rseed)
+            if why is not None:
+                return Rejection(
+                    index=record.index,
+                    reason=f"turn{turn}_{why}",
+                    stage="response",
+                    text=record.instruction,
+                    record=record,
+                )
+            messages.append({"role": "assistant", "content": answer.text.strip()})
+            infos.append(
+                {
+                    "instruction": _stage(sampling, seed, completion),
+                    "response": _stage(self.settings.response, rseed, answer),
+                }
+            )
+        return record.model_copy(
+            update={
+                "messages": [Message(**m) for m in messages],
+                "turns": self.settings.turns,
+                "turn_generations": infos,
+            }
+        )
+
+    async def _judge_samples(self, record: Record) -> Record | Rejection:
+        """Score each sampled answer; chosen = best, rejected = worst."""
+        assert self.judge is not None and record.responses
+        scored = []
+        for answer in record.responses:
+            try:
+                pair = await self.judge.judge_pair(record.instruction, answer)
+            except JudgeInvalid as exc:
+                return Rejection(
+                    index=record.index,
+                    reason="judge_invalid",
+                    stage="judge",
+                    text=record.instruction,
+                    detail=str(exc),
+                    record=record,
+                )
+            scored.append((pair.response_score, answer, pair))
+        best = max(scored, key=lambda t: t[0])
+        worst = min(scored, key=lambda t: t[0])
+        tags = self.judge.tags(best[2])
+        record = record.model_copy(
+            update={
+                "response": best[1],
+                "messages": [
+                    Message(role="user", content=record.instruction),
+                    Message(role="assistant", content=best[1]),
+                ],
+                "judge": tags,
+                "chosen": Scored(content=best[1], score=best[0]),
+                "rejected": Scored(content=worst[1], score=worst[0]),
+            }
+        )
+        thresholds = self.settings.thresholds
+        reason = thresholds.instruction_reason(tags) or thresholds.response_reason(tags)
+        if reason is not None:
+            return Rejection(
+                index=record.index,
+                reason=reason,
+                stage="judge",
+                text=record.instruction,
+                record=record,
+            )
+        return record
 
     async def _judge(self, record: Record, inst: Instruction) -> Record | Rejection:
         """Tag a record with the judge; reject it below the thresholds."""
@@ -298,11 +482,16 @@ class Pipeline:
 
     async def attempt(self, index: int) -> Record | Rejection:
         """One full attempt: instruction, then (if kept) its response."""
-        inst = await self.instruction(index)
+        pre_query, system_name = self._pre_query_for(index)
+        inst = await self.instruction(index, pre_query)
         if isinstance(inst, Rejection):
             return inst
-        result = await self.response(inst)
+        result = await self.response(inst, pre_query, system_name)
+        if isinstance(result, Record) and self.settings.turns > 1:
+            result = await self._more_turns(result, pre_query)
         if self.judge is not None and isinstance(result, Record):
+            if result.responses:
+                return await self._judge_samples(result)
             return await self._judge(result, inst)
         return result
 

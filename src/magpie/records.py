@@ -38,6 +38,13 @@ class StageInfo(BaseModel):
     completion_tokens: int | None = None
 
 
+class Scored(BaseModel):
+    """One answer of a preference pair, with the judge's score."""
+
+    content: str
+    score: int | None = None
+
+
 class Record(BaseModel):
     """One instruction/response pair, as written to the output JSONL."""
 
@@ -68,6 +75,17 @@ class Record(BaseModel):
     created_at: datetime
     #: LLM-judge tags (``--judge``, ``magpie filter``); absent when not judged.
     judge: JudgeTags | None = None
+    #: Number of user turns in ``messages`` (``--turns``).
+    turns: int = 1
+    #: Generation info of turns 2.. (turn 1 is in the two fields above).
+    turn_generations: list[dict[str, StageInfo]] | None = None
+    #: Which named system prompt (from a weighted set) made the pre-query.
+    system_name: str | None = None
+    #: ``--responses K``: every sampled answer, and with a judge the best and
+    #: worst one with their scores (``magpie export --format dpo``).
+    responses: list[str] | None = None
+    chosen: Scored | None = None
+    rejected: Scored | None = None
 
 
 class Rejection(BaseModel):
@@ -91,14 +109,21 @@ def record_id(model: str, template_text: str, seed: int, index: int) -> str:
     return h.hexdigest()
 
 
-#: Seed slots per attempt index: instruction and response of up to 8 turns.
-SEED_SLOTS = 16
+#: Seed slots per attempt index: instruction and response of up to 8 turns
+#: (slots 0-15), then up to 16 sampled responses for preference pairs (16-31).
+SEED_SLOTS = 32
 SEED_MODULUS = 2**31  # servers take 32-bit seeds; stay below 2**31 for all of them
 
 
 def stage_slot(stage: str) -> int:
-    """``instruction``/``response`` (turn 1), ``instruction:2``/``response:2``, ..."""
+    """``instruction``/``response`` (turn 1), ``instruction:2``/``response:2``, ...,
+    ``sample:0`` .. ``sample:15`` (the K answers of ``--responses K``)."""
     name, _, turn = stage.partition(":")
+    if name == "sample":
+        k = int(turn)
+        if not 0 <= k < 16:
+            raise ValueError(f"unknown seed stage {stage!r}")
+        return 16 + k
     t = int(turn or 1)
     if name not in ("instruction", "response") or not 1 <= t <= SEED_SLOTS // 2:
         raise ValueError(f"unknown seed stage {stage!r}")

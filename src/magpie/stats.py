@@ -21,6 +21,8 @@ class RunStats:
     #: Instructions rejected before a response was requested, and the response
     #: tokens so far (to estimate what the early rejections saved).
     saved_responses: int = 0
+    #: Hashes of the normalised instructions written (for the unique share).
+    instruction_hashes: set[int] = field(default_factory=set)
     #: Pairs answered per host, when a run spreads over several.
     per_host: dict[str, int] = field(default_factory=dict)
     response_tokens: int = 0
@@ -42,6 +44,13 @@ class RunStats:
         self.prompt_tokens += prompt or 0
         self.completion_tokens += completion or 0
 
+    def add_instruction(self, text: str) -> None:
+        self.instruction_hashes.add(hash(" ".join(text.casefold().split())))
+
+    @property
+    def unique_share(self) -> float:
+        return len(self.instruction_hashes) / self.written if self.written else 1.0
+
     def add_response(self, completion_tokens: int | None) -> None:
         if completion_tokens:
             self.response_tokens += completion_tokens
@@ -57,6 +66,8 @@ class RunStats:
     def summary(self) -> str:
         """The one-line summary printed at the end of a run."""
         parts = [f"{self.written} written"]
+        if self.written:
+            parts.append(f"{self.unique_share:.0%} unique instructions")
         if self.existing:
             parts.append(f"{self.existing} already there")
         rej = ", ".join(f"{k} {v}" for k, v in sorted(self.rejected.items()))
@@ -84,6 +95,7 @@ class RunStats:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "saved_tokens": self.saved_tokens,
+            "unique_share": round(self.unique_share, 4),
             "per_host": dict(self.per_host),
             "elapsed_s": round(self.elapsed, 3),
         }

@@ -79,6 +79,22 @@ def split_at_sentinel(
     return text[:idx], text[idx + len(SENTINEL) :]
 
 
+def split_at_sentinel_messages(
+    chat_template: str,
+    messages: list[dict[str, str]],
+    *,
+    bos_token: str = "",
+    eos_token: str = "",
+) -> str:
+    """What the template renders before a user message that follows ``messages``."""
+    full = [*messages, {"role": "user", "content": SENTINEL}]
+    text = render_chat_template(chat_template, full, bos_token=bos_token, eos_token=eos_token)
+    idx = text.find(SENTINEL)
+    if idx < 0:
+        raise TemplateError("the model's chat template does not render the user message")
+    return text[:idx]
+
+
 def template_tokens(*texts: str) -> list[str]:
     """Special-token-looking strings in ``texts``, in order of appearance, unique."""
     seen: dict[str, None] = {}

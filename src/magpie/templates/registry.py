@@ -31,6 +31,8 @@ class TemplateFamily(BaseModel):
     pre_query: str
     system_pre_query: str | None = None
     user_header: str | None = None
+    after_user: str | None = None
+    after_assistant: str | None = None
     stop: list[str]
     markers: list[str] = Field(default_factory=list)
     special_tokens: list[str] = Field(default_factory=list)

@@ -35,6 +35,43 @@ class PreQuery(BaseModel):
     #: Strings that make an instruction dirty (special tokens, role headers).
     forbidden: list[str] = Field(default_factory=list)
     user_header: str | None = None
+    after_user: str | None = None
+    after_assistant: str | None = None
+    #: For templates derived from a GGUF: the Jinja source, to render follow-ups exactly.
+    jinja: str | None = Field(default=None, repr=False)
+    bos_token: str = ""
+    eos_token: str = ""
+    adds_bos: bool = True
+
+    @property
+    def multi_turn(self) -> bool:
+        return self.jinja is not None or None not in (
+            self.user_header,
+            self.after_user,
+            self.after_assistant,
+        )
+
+    def conversation(self, messages: list[dict[str, str]]) -> str:
+        """The raw prompt that asks for the next user turn after ``messages``
+        (user/assistant pairs): what the template renders before the next user text."""
+        if self.jinja is not None:
+            full = [*messages]
+            if self.system is not None:
+                full.insert(0, {"role": "system", "content": self.system})
+            text = jinja.split_at_sentinel_messages(
+                self.jinja, full, bos_token=self.bos_token, eos_token=self.eos_token
+            )
+            return drop_bos(text, self.bos_token) if self.adds_bos else text
+        if not self.multi_turn:
+            raise TemplateError(
+                f"template {self.name!r} does not say how to render a conversation "
+                "(after_user, after_assistant, user_header): --turns needs them"
+            )
+        parts = [self.text]
+        for i in range(0, len(messages) - 1, 2):
+            parts += [messages[i]["content"], self.after_user or "", messages[i + 1]["content"]]
+            parts += [self.after_assistant or "", self.user_header or ""]
+        return "".join(parts)
 
 
 def drop_bos(text: str, bos: str = "") -> str:
@@ -87,6 +124,9 @@ def _from_family(
         system=system,
         forbidden=fam.forbidden_tokens,
         user_header=fam.user_header,
+        after_user=fam.after_user,
+        after_assistant=fam.after_assistant,
+        adds_bos=adds_bos,
     )
 
 
@@ -125,6 +165,10 @@ def _from_jinja(info: ModelInfo, system: str | None) -> PreQuery:
         system=system,
         forbidden=forbidden,
         user_header=header.lstrip("\n") or None,
+        jinja=info.template,
+        bos_token=bos,
+        eos_token=eos,
+        adds_bos=info.adds_bos,
     )
 
 
