@@ -72,9 +72,7 @@ def test_turns_on_ollama_for_two_families(
             {"role": r, "content": c}
             for r, c in zip(["user", "assistant", "user"], m[:3], strict=True)
         ] in chats
-    assert (
-        json.loads(proc.stderr.splitlines()[-1].split("magpie: ")[1].split(",")[0].split()[0]) == 2
-    )
+    assert proc.stderr.splitlines()[-1].startswith("magpie: 2 written")
 
 
 def test_turns_on_embedded_backend(tmp_path: Path) -> None:
