@@ -1132,6 +1132,10 @@ class OllamaTestServer:
     for a slot, like ``OLLAMA_MAX_QUEUE`` (None: no limit).
     """
 
+    #: The HTTP server class and thread name (the OpenAI test server overrides them).
+    _server_class: type = _HTTPServer
+    _thread_prefix = "ollama-test"
+
     def __init__(
         self,
         models: Iterable[TestModel],
@@ -1176,12 +1180,12 @@ class OllamaTestServer:
         if self._httpd is not None:
             return self
         self._stopping = threading.Event()
-        self._httpd = _HTTPServer((self.host, self.port), self)
+        self._httpd = self._server_class((self.host, self.port), self)
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
             kwargs={"poll_interval": 0.05},
-            name=f"ollama-test-{self.port}",
+            name=f"{self._thread_prefix}-{self.port}",
             daemon=True,
         )
         self._thread.start()

@@ -241,22 +241,6 @@ class OpenAITestServer(OllamaTestServer):
         self.usage = usage
         self.ignore_stream = ignore_stream
 
-    def start(self) -> OpenAITestServer:
-        """Bind (the same port again after a stop) and serve in a daemon thread."""
-        if self._httpd is not None:
-            return self
-        self._stopping = threading.Event()
-        self._httpd = _OpenAIHTTPServer((self.host, self.port), self)
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"openai-test-{self.port}",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
     def __enter__(self) -> OpenAITestServer:
         return self.start()
 
@@ -689,3 +673,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+OpenAITestServer._server_class = _OpenAIHTTPServer
+OpenAITestServer._thread_prefix = "openai-test"

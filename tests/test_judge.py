@@ -285,6 +285,8 @@ def test_judge_invalid_is_rejected_never_kept_with_null_tags(tmp_path: Path) -> 
             srv.url,
             "--seed",
             "1",
+            "-c",
+            "1",  # one pair at a time: the first two judge calls belong to one pair
             "--judge",
             "llama3.1:8b",
             "--rejects",

@@ -49,30 +49,16 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from pydantic import BaseModel, Field
 
 from magpie.errors import UsageError
+from magpie.judge import CATEGORIES, DIFFICULTY_ORDER, QUALITY_ORDER
 from magpie.manifest import Manifest, RunEntry, manifest_path, read_manifest
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
-#: Judge ``input_quality`` levels, worst first.
-QUALITY_LEVELS = ("very poor", "poor", "average", "good", "excellent")
-#: Judge ``difficulty`` levels, easiest first.
-DIFFICULTY_LEVELS = ("very easy", "easy", "medium", "hard", "very hard")
-#: Judge ``task_category`` values (the Magpie paper's taxonomy).
-TASK_CATEGORIES = (
-    "Information seeking",
-    "Reasoning",
-    "Planning",
-    "Editing",
-    "Coding & Debugging",
-    "Math",
-    "Role playing",
-    "Data analysis",
-    "Creative writing",
-    "Advice seeking",
-    "Brainstorming",
-    "Others",
-)
+#: The judge's label sets, in their order (worst / easiest first).
+QUALITY_LEVELS = QUALITY_ORDER
+DIFFICULTY_LEVELS = DIFFICULTY_ORDER
+TASK_CATEGORIES = CATEGORIES
 #: Judge ``response_score`` scale shown even when some scores never occur.
 SCORE_RANGE = range(1, 11)
 #: What a judge section says when no record carries judge tags.

@@ -143,6 +143,18 @@ def _streak_message(streak: int, stats: RunStats) -> str:
     return f"the last {streak} attempts were all rejected ({reasons}): {hint}"
 
 
+def _judge_reject(record: Record, reason: str, detail: str = "") -> Rejection:
+    """A judged record that is not kept: the rejection carries the whole record."""
+    return Rejection(
+        index=record.index,
+        reason=reason,
+        stage="judge",
+        text=record.instruction,
+        detail=detail,
+        record=record,
+    )
+
+
 class Pipeline:
     """Generate Magpie pairs from one backend with one pre-query template."""
 
@@ -411,14 +423,7 @@ class Pipeline:
             try:
                 pair = await self.judge.judge_pair(record.instruction, answer)
             except JudgeInvalid as exc:
-                return Rejection(
-                    index=record.index,
-                    reason="judge_invalid",
-                    stage="judge",
-                    text=record.instruction,
-                    detail=str(exc),
-                    record=record,
-                )
+                return _judge_reject(record, "judge_invalid", str(exc))
             scored.append((pair.response_score, answer, pair))
         best = max(scored, key=lambda t: t[0])
         worst = min(scored, key=lambda t: t[0])
@@ -437,15 +442,7 @@ class Pipeline:
         )
         thresholds = self.settings.thresholds
         reason = thresholds.instruction_reason(tags) or thresholds.response_reason(tags)
-        if reason is not None:
-            return Rejection(
-                index=record.index,
-                reason=reason,
-                stage="judge",
-                text=record.instruction,
-                record=record,
-            )
-        return record
+        return record if reason is None else _judge_reject(record, reason)
 
     async def _judge(self, record: Record, inst: Instruction) -> Record | Rejection:
         """Tag a record with the judge; reject it below the thresholds."""
@@ -459,26 +456,11 @@ class Pipeline:
                 pair = await self.judge.judge_pair(record.instruction, record.response)
                 tags = self.judge.tags(pair)
         except JudgeInvalid as exc:
-            return Rejection(
-                index=record.index,
-                reason="judge_invalid",
-                stage="judge",
-                text=record.instruction,
-                detail=f"{exc} (reply: {exc.reply[:200]!r})",
-                record=record,
-            )
+            return _judge_reject(record, "judge_invalid", f"{exc} (reply: {exc.reply[:200]!r})")
         record.judge = tags
         reason = None if inst.verdict is not None else thresholds.instruction_reason(tags)
         reason = reason or thresholds.response_reason(tags)
-        if reason is not None:
-            return Rejection(
-                index=record.index,
-                reason=reason,
-                stage="judge",
-                text=record.instruction,
-                record=record,
-            )
-        return record
+        return record if reason is None else _judge_reject(record, reason)
 
     async def attempt(self, index: int) -> Record | Rejection:
         """One full attempt: instruction, then (if kept) its response."""
