@@ -31,6 +31,7 @@ _EXPORTS = {
     "Backend": "magpie.backends.base",
     "OllamaBackend": "magpie.backends.ollama",
     "EmbeddedBackend": "magpie.backends.embedded",
+    "BatchedEmbeddedBackend": "magpie.backends.embedded_batch",
     "resolve_pre_query": "magpie.templates",
     "get_family": "magpie.templates",
     "ExitStatus": "magpie.errors",

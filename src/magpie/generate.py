@@ -51,10 +51,10 @@ from magpie.retry import call_with_retry
 from magpie.stats import RunStats
 from magpie.templates import PreQuery, resolve_pre_query
 
-#: Concurrency ``auto`` picks: the embedded backend decodes one sequence at a
-#: time; an Ollama server queues what it cannot run in parallel, and a few
+#: Concurrency ``auto`` picks: the embedded backend decodes that many sequences
+#: together; an Ollama server queues what it cannot run in parallel, and a few
 #: requests in flight hide the client's own latency.
-AUTO_CONCURRENCY = {"embedded": 1, "ollama": 4, "openai": 16}
+AUTO_CONCURRENCY = {"embedded": 16, "ollama": 4, "openai": 16}
 #: Rewrite the manifest after this many results (records or rejections).
 MANIFEST_EVERY = 50
 

@@ -108,6 +108,9 @@ class EmbeddedBackend(Backend):
                             n_ctx=self._n_ctx,
                             n_threads=self._n_threads,
                             n_threads_batch=self._n_threads,
+                            # As in BatchedEmbeddedBackend: the same text for the
+                            # same request and seed from both backends.
+                            flash_attn=True,
                             verbose=False,
                         )
                     except (ValueError, RuntimeError) as exc:
