@@ -106,6 +106,8 @@ def _serve_scripted(latency: float, slots: int | None, port: int, tuned: bool = 
 
     if tuned:
         tune_test_server(ollama_server)
+    else:
+        untune_test_server(ollama_server)
     engine = ScriptedEngine(latency=latency, text_fn=scripted_text)
     server = OllamaTestServer([load_fixture_model(FIXTURE, engine)], port=port, slots=slots)
     _serve_until_signal(server.start, server.stop, lambda: server.url)
@@ -120,9 +122,18 @@ def tune_test_server(module: Any) -> None:
     * socketserver listens with a backlog of 5: more than 5 clients connecting
       at once overflow it (SYNs dropped and retried after 1 s, some connections
       reset: httpx.ReadError).
+
+    The test server now has TCP_NODELAY and a backlog of 128 itself; this
+    raises the backlog to 1024 for the largest K.
     """
     module._Handler.disable_nagle_algorithm = True
     module._HTTPServer.request_queue_size = 1024
+
+
+def untune_test_server(module: Any) -> None:
+    """The stdlib's settings, as the test server had them before: Nagle on, backlog 5."""
+    module._Handler.disable_nagle_algorithm = False
+    module._HTTPServer.request_queue_size = 5
 
 
 def _serve_until_signal(
@@ -428,6 +439,7 @@ async def magpie_run(
     output: Path | None = None,
     hooks: dict[str, Any] | None = None,
     null_backend: bool = False,
+    official_client: bool = False,
     **config: Any,
 ) -> Measure:
     """``magpie.generate.agenerate(RunConfig(...))`` to a fresh temporary file:
@@ -435,7 +447,9 @@ async def magpie_run(
 
     Seconds and CPU cover the whole call (backend probe, template, manifest,
     dedup cache saved at the end).  ``hooks`` go to ``agenerate`` (``on_start``,
-    ``on_result``, ``control``); the RunResult is in ``extra["result"]``."""
+    ``on_result``, ``control``); the RunResult is in ``extra["result"]``.
+    ``official_client``: /api/generate and /api/chat through ``ollama.AsyncClient``
+    (on magpie's lean transport) instead of magpie's direct NDJSON path."""
     from magpie.config import RunConfig
     from magpie.generate import agenerate
 
@@ -458,6 +472,9 @@ async def magpie_run(
         if null_backend:
             assert isinstance(url, str)
             hooks["prepared"] = await null_prepared(url)
+        elif official_client:
+            assert isinstance(url, str)
+            hooks["prepared"] = await official_prepared(url, config.get("timeout", 300.0))
         server_cpu0 = server.cpu_seconds() if server else 0.0
         cpu0, t0 = _cpu(), time.perf_counter()
         result = await agenerate(cfg, **hooks)
@@ -467,6 +484,7 @@ async def magpie_run(
     name = label or (
         f"magpie agenerate (dedup {'on' if dedup else 'off'})"
         + (", null backend (no HTTP)" if null_backend else "")
+        + (", ollama.AsyncClient for generate/chat" if official_client else "")
     )
     return Measure(
         name,
@@ -481,6 +499,19 @@ async def magpie_run(
             "result": result,
         },
     )
+
+
+async def official_prepared(url: str, timeout: float = 300.0) -> Any:
+    """A :class:`magpie.generate.Prepared` whose Ollama backend sends /api/generate
+    and /api/chat through ``ollama.AsyncClient`` (``direct_stream=False``)."""
+    from magpie.backends.ollama import OllamaBackend
+    from magpie.config import RunConfig
+    from magpie.generate import prepare
+
+    prep = await prepare(RunConfig(backend="ollama", model=MODEL, host=url))
+    await prep.backend.aclose()
+    prep.backend = OllamaBackend(MODEL, url, timeout=timeout, direct_stream=False)
+    return prep
 
 
 async def null_prepared(url: str) -> Any:
@@ -577,9 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--latency", type=float, default=0.1)
     s.add_argument("--slots", type=int, default=None)
     s.add_argument("--port", type=int, default=0)
-    s.add_argument(
-        "--untuned", action="store_true", help="keep Nagle on and the backlog of 5 (as in tests)"
-    )
+    s.add_argument("--untuned", action="store_true", help="the stdlib's Nagle on and backlog of 5")
     i = sub.add_parser("instant-server")
     i.add_argument("--chunks", choices=("one", "words"), default="one")
     i.add_argument("--port", type=int, default=0)

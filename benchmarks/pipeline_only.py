@@ -5,12 +5,15 @@ every request at once, so the client's own cost is all that limits the rate.
 Each run is timed in this process, and its CPU time (user + system, all
 threads: ``getrusage``) is measured apart from the server's (``/proc/PID/stat``).
 
-Three clients, one after the other, on one server process:
+Four clients, one after the other, on one server process:
 
 * bare: the bare asyncio loop of ``ollama.AsyncClient`` (what any client built on
   the official library pays: httpx, httpcore, anyio, h11, pydantic parsing);
 * magpie with dedup (the default) and without: ``agenerate(RunConfig(...))`` to a
   temporary file (pipeline, dedup, JSONL writer, manifest);
+* magpie (dedup on) with ``OllamaBackend(direct_stream=False)``: /api/generate
+  and /api/chat through ``ollama.AsyncClient`` on magpie's lean transport
+  instead of magpie's direct NDJSON path (the default);
 * the same ``agenerate`` on an in-memory backend (no HTTP at all; the server's
   model description and template): magpie's own cost per pair.
 
@@ -126,6 +129,7 @@ async def bench(
                 ("bare", False),
                 ("magpie", True),
                 ("magpie", False),
+                ("official", True),
                 ("null", True),
                 ("null", False),
             ]
@@ -140,6 +144,7 @@ async def bench(
                         dedup=dedup,
                         server=srv,
                         null_backend=kind == "null",
+                        official_client=kind == "official",
                     )
                 runs.append(m)
                 print(

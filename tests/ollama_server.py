@@ -11,8 +11,11 @@ real HTTP. It follows the protocol facts in ``shared/reference/ollama-api.md``:
   request ``stop`` list replaces the model's); empty prompt => ``done_reason``
   ``"load"``; raw + template/system/context => 400; unknown model => 404.
 * ``POST /api/show``, ``GET /api/tags``, ``GET /api/ps``, ``GET /api/version``,
-  ``GET|HEAD /``, ``POST /api/embed`` (FAKE embeddings: a fixed-size unit vector
-  derived from a SHA-256 of the text, not a model).
+  ``GET|HEAD /``, ``POST /api/embed`` (a TEST STAND-IN for an embedding model,
+  not a model: :func:`word_embedding`, a normalised bag of hashed lower-cased
+  word tokens, so that the same words in another order have cosine 1.0 while
+  their character 5-gram MinHash similarity is low: texts that only semantic
+  dedup catches; :func:`embedding_model` is an embedding-only model to serve).
 * Fault injection (:meth:`OllamaTestServer.inject`), recorded requests, a
   served-requests counter and a slot semaphore like ``OLLAMA_NUM_PARALLEL``.
 
@@ -60,7 +63,7 @@ from typing import Any, Protocol
 
 VERSION = "0.6.0-test"
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures" / "ollama"
-EMBED_DIM = 64
+EMBED_DIM = 256
 GENERATION_PATHS = ("/api/generate", "/api/chat")
 
 # Ollama's sampling defaults when neither the Modelfile nor the request sets them.
@@ -711,7 +714,18 @@ class DropConnection:
     """Close the socket without sending any response."""
 
 
-Fault = HttpError | Delay | EmptyResponse | MidStreamError | DropConnection
+@dataclasses.dataclass(frozen=True)
+class Hold:
+    """Wait until ``release`` is set (at most ``timeout`` seconds), then answer
+    normally; ``holding`` is set while the request waits.  For tests that a
+    client goes on with other requests while one is held."""
+
+    release: threading.Event = dataclasses.field(default_factory=threading.Event)
+    timeout: float = 30.0
+    holding: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+Fault = HttpError | Delay | EmptyResponse | MidStreamError | DropConnection | Hold
 
 
 @dataclasses.dataclass
@@ -746,6 +760,9 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    #: socketserver listens with a backlog of 5: more clients connecting at once
+    #: overflow it (SYNs dropped and retried a second later, or connections reset).
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], owner: OllamaTestServer):
         self.owner = owner
@@ -785,6 +802,9 @@ class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
     server_version = "ollama-test"
     sys_version = ""
+    #: TCP_NODELAY, as Go's net/http (Ollama) sets it: with Nagle on, each small
+    #: NDJSON line after the first waits for the client's delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: tests read ``requests`` instead of logs."""
@@ -875,6 +895,12 @@ class _Handler(BaseHTTPRequestHandler):
         if isinstance(fault, Delay) and self.owner._sleep(fault.seconds):
             self._drop()  # the server stopped while we slept
             return
+        if isinstance(fault, Hold):
+            fault.holding.set()
+            try:
+                fault.release.wait(fault.timeout)
+            finally:
+                fault.holding.clear()
         if isinstance(fault, HttpError):
             self._error(fault.status, fault.message)
             return
@@ -937,7 +963,7 @@ class _Handler(BaseHTTPRequestHandler):
             200,
             {
                 "model": name,
-                "embeddings": [fake_embedding(text, dim) for text in inputs],
+                "embeddings": [word_embedding(str(text), dim) for text in inputs],
                 "total_duration": 1000,
                 "load_duration": 0,
                 "prompt_eval_count": sum(len(str(t).split()) for t in inputs),
@@ -1108,17 +1134,55 @@ class _Reply:
         h._end_stream()
 
 
-def fake_embedding(text: str, dim: int = EMBED_DIM) -> list[float]:
-    """A FAKE embedding: a unit vector from SHA-256 of the text (same text, same vector)."""
-    values: list[float] = []
-    block = 0
-    while len(values) < dim:
-        digest = hashlib.sha256(f"{block}|{text}".encode()).digest()
-        values.extend(b / 127.5 - 1.0 for b in digest)
-        block += 1
-    values = values[:dim]
-    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+def word_embedding(text: str, dim: int = EMBED_DIM) -> list[float]:
+    """A TEST STAND-IN for an embedding model: a normalised bag of words.
+
+    Each lower-cased word token (``\\w+``) adds +1 or -1 (both from a SHA-256
+    of the token) to one of ``dim`` coordinates; the sum is scaled to unit
+    length.  The same words in any order (and any case or punctuation) give the
+    same vector, cosine 1.0, while their character 5-grams differ; texts that
+    share no word are near orthogonal.  A text without words gets the first
+    unit vector.
+    """
+    values = [0.0] * dim
+    for token in re.findall(r"\w+", text.lower()):
+        digest = hashlib.sha256(token.encode()).digest()
+        index = int.from_bytes(digest[:4], "little") % dim
+        values[index] += 1.0 if digest[4] & 1 else -1.0
+    norm = math.sqrt(sum(v * v for v in values))
+    if norm == 0.0:
+        return [1.0] + [0.0] * (dim - 1)
     return [v / norm for v in values]
+
+
+def embedding_model(name: str = "nomic-embed-text", engine: Engine | None = None) -> TestModel:
+    """An embedding-only model (``/api/show`` capabilities ``["embedding"]``)
+    for ``/api/embed``; ``engine`` (default scripted) answers generation
+    requests, which a real Ollama would refuse for such a model."""
+    details = {
+        "parent_model": "",
+        "format": "gguf",
+        "family": "nomic-bert",
+        "families": ["nomic-bert"],
+        "parameter_size": "137M",
+        "quantization_level": "F16",
+    }
+    full = name if ":" in name else f"{name}:latest"
+    show = {
+        "modelfile": f"# Modelfile generated by the magpie test server\nFROM {full}\n",
+        "parameters": "",
+        "template": "",
+        "details": details,
+        "model_info": {"general.architecture": "nomic-bert"},
+        "capabilities": ["embedding"],
+    }
+    tags = {
+        "size": 274302450,
+        "digest": hashlib.sha256(full.encode()).hexdigest(),
+        "details": details,
+        "modified_at": "2025-01-01T00:00:00Z",
+    }
+    return TestModel(full, show, tags, engine if engine is not None else ScriptedEngine())
 
 
 # --------------------------------------------------------------------------- server

@@ -12,9 +12,19 @@ routes and the wire format differ.
   a usage chunk (``choices: []``) when ``stream_options.include_usage``, then
   ``data: [DONE]``; otherwise one JSON object with ``usage``.  ``n`` > 1 gives
   that many choices, each with its ``index`` (streamed round-robin, as vLLM
-  interleaves them); choice ``i`` is sampled with ``seed + i``.
+  interleaves them); choice ``i`` is sampled with ``seed + i``, as vLLM's
+  parallel sampling seeds its child requests, so the same request and seed
+  give the same ``n`` choices.  ``max_n`` caps the choices (a server that
+  ignores ``n`` is ``max_n=1``); ``samples`` counts the choices generated per
+  path, ``served`` the requests.
 * ``GET /v1/models``, ``GET /health``, ``POST /tokenize``; ``GET /props``
   (llama.cpp: the GGUF chat template, BOS/EOS strings) unless ``props=False``.
+* ``POST /v1/embeddings`` (``{"model", "input": str | [str]}`` ->
+  ``data[i] = {"object": "embedding", "index", "embedding"}``, ``usage``) for
+  any served model: a TEST STAND-IN for an embedding model, the bag of words
+  of :func:`ollama_server.word_embedding` (the same words in another order:
+  cosine 1.0).  ``data`` comes in reverse order, as the protocol orders it by
+  ``index``, not by position.
 * Errors are ``{"error": {"message", "type", "code"}}`` (``legacy_errors``:
   older vLLM's top-level ``{"object": "error", "message", ...}``).
 
@@ -25,6 +35,10 @@ an unknown ``model`` is a 404; sampling defaults are vLLM's (temperature 1,
 top-k off, ``max_tokens`` 16 for completions); ``top_k`` 0 is rejected as older
 vLLM does (-1 means off); a mid-stream failure is a ``data: {"error": ...}``
 event followed by ``data: [DONE]``; a wrong API key gets ``{"error": "Unauthorized"}``.
+
+``latency`` is slept once per generation request, whatever its ``n`` (vLLM
+decodes the ``n`` samples together; the engine's own latency, if any, is per
+sample).
 
 ``"llamacpp"``: ``/props`` on; ``/tokenize`` takes ``content``/``add_special``;
 the request's ``model`` is ignored (one model per server); defaults are
@@ -44,6 +58,7 @@ Command line (prints the URL, serves until SIGTERM/SIGINT)::
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -58,6 +73,7 @@ from typing import Any, Literal
 
 from ollama_server import (
     BUSY,
+    EMBED_DIM,
     Delay,
     DropConnection,
     EmptyResponse,
@@ -73,6 +89,7 @@ from ollama_server import (
     _HTTPServer,
     _Injection,
     smollm2_gguf_path,
+    word_embedding,
 )
 
 __all__ = [
@@ -214,7 +231,8 @@ class OpenAITestServer(OllamaTestServer):
     ``usage=False`` never sends usage (as servers that ignore
     ``stream_options``); ``ignore_stream`` answers one JSON object even to
     streaming requests; ``api_key`` makes every request need
-    ``Authorization: Bearer <api_key>``.
+    ``Authorization: Bearer <api_key>``; ``latency`` seconds are slept once per
+    generation request; ``max_n`` caps the choices of a request.
     """
 
     def __init__(
@@ -231,8 +249,13 @@ class OpenAITestServer(OllamaTestServer):
         ignore_stream: bool = False,
         slots: int | None = None,
         max_queue: int | None = None,
+        latency: float = 0.0,
+        max_n: int | None = None,
     ) -> None:
         super().__init__([], host, port, slots=slots, max_queue=max_queue)
+        self.latency = latency
+        self.max_n = max_n
+        self._samples: collections.Counter[str] = collections.Counter()
         self.models = list(models)  # type: ignore[arg-type]
         self.flavor = flavor
         self.props = flavor == "llamacpp" if props is None else props
@@ -243,6 +266,21 @@ class OpenAITestServer(OllamaTestServer):
 
     def __enter__(self) -> OpenAITestServer:
         return self.start()
+
+    @property
+    def samples(self) -> collections.Counter[str]:
+        """Choices generated per generation path (the sum of the requests' ``n``)."""
+        with self._lock:
+            return collections.Counter(self._samples)
+
+    def clear_requests(self) -> None:
+        super().clear_requests()
+        with self._lock:
+            self._samples.clear()
+
+    def _count_samples(self, path: str, n: int) -> None:
+        with self._lock:
+            self._samples[path] += n
 
     def find_model(self, name: str) -> ServedModel | None:  # type: ignore[override]
         """The served model ``name`` (llama.cpp: the one model, whatever the name)."""
@@ -356,11 +394,13 @@ class _OpenAIHandler(_Handler):
             self._models()
         elif path == "/props" and method == "GET" and self.owner.props:
             self._props()
-        elif method == "POST" and path in ("/tokenize", *GENERATION_PATHS):
+        elif method == "POST" and path in ("/tokenize", "/v1/embeddings", *GENERATION_PATHS):
             if bad_json is not None or not isinstance(body, dict):
                 self._error(400, bad_json or "the request body must be a JSON object")
             elif path == "/tokenize":
                 self._tokenize(body)
+            elif path == "/v1/embeddings":
+                self._embeddings(body)
             else:
                 try:
                     self._generation(body, fault, chat=path == "/v1/chat/completions")
@@ -407,6 +447,40 @@ class _OpenAIHandler(_Handler):
             text = str(body.get("prompt", ""))
             tokens = tokenize(model, text, body.get("add_special_tokens", True) is not False)
             self._send_json(200, {"tokens": tokens, "count": len(tokens), "max_model_len": 2048})
+
+    def _embeddings(self, body: dict[str, Any]) -> None:
+        name = str(body.get("model") or "")
+        model = self.owner.find_model(name)
+        if model is None:
+            self._error(404, f"The model `{name}` does not exist.")
+            return
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if (
+            not isinstance(inputs, list)
+            or not inputs
+            or not all(isinstance(t, str) for t in inputs)
+        ):
+            self._error(400, "input must be a string or a non-empty list of strings")
+            return
+        dim = int(body.get("dimensions") or EMBED_DIM)
+        data = [
+            {"object": "embedding", "index": i, "embedding": word_embedding(text, dim)}
+            for i, text in enumerate(inputs)
+        ]
+        tokens = sum(len(text.split()) for text in inputs)
+        self._send_json(
+            200,
+            {
+                "id": f"embd-{hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]}",
+                "object": "list",
+                "created": _now(),
+                "model": model.id,
+                "data": data[::-1],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
+        )
 
     # -- generation
 
@@ -462,6 +536,8 @@ class _OpenAIHandler(_Handler):
         n = int(body.get("n") or 1)
         if n < 1:
             raise _BadRequest("n must be at least 1")
+        if self.owner.max_n is not None:
+            n = min(n, self.owner.max_n)
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
@@ -487,6 +563,9 @@ class _OpenAIHandler(_Handler):
             self._error(503, BUSY)
             return
         try:
+            if self.owner.latency and self.owner._sleep(self.owner.latency):
+                return  # the server is stopping
+            self.owner._count_samples(self.path, n)
             reply = _Reply(self, model.id, chat=chat)
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             if stream:
@@ -643,7 +722,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flavor", choices=("vllm", "llamacpp"), default="vllm")
     parser.add_argument("--engine", choices=("llama", "scripted"), default="llama")
     parser.add_argument("--gguf", default=None, help="GGUF for --engine llama (default SmolLM2)")
-    parser.add_argument("--latency", type=float, default=0.0, help="scripted: seconds per request")
+    parser.add_argument("--latency", type=float, default=0.0, help="scripted: seconds per sample")
+    parser.add_argument(
+        "--request-latency", type=float, default=0.0, help="seconds per request, whatever its n"
+    )
     parser.add_argument("--slots", type=int, default=None, help="parallel generations")
     parser.add_argument("--api-key", default=None)
     args = parser.parse_args(argv)
@@ -659,7 +741,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = smollm2_served(ScriptedEngine(latency=args.latency))
     server = OpenAITestServer(
-        [model], args.host, args.port, flavor=args.flavor, api_key=args.api_key, slots=args.slots
+        [model],
+        args.host,
+        args.port,
+        flavor=args.flavor,
+        api_key=args.api_key,
+        slots=args.slots,
+        latency=args.request_latency,
     )
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -34,10 +34,10 @@ from ollama_server import (
     OllamaTestServer,
     ScriptedEngine,
     TestModel,
-    fake_embedding,
     load_fixture_model,
     parse_parameters,
     smollm2_model,
+    word_embedding,
 )
 
 MODEL = "smollm2:135m"
@@ -395,12 +395,13 @@ def test_format_schema_scripted(scripted):
     assert data["quality"] in ("poor", "good") and isinstance(data["score"], int)
 
 
-def test_embed_is_fake_but_deterministic(scripted):
+def test_embed_is_a_deterministic_bag_of_words(scripted):
     _, client = scripted
-    r = client.embed(MODEL, ["hello", "world", "hello"])
+    r = client.embed(MODEL, ["hello world", "the sea", "World, hello!"])
     first, second, third = r.embeddings
-    assert first == third != second
-    assert len(first) == len(fake_embedding("x"))
+    assert first == third != second  # the same words, in any order and case
+    assert first == word_embedding("hello world")
+    assert len(first) == len(word_embedding("x"))
     assert abs(sum(v * v for v in first) - 1.0) < 1e-9
 
 

@@ -45,6 +45,10 @@ def err(message: str) -> None:
 
 def fail(exc: BaseException, debug: bool) -> typer.Exit:
     """Report an error as one line (a traceback only with --debug)."""
+    if isinstance(exc, (BrokenPipeError, OutputClosed)):
+        # `magpie ... -o - | head`: the reader has what it wanted; not an error.
+        _silence_stdout()
+        return typer.Exit(int(ExitStatus.OK))
     if debug:
         traceback.print_exception(exc)
     if isinstance(exc, MagpieError):
@@ -215,6 +219,12 @@ def generate(
     responses: int | None = typer.Option(
         None, "--responses", help="Sample K answers per instruction; with --judge: chosen/rejected."
     ),
+    samples_per_request: int | None = typer.Option(
+        None,
+        "--samples-per-request",
+        help="Instructions per pre-query request (the server's n, one prefill; --backend openai, "
+        "e.g. vLLM). Default 1.",
+    ),
     system_preset: str | None = typer.Option(
         None, "--system-preset", help="Task-control system prompt: math, code or translation."
     ),
@@ -223,6 +233,27 @@ def generate(
     ),
     dedup_threshold: float | None = typer.Option(
         None, "--dedup-threshold", help="Jaccard from which instructions are near-duplicates (0.7)."
+    ),
+    semantic_model: str | None = typer.Option(
+        None,
+        "--semantic-model",
+        help="Embedding model (e.g. nomic-embed-text): also reject semantic duplicates.",
+    ),
+    semantic_threshold: float | None = typer.Option(
+        None,
+        "--semantic-threshold",
+        help="Cosine similarity from which instructions are semantic duplicates (0.95).",
+    ),
+    semantic_backend: str | None = typer.Option(
+        None,
+        "--semantic-backend",
+        help="ollama or openai (default: the generator's when it is one of them, else ollama).",
+    ),
+    semantic_host: str | None = typer.Option(
+        None,
+        "--semantic-host",
+        help="URL of the embedding server (default: the generator's first host; embedded "
+        "generator: $OLLAMA_HOST or http://127.0.0.1:11434).",
     ),
     config: Path | None = typer.Option(
         None, "--config", help="TOML or YAML file with these settings."
@@ -271,9 +302,14 @@ def generate(
         "shard": shard,
         "turns": turns,
         "responses": responses,
+        "samples_per_request": samples_per_request,
         "system_preset": system_preset,
         "dedup": False if no_dedup else None,
         "dedup_threshold": dedup_threshold,
+        "semantic_model": semantic_model,
+        "semantic_threshold": semantic_threshold,
+        "semantic_backend": semantic_backend,
+        "semantic_host": semantic_host,
         "filters": {"language": language},
         "instruction": {
             "temperature": instruction_temperature,
@@ -541,24 +577,160 @@ def dedup(
         help="Estimated Jaccard (character 5-grams) that makes a near-duplicate.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    semantic_model: str | None = typer.Option(
+        None,
+        "--semantic-model",
+        help="Embedding model (e.g. nomic-embed-text): also drop semantic duplicates.",
+    ),
+    semantic_threshold: float | None = typer.Option(
+        None, "--semantic-threshold", help="Cosine similarity of a semantic duplicate (0.95)."
+    ),
+    semantic_backend: str | None = typer.Option(
+        None, "--semantic-backend", help="ollama (default) or openai."
+    ),
+    semantic_host: str | None = typer.Option(
+        None,
+        "--semantic-host",
+        help="URL of the embedding server (default $OLLAMA_HOST or http://127.0.0.1:11434).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors on stderr."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Drop exact and near-duplicate instructions (keeps the first of each group)."""
+    embedder = None
     try:
         from magpie.dedup import DedupIndex, dedup_file
 
-        index = DedupIndex(threshold=threshold)
+        opts, embedder = _semantic_options(
+            semantic_model, semantic_threshold, semantic_backend, semantic_host, dedup=True
+        )
+        index = DedupIndex(threshold=threshold, **opts)
         counts = dedup_file(input, output, rejects=rejects, index=index, overwrite=overwrite)
         if output != "-":
             index.save(output)  # a later top-up of this file starts from this index
     except (MagpieError, Exception) as exc:  # noqa: BLE001
         raise fail(exc, debug) from None
+    finally:
+        if embedder is not None:
+            embedder.close()
     if not quiet:
+        semantic = f", {counts.semantic} semantic" if embedder is not None else ""
         err(
             f"magpie: {counts.kept} kept, {counts.duplicates} duplicates dropped "
-            f"({counts.exact} exact, {counts.near} near) of {counts.total}"
+            f"({counts.exact} exact, {counts.near} near{semantic}) of {counts.total}"
         )
+
+
+def _semantic_options(
+    model: str | None,
+    threshold: float | None,
+    backend: str | None,
+    host: str | None,
+    *,
+    dedup: bool,
+) -> tuple[dict[str, Any], Any]:
+    """The DedupIndex options of semantic dedup for ``dedup`` and ``merge``
+    (flags over MAGPIE_SEMANTIC_*), and the embedder behind them (None: off).
+    Bad settings fail here (exit 2); the server is reached at the first embedding."""
+    from magpie.embeddings import make_embedder, semantic_config
+
+    cfg = semantic_config(
+        {
+            "semantic_model": model,
+            "semantic_threshold": threshold,
+            "semantic_backend": backend,
+            "semantic_host": host,
+            "dedup": dedup,
+        }
+    )
+    if not cfg.semantic_model:
+        return {}, None
+    embedder = make_embedder(cfg)
+    opts = {
+        "embed": embedder,
+        "embed_name": cfg.semantic_model,
+        "semantic_threshold": cfg.semantic_threshold,
+    }
+    return opts, embedder
+
+
+# --------------------------------------------------------------------------- merge
+@app.command()
+def merge(
+    inputs: list[str] = typer.Argument(
+        ..., help="magpie JSONL files (e.g. the shards of one run), read in this order."
+    ),
+    output: str = typer.Option(
+        ..., "-o", "--output", help="Merged JSONL (and its manifest), or - for stdout."
+    ),
+    rejects: str | None = typer.Option(
+        None, "--rejects", help="Write dropped records here, each naming the id it duplicates."
+    ),
+    no_dedup: bool = typer.Option(
+        False, "--no-dedup", help="Drop only records whose id repeats; keep duplicate instructions."
+    ),
+    threshold: float = typer.Option(
+        0.7,
+        "--threshold",
+        "--dedup-threshold",
+        help="Estimated Jaccard (character 5-grams) that makes a near-duplicate.",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+    allow_mixed: bool = typer.Option(
+        False, "--allow-mixed", help="Merge files made with different models or templates."
+    ),
+    semantic_model: str | None = typer.Option(
+        None,
+        "--semantic-model",
+        help="Embedding model (e.g. nomic-embed-text): also drop semantic duplicates.",
+    ),
+    semantic_threshold: float | None = typer.Option(
+        None, "--semantic-threshold", help="Cosine similarity of a semantic duplicate (0.95)."
+    ),
+    semantic_backend: str | None = typer.Option(
+        None, "--semantic-backend", help="ollama (default) or openai."
+    ),
+    semantic_host: str | None = typer.Option(
+        None,
+        "--semantic-host",
+        help="URL of the embedding server (default $OLLAMA_HOST or http://127.0.0.1:11434).",
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors on stderr."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Combine several outputs (shards) into one, with global dedup and a merged manifest."""
+    embedder = None
+    try:
+        from magpie.merge import merge_files
+
+        opts, embedder = _semantic_options(
+            semantic_model, semantic_threshold, semantic_backend, semantic_host, dedup=not no_dedup
+        )
+        report = merge_files(
+            inputs,
+            output,
+            rejects=rejects,
+            dedup=not no_dedup,
+            threshold=threshold,
+            overwrite=overwrite,
+            allow_mixed=allow_mixed,
+            **opts,
+        )
+    except OutputClosed:
+        # `magpie merge ... -o - | head`: the reader has what it wanted.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(0) from None
+    except (MagpieError, Exception) as exc:  # noqa: BLE001
+        raise fail(exc, debug) from None
+    finally:
+        if embedder is not None:
+            embedder.close()
+    if not quiet:
+        for note in report.notes:
+            err(f"magpie: note: {note}")
+        where = f"; manifest {report.manifest_path}" if report.manifest_path else ""
+        err(f"magpie: merged {report.summary()}{where}")
 
 
 # --------------------------------------------------------------------------- stats
@@ -582,11 +754,9 @@ def stats(
     except (MagpieError, Exception) as exc:  # noqa: BLE001
         raise fail(exc, debug) from None
     if as_json:
-        sys.stdout.write(to_json(data) + "\n")
+        out(to_json(data))
     else:
-        from rich.console import Console
-
-        render_rich(data, Console())
+        render_rich(data, _stdout_console())
     if html is not None:
         err(f"magpie: wrote {html}")
 
@@ -628,7 +798,7 @@ def doctor(
     except (MagpieError, Exception) as exc:  # noqa: BLE001
         raise fail(exc, debug) from None
     if as_json:
-        sys.stdout.write(checks_to_json(checks) + "\n")
+        out(checks_to_json(checks))
     else:
         from rich.console import Console
 
@@ -646,11 +816,8 @@ def templates_list(
 
     fams = families()
     if as_json:
-        typer.echo(
-            json.dumps([f.model_dump() for f in fams.values()], indent=2, ensure_ascii=False)
-        )
+        out(json.dumps([f.model_dump() for f in fams.values()], indent=2, ensure_ascii=False))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title="magpie template families")
@@ -665,7 +832,7 @@ def templates_list(
             json.dumps(f.pre_query, ensure_ascii=False),
             "yes" if f.system_pre_query else "no",
         )
-    Console(soft_wrap=False).print(table)
+    _stdout_console(soft_wrap=False).print(table)
 
 
 @templates_app.command("show")
@@ -700,7 +867,7 @@ def templates_show(
         raise fail(exc, debug) from None
     width = max(len(k) for k in rows)
     for key, value in rows.items():
-        typer.echo(f"{key:<{width}}  {json.dumps(value, ensure_ascii=False)}")
+        out(f"{key:<{width}}  {json.dumps(value, ensure_ascii=False)}")
 
 
 # --------------------------------------------------------------------------- export
@@ -727,6 +894,36 @@ def export(
         )
 
 
+def _silence_stdout() -> None:
+    """The reader of stdout went away (``magpie stats | head``): send what is
+    still buffered to /dev/null, so that exiting does not fail on it."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def out(line: str) -> None:
+    """One line of data on stdout; a reader gone away ends the command, exit 0."""
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        raise typer.Exit(int(ExitStatus.OK)) from None
+
+
+def _stdout_console(**kwargs: Any) -> Any:
+    """A Rich console on stdout that exits 0 when its reader goes away (Rich's
+    own exits 1)."""
+    from rich.console import Console
+
+    class StdoutConsole(Console):
+        def on_broken_pipe(self) -> None:
+            _silence_stdout()
+            raise typer.Exit(0)
+
+    return StdoutConsole(**kwargs)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: usage errors too are one line, exit 2."""
     try:  # typer >= 0.29 vendors click
@@ -745,6 +942,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(int(ExitStatus.USAGE))
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except (click_exc.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         sys.exit(int(ExitStatus.INTERRUPTED))
+    except BrokenPipeError:
+        _silence_stdout()
+        sys.exit(int(ExitStatus.OK))
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from magpie.backends.base import Sampling
+from magpie.dedup import DEFAULT_SEMANTIC_THRESHOLD
 from magpie.errors import UsageError
 from magpie.filters import FilterSettings
 from magpie.judge import Category, Difficulty, Quality, Thresholds
@@ -122,11 +123,26 @@ class RunConfig(BaseModel):
     #: Estimated Jaccard similarity (character 5-grams) from which two
     #: instructions count as near-duplicates.
     dedup_threshold: float = Field(0.7, gt=0.0, le=1.0)
+    #: Semantic dedup: an embedding model (e.g. nomic-embed-text) on an Ollama
+    #: or OpenAI-compatible server; None leaves it off.
+    semantic_model: str | None = Field(None, min_length=1)
+    #: Cosine similarity of the embeddings from which two instructions count as
+    #: semantic duplicates.
+    semantic_threshold: float = Field(DEFAULT_SEMANTIC_THRESHOLD, gt=0.0, le=1.0)
+    #: Where the embedding model runs: default the generator's backend and
+    #: first host when it is ollama or openai, else Ollama's default host.
+    semantic_backend: Literal["ollama", "openai"] | None = None
+    semantic_host: str | None = Field(None, min_length=1)
     #: Conversations of this many user turns.
     turns: int = Field(1, ge=1, le=8)
     #: Answers sampled per instruction (K >= 2: preference pairs with --judge).
     responses: int = Field(1, ge=1, le=16)
     preference_temperature: float = Field(0.8, ge=0.0, le=5.0)
+    #: Instruction samples per pre-query request (OpenAI-compatible servers'
+    #: ``n``; vLLM prefills the pre-query once for all of them).  At most 32:
+    #: vLLM seeds choice j with seed + j, which then stays inside the first
+    #: attempt's own seed slots, so no two samples of a run share a seed.
+    samples_per_request: int = Field(1, ge=1, le=32)
     #: (temperature, top_p) pairs for instructions, cycled by record index.
     schedule: list[tuple[float, float]] | None = None
     #: A named task-control system prompt (math, code, translation).

@@ -168,12 +168,13 @@ class ManifestInfo(BaseModel):
     """What the manifest says made the file."""
 
     path: str
-    model: str
-    backend: str
+    #: Null in a merged manifest whose inputs differ (``magpie merge --allow-mixed``).
+    model: str | None = None
+    backend: str | None = None
     host: str | None = None
     model_digest: str | None = None
     template: str | None = None
-    seed: int
+    seed: int | None = None
     magpie_version: str
     records: int
 
@@ -1096,7 +1097,7 @@ def render_html(stats: DataStats) -> str:
     """The whole report as one HTML document: inline CSS and SVG, no scripts, no links."""
     m = stats.manifest
     sub = f"{stats.records:,} records"
-    if m is not None:
+    if m is not None and m.model is not None:
         sub += f" · {m.model} via {m.backend}" + (f" at {m.host}" if m.host else "")
     rejected = (
         _counts_html("Rejected by reason", stats.rejected)

@@ -17,7 +17,11 @@ Three checks, in this order, each against the records already kept:
   similarity of embeddings against ``semantic_threshold`` (default 0.95), with
   a `usearch <https://github.com/unum-cloud/usearch>`_ HNSW index when that
   package is installed, else exact numpy search (fine up to some 50,000
-  records).
+  records).  The CLI's ``--semantic-model`` gives an embedding model on a
+  server (:mod:`magpie.embeddings`); an asynchronous caller (the pipeline)
+  awaits a text's embedding itself and hands it over with
+  :meth:`DedupIndex.remember_embedding`, so that ``check``/``add`` need not
+  call ``embed``.
 
 The MinHash values are those of ``datasketch.MinHash`` with
 ``scheme="affine32"`` and the same seed, fed the shingle hashes of
@@ -81,7 +85,8 @@ _BATCH = 1024  # texts hashed per numpy batch
 _CHARS = 1 << 20  # characters hashed per numpy call (bounds temporary arrays)
 _BLOCK = 1024  # shingles per numpy block: 512 KiB at 128 permutations, fits L2 caches
 _TAIL_BYTES = 65536  # bytes of the output hashed into the cache fingerprint
-_EMBED_CACHE = 256  # embeddings kept between check() and add() of the same text
+_EMBED_CACHE = 1024  # embeddings kept between check() and add() of the same text
+_PREPARED_CACHE = 1024  # prepared texts kept between check() and add() of the same text
 
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xBF58476D1CE4E5B9)
@@ -220,7 +225,7 @@ class MinHasher:
         hv ^= hv >> np.uint32(16)
         ends = np.cumsum(counts)
         starts = ends - counts
-        buf = np.empty((_BLOCK, self.num_perm), dtype=np.uint32)
+        buf = np.empty((min(_BLOCK, len(hv)), self.num_perm), dtype=np.uint32)
         i, n_docs = 0, len(normalized)
         while i < n_docs:
             j = max(i + 1, int(np.searchsorted(ends, starts[i] + _BLOCK, side="right")))
@@ -345,24 +350,53 @@ class DedupIndex:
         self._vectors: _VectorIndex | None = None
         self._ann = ann
         self._embed_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        #: Texts ``check`` prepared (normalised, hashed, MinHashed), kept until
+        #: ``add``/``check_and_add`` of the same text: a run checks each
+        #: instruction when it arrives and adds it when its record is emitted.
+        self._prepared: OrderedDict[str, _Item] = OrderedDict()
 
     # -- public API -----------------------------------------------------------
 
     def __len__(self) -> int:
         return len(self._ids) - len(self._dead)
 
-    def check(self, text: str) -> Duplicate | None:
-        """The earlier record ``text`` duplicates, or None.  Changes nothing."""
-        return self._check(self._prepare([text])[0])
+    def check(self, text: str, *, semantic: bool = True) -> Duplicate | None:
+        """The earlier record ``text`` duplicates, or None.  Changes nothing.
+
+        ``semantic=False`` checks exact and near duplicates only (no embedding
+        is needed): an asynchronous caller checks that first, then awaits the
+        embedding, hands it over with :meth:`remember_embedding` and checks
+        again."""
+        item = self._prepared.get(text)
+        if item is None:
+            item = self._prepare([text])[0]
+            self._prepared[text] = item  # for the add of the same text that may follow
+            if len(self._prepared) > _PREPARED_CACHE:
+                self._prepared.popitem(last=False)
+        else:
+            self._prepared.move_to_end(text)
+        return self._check(item, semantic=semantic)
+
+    def has_embedding(self, text: str) -> bool:
+        """Whether ``check``/``add`` of ``text`` would find its vector without
+        calling ``embed`` (always True when semantic dedup is off)."""
+        return self.embed is None or text in self._embed_cache
+
+    def remember_embedding(self, text: str, vector: Sequence[float] | np.ndarray) -> None:
+        """Hand over the embedding of ``text``, computed elsewhere (an event loop
+        awaiting an asynchronous embedding call), so that the next ``check`` or
+        ``add`` of ``text`` uses it instead of calling ``embed``.  Kept for the
+        last 1024 texts."""
+        self._cache_embedding(text, self._unit_vectors([vector], 1)[0])
 
     def add(self, record_id: str, text: str) -> None:
         """Record that the record ``record_id`` with instruction ``text`` is kept."""
         vector = self._embed_one(text) if self.embed is not None else None
-        self._add(record_id, self._prepare([text])[0], vector)
+        self._add(record_id, self._prepared_item(text), vector)
 
     def check_and_add(self, record_id: str, text: str) -> Duplicate | None:
         """:meth:`check`, then :meth:`add` when ``text`` is not a duplicate."""
-        item = self._prepare([text])[0]
+        item = self._prepared_item(text)
         dup = self._check(item)
         if dup is None:
             vector = self._embed_one(text) if self.embed is not None else None
@@ -462,19 +496,26 @@ class DedupIndex:
             for t, n, s, k in zip(texts, norms, sigs, keys, strict=True)
         ]
 
+    def _prepared_item(self, text: str) -> _Item:
+        """``text`` prepared: by an earlier ``check``, or now."""
+        item = self._prepared.pop(text, None)
+        return item if item is not None else self._prepare([text])[0]
+
     def _band_keys(self, sigs: np.ndarray) -> list[list[int]]:
         b, r = self.bands, self.rows_per_band
         bands = sigs[:, : b * r].reshape(len(sigs), b, r).astype(np.uint64)
         return (bands * self._band_mult).sum(axis=2, dtype=np.uint64).tolist()
 
-    def _check(self, item: _Item, vector: np.ndarray | None = None) -> Duplicate | None:
+    def _check(
+        self, item: _Item, vector: np.ndarray | None = None, *, semantic: bool = True
+    ) -> Duplicate | None:
         row = self._exact.get(item.digest)
         if row is not None:
             return Duplicate("exact", self._ids[row], 1.0)
         near = self._near(item)
         if near is not None:
             return Duplicate("near", self._ids[near[0]], near[1])
-        if self.embed is None:
+        if self.embed is None or not semantic:
             return None
         if vector is None:
             vector = self._embed_one(item.text)
@@ -564,15 +605,18 @@ class DedupIndex:
 
     def _embed_many(self, texts: list[str]) -> np.ndarray:
         assert self.embed is not None
-        raw = self.embed(texts)
+        return self._unit_vectors(self.embed(texts), len(texts))
+
+    def _unit_vectors(self, raw: Any, count: int) -> np.ndarray:
+        """``raw`` (one vector per text, ``count`` texts) checked and normalised."""
         try:
             vecs = np.asarray(raw, dtype=np.float32)
         except (TypeError, ValueError):
             vecs = np.empty(0, dtype=np.float32)
-        if vecs.ndim != 2 or len(vecs) != len(texts) or vecs.shape[1] == 0:
+        if vecs.ndim != 2 or len(vecs) != count or vecs.shape[1] == 0:
             raise MagpieError(
                 "the embedding function did not return one vector of one length per text "
-                f"({len(texts)} texts, got an array of shape {vecs.shape})"
+                f"({count} texts, got an array of shape {vecs.shape})"
             )
         if self._vectors is not None and vecs.shape[1] != self._vectors.dim:
             raise MagpieError(
@@ -586,10 +630,14 @@ class DedupIndex:
         vec = self._embed_cache.get(text)
         if vec is None:
             vec = self._embed_many([text])[0]
-            self._embed_cache[text] = vec
-            if len(self._embed_cache) > _EMBED_CACHE:
-                self._embed_cache.popitem(last=False)
+            self._cache_embedding(text, vec)
         return vec
+
+    def _cache_embedding(self, text: str, vec: np.ndarray) -> None:
+        self._embed_cache[text] = vec
+        self._embed_cache.move_to_end(text)
+        if len(self._embed_cache) > _EMBED_CACHE:
+            self._embed_cache.popitem(last=False)
 
     # -- persistence ----------------------------------------------------------
 

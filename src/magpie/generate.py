@@ -14,7 +14,8 @@ A run on a file output:
    with the file's seed at the next index (top-up);
 3. refuses to mix another model or template into the file (``allow_mixed``);
 4. writes each record as one line, and ``<output>.manifest.json`` at start, every
-   ``MANIFEST_EVERY`` results and at the end, whatever the end was.
+   ``MANIFEST_EVERY`` results (at most once a second) and at the end, whatever
+   the end was.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from magpie.output import (
     check_output_path,
     scan_output,
 )
-from magpie.pipeline import Pipeline, PipelineSettings, SystemChoice
+from magpie.pipeline import Pipeline, PipelineSettings, SystemChoice, check_samples_per_request
 from magpie.records import Record, Rejection
 from magpie.retry import call_with_retry
 from magpie.stats import RunStats
@@ -55,8 +56,13 @@ from magpie.templates import PreQuery, resolve_pre_query
 #: together; an Ollama server queues what it cannot run in parallel, and a few
 #: requests in flight hide the client's own latency.
 AUTO_CONCURRENCY = {"embedded": 16, "ollama": 4, "openai": 16}
-#: Rewrite the manifest after this many results (records or rejections).
+#: Rewrite the manifest after this many results (records or rejections), or
+#: after ``MANIFEST_MAX_AGE`` seconds, but never twice within
+#: ``MANIFEST_MIN_INTERVAL`` seconds (a fast run would otherwise spend its event
+#: loop on json and fsync); always at the start and at the end of a run.
 MANIFEST_EVERY = 50
+MANIFEST_MAX_AGE = 30.0
+MANIFEST_MIN_INTERVAL = 1.0
 
 
 @dataclass
@@ -131,8 +137,18 @@ def validate_config(config: RunConfig) -> Path | None:
     config.effective_system  # noqa: B018 - validates --system-preset
     if config.responses > 1 and config.turns > 1:
         raise UsageError("--responses K samples the first answer: use it with --turns 1")
+    if config.samples_per_request > 1 and config.backend != "openai":
+        # Only OpenAI-compatible servers take `n`; refuse before a model loads.
+        raise UsageError(
+            f"--samples-per-request {config.samples_per_request} needs --backend openai "
+            "(a server that honours `n`, e.g. vLLM); the Ollama and embedded backends "
+            "take one sample per request"
+        )
     if config.system_preset is not None and config.system is not None:
         raise UsageError("pass --system or --system-preset, not both")
+    from magpie.embeddings import validate_semantic
+
+    validate_semantic(config)
     if config.systems and (config.system is not None or config.system_preset is not None):
         raise UsageError("a weighted [systems] set replaces --system / --system-preset")
     for spec in (config.systems or {}).values():
@@ -209,6 +225,44 @@ async def _open_judge(
     return judge, judge_backend
 
 
+async def _open_dedup(
+    config: RunConfig, path: Path | None, fresh: bool, generator: str, stats: RunStats
+) -> tuple[Any, Any]:
+    """The dedup index of a run (the output's own, when topping up) and, with
+    ``semantic_model``, the embedder behind it (probed: exit 3 at once when
+    its server is down or lacks the model)."""
+    from magpie.dedup import DedupIndex
+
+    opts: dict[str, Any] = {"threshold": config.dedup_threshold}
+    embedder = None
+    if config.semantic_model:
+        from magpie.embeddings import aopen_embedder
+
+        loop = asyncio.get_running_loop()
+
+        def on_retry(cause: str) -> None:  # called on the embedder's thread
+            loop.call_soon_threadsafe(stats.retries.update, [f"embed_{cause}"])
+
+        embedder = await aopen_embedder(config, generator, on_retry)
+        opts |= {
+            "embed": embedder,
+            "embed_name": config.semantic_model,
+            "semantic_threshold": config.semantic_threshold,
+        }
+    try:
+        if path is None or fresh:
+            return DedupIndex(**opts), embedder
+        if embedder is None:
+            return DedupIndex.open(path, **opts), embedder
+        # A stale cache embeds the old records (in batches, through the sync
+        # path): on a worker thread, so this loop stays responsive meanwhile.
+        return await asyncio.to_thread(DedupIndex.open, path, **opts), embedder
+    except BaseException:
+        if embedder is not None:
+            await embedder.aclose()
+        raise
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -264,6 +318,13 @@ def _settings(config: RunConfig, settings: PipelineSettings) -> dict[str, Any]:
         "timeout": config.timeout,
         "unreachable_budget": config.unreachable_budget,
         "shard": config.shard,
+        "samples_per_request": settings.samples_per_request,
+        "dedup": config.dedup,
+        "dedup_threshold": config.dedup_threshold if config.dedup else None,
+        "semantic_model": config.semantic_model if config.dedup else None,
+        "semantic_threshold": (
+            config.semantic_threshold if config.dedup and config.semantic_model else None
+        ),
     }
 
 
@@ -330,6 +391,11 @@ async def _agenerate(
 
     prep = prepared or await prepare(config, on_retry=lambda cause: stats.retries.update([cause]))
     backend, pre_query = prep.backend, prep.pre_query
+    try:
+        check_samples_per_request(backend, config.samples_per_request)
+    except UsageError:
+        await backend.aclose()
+        raise
     result.backend, result.model, result.template = backend.name, backend.model, pre_query.name
     settings = PipelineSettings(
         instruction=config.instruction,
@@ -346,16 +412,18 @@ async def _agenerate(
         responses=config.responses,
         preference_temperature=config.preference_temperature,
         schedule=config.schedule,
+        samples_per_request=config.samples_per_request,
     )
     judge, judge_backend = await _open_judge(config, backend, stats)
-    dedup = None
+    dedup, embedder = None, None
     if config.dedup:
-        from magpie.dedup import DedupIndex
-
-        opts = {"threshold": config.dedup_threshold}
-        dedup = (
-            DedupIndex.open(path, **opts) if path is not None and not fresh else DedupIndex(**opts)
-        )
+        try:
+            dedup, embedder = await _open_dedup(config, path, fresh, backend.name, stats)
+        except BaseException:
+            await backend.aclose()
+            if judge_backend is not None and judge_backend is not backend:
+                await judge_backend.aclose()
+            raise
     pipeline = Pipeline(
         backend,
         pre_query,
@@ -424,8 +492,11 @@ async def _agenerate(
             if on_result is not None:
                 on_result(item, stats)
             since_manifest += 1
-            if manifest is not None and (
-                since_manifest >= MANIFEST_EVERY or time.monotonic() - last_manifest > 30
+            age = time.monotonic() - last_manifest
+            if (
+                manifest is not None
+                and (since_manifest >= MANIFEST_EVERY or age > MANIFEST_MAX_AGE)
+                and age >= MANIFEST_MIN_INTERVAL
             ):
                 _update(manifest, entry, stats, pipeline, existing)
                 write_manifest(path, manifest)  # type: ignore[arg-type]
@@ -449,6 +520,8 @@ async def _agenerate(
             rejects.close()
         if dedup is not None and path is not None and path.exists():
             dedup.save(path)
+        if embedder is not None:
+            await embedder.aclose()
         await backend.aclose()
         if judge_backend is not None and judge_backend is not backend:
             await judge_backend.aclose()

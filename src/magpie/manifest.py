@@ -4,6 +4,8 @@ What made the file (magpie version, backend, host, model and its digest,
 template strings, generation settings, seed) and every run that wrote to it
 (start, end, counts, retries by cause, exit status).  Written atomically
 (temporary file, fsync, rename), so a reader never sees half a manifest.
+``magpie merge`` writes the same document with a ``merge`` section (see
+:mod:`magpie.merge`).
 """
 
 from __future__ import annotations
@@ -47,14 +49,16 @@ class Manifest(BaseModel):
     manifest_version: int = MANIFEST_VERSION
     output: str
     magpie_version: str
-    backend: str
+    #: ``backend``, ``model``, ``template`` and ``seed`` are null only in a
+    #: merged manifest (``magpie merge``) whose inputs differ in them.
+    backend: str | None
     host: str | None = None
-    model: str
+    model: str | None
     model_digest: str | None = None
     model_file: dict[str, Any] | None = None
-    template: dict[str, Any]
+    template: dict[str, Any] | None
     settings: dict[str, Any]
-    seed: int
+    seed: int | None
     records: int = 0
     runs: list[RunEntry] = Field(default_factory=list)
 

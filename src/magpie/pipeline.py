@@ -5,6 +5,15 @@
 ``concurrency`` attempts in flight and yields results in index order, so a run's
 output depends only on its seed (and the model), never on timing: a resumed run
 and an uninterrupted one write the same records.
+
+With ``samples_per_request`` N > 1 (``--samples-per-request``, OpenAI-compatible
+servers) the shard's k-th attempt belongs to group k // N: one raw request with
+``n = N``, made with the seed, pre-query (system) and instruction sampling of the
+group's first attempt index, gives the turn-1 instructions of all N attempts
+(choice j to the group's j-th attempt); each attempt then goes on alone.  A run
+that starts inside a group (a top-up) makes the group's request again and drops
+the choices of the attempts before its start, so records stay reproducible per
+index.
 """
 
 from __future__ import annotations
@@ -12,14 +21,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from magpie.backends.base import Backend, Completion, Sampling
 from magpie.clean import clean_instruction
-from magpie.dedup import DedupIndex
-from magpie.errors import MagpieError
+from magpie.dedup import DedupIndex, Duplicate
+from magpie.errors import MagpieError, UsageError
 from magpie.judge import InstructionVerdict, Judge, JudgeInvalid, Thresholds
 from magpie.records import (
     Message,
@@ -89,6 +99,10 @@ class PipelineSettings(BaseModel):
     #: (temperature, top_p) pairs for instructions, cycled by index (the
     #: reference's released sets varied them over runs, for diversity).
     schedule: list[tuple[float, float]] | None = None
+    #: ``--samples-per-request N``: turn-1 instructions of N consecutive attempts
+    #: (of this shard) from one request for ``n = N`` samples; needs a backend
+    #: whose ``supports_complete_n()`` is True.  At most 32 (see RunConfig).
+    samples_per_request: int = Field(1, ge=1, le=32)
 
 
 @dataclass
@@ -99,6 +113,27 @@ class Instruction:
     seed: int
     verdict: InstructionVerdict | None = None
     sampling: Sampling | None = None
+    #: Set when the text is choice ``choice`` of a request for ``n`` samples.
+    n: int | None = None
+    choice: int | None = None
+
+
+@dataclass
+class _Group:
+    """The one ``n``-sample instruction request of a group of attempts."""
+
+    task: asyncio.Future[list[Completion]]
+    seed: int
+    sampling: Sampling
+
+
+def check_samples_per_request(backend: Backend, n: int) -> None:
+    """Refuse ``n`` > 1 samples per request on a backend that cannot (exit 2)."""
+    if n > 1 and not backend.supports_complete_n():
+        raise UsageError(
+            f"--samples-per-request {n}: the {backend.name} backend takes one sample per "
+            "request; use 1, or --backend openai with a server that honours `n` (e.g. vLLM)"
+        )
 
 
 @dataclass
@@ -110,7 +145,9 @@ class SystemChoice:
     pre_query: PreQuery
 
 
-def _stage(sampling: Sampling, seed: int, c: Completion) -> StageInfo:
+def _stage(
+    sampling: Sampling, seed: int, c: Completion, n: int | None = None, choice: int | None = None
+) -> StageInfo:
     return StageInfo(
         temperature=sampling.temperature,
         top_p=sampling.top_p,
@@ -121,6 +158,8 @@ def _stage(sampling: Sampling, seed: int, c: Completion) -> StageInfo:
         finish_reason=c.finish_reason,
         prompt_tokens=c.prompt_tokens,
         completion_tokens=c.completion_tokens,
+        n=n,
+        choice=choice,
     )
 
 
@@ -138,6 +177,8 @@ def _streak_message(streak: int, stats: RunStats) -> str:
         )
     elif top == "judge_invalid":
         hint = "the judge model does not answer with valid JSON; try a larger --judge model"
+    elif top == "short_batch":
+        hint = "the server returns fewer samples than asked for; use --samples-per-request 1"
     else:
         hint = "the filters or judge thresholds reject everything; loosen them"
     return f"the last {streak} attempts were all rejected ({reasons}): {hint}"
@@ -175,6 +216,7 @@ class Pipeline:
         self.pre_query = pre_query
         self.seed = seed
         self.settings = settings or PipelineSettings()
+        check_samples_per_request(backend, self.settings.samples_per_request)
         self.stats = stats or RunStats()
         self.filters = list(filters or [])
         self.judge = judge
@@ -188,12 +230,18 @@ class Pipeline:
         #: records already emitted) and updated in index order as records are
         #: emitted, so the decisions do not depend on timing.
         self.dedup = dedup
+        #: Runs a plain (synchronous) embed function of ``dedup`` off the loop.
+        self._embed_pool: ThreadPoolExecutor | None = None
         if judge is not None and judge.on_retry is None:
             judge.on_retry = self._on_retry
             judge.retry = self.settings.retry
         self._stop = list(dict.fromkeys([*pre_query.stop, *self.settings.extra_stop]))
         #: The first attempt index not yet yielded by ``run()``.
         self.next_index = 0
+        #: ``samples_per_request`` > 1: the instruction request of each group in
+        #: use, by the group's first attempt index (dropped once its last
+        #: attempt took its sample, and when ``run()`` ends).
+        self._groups: dict[int, _Group] = {}
 
     def _guard(self) -> RepetitionGuard | None:
         return RepetitionGuard() if self.settings.stop_repetition else None
@@ -203,6 +251,16 @@ class Pipeline:
 
     async def _call(self, fn: Callable[[], object]) -> Completion:
         return await call_with_retry(fn, self.settings.retry, self._on_retry)  # type: ignore[arg-type]
+
+    def _group_of(self, index: int) -> tuple[int, int]:
+        """The first attempt index of ``index``'s group and ``index``'s place in it
+        (the shard's k-th attempt is the (k mod N)-th of group k // N)."""
+        n = self.settings.samples_per_request
+        if n == 1:
+            return index, 0
+        stride, offset = self.settings.shard_count, self.settings.shard_index
+        place = ((index - offset) // stride) % n
+        return index - place * stride, place
 
     def _pre_query_for(self, index: int) -> tuple[PreQuery, str | None]:
         """The pre-query of an attempt: the run's, or one of a weighted set of
@@ -229,7 +287,8 @@ class Pipeline:
     async def _complete(
         self, index: int, prompt: str, stage: str, pre_query: PreQuery
     ) -> tuple[str, str | None, Completion, int, Sampling]:
-        sampling = self._instruction_sampling(index)
+        # With several samples per request the schedule is chosen per group.
+        sampling = self._instruction_sampling(self._group_of(index)[0])
         seed = derive_seed(self.seed, index, stage)
         completion = await self._call(
             lambda: self.backend.complete(
@@ -244,6 +303,62 @@ class Pipeline:
         text, reason = clean_instruction(completion, pre_query.forbidden)
         return text, reason, completion, seed, sampling
 
+    def _group_request(self, start: int, pre_query: PreQuery) -> _Group:
+        """The ``n``-sample request of the group that begins at ``start``
+        (started by the group's first attempt to ask for it)."""
+        group = self._groups.get(start)
+        if group is None:
+            n = self.settings.samples_per_request
+            sampling = self._instruction_sampling(start)
+            seed = derive_seed(self.seed, start, "instruction")
+            stop = self._stops(pre_query)
+
+            async def request() -> list[Completion]:
+                choices: list[Completion] = await call_with_retry(
+                    lambda: self.backend.complete_n(
+                        pre_query.text, n, sampling=sampling, stop=stop, seed=seed
+                    ),
+                    self.settings.retry,
+                    self._on_retry,
+                )
+                # The server prefilled the prompt once for all the samples.
+                self.stats.add_tokens(
+                    choices[0].prompt_tokens if choices else None,
+                    sum(c.completion_tokens or 0 for c in choices),
+                )
+                return choices
+
+            group = _Group(asyncio.ensure_future(request()), seed, sampling)
+            self._groups[start] = group
+        return group
+
+    async def _sample(
+        self, index: int, pre_query: PreQuery
+    ) -> tuple[str, str | None, Completion, _Group, int] | Rejection:
+        """Attempt ``index``'s instruction: its choice of its group's request."""
+        n = self.settings.samples_per_request
+        start, place = self._group_of(index)
+        group = self._group_request(start, pre_query)
+        try:
+            # Shielded: one attempt cancelled must not cancel its group's request.
+            choices = await asyncio.shield(group.task)
+        except Exception:
+            if self._groups.get(start) is group:
+                del self._groups[start]  # a later attempt asks again
+            raise
+        if place == n - 1 and self._groups.get(start) is group:
+            del self._groups[start]
+        if place >= len(choices):
+            return Rejection(
+                index=index,
+                reason="short_batch",
+                detail=f"the server returned {len(choices)} of the {n} samples asked for "
+                "(a server that ignores `n` needs --samples-per-request 1)",
+            )
+        completion = choices[place]
+        text, reason = clean_instruction(completion, pre_query.forbidden)
+        return text, reason, completion, group, place
+
     def _stops(self, pre_query: PreQuery) -> list[str]:
         if pre_query is self.pre_query:
             return self._stop
@@ -255,15 +370,24 @@ class Pipeline:
         """Stage 1-3: raw completion of the pre-query, cleaning, rule filters,
         dedup against records already written, and the optional pre-judge."""
         pre_query = pre_query or self.pre_query
-        text, reason, completion, seed, sampling = await self._complete(
-            index, pre_query.text, "instruction", pre_query
-        )
+        n: int | None = None
+        choice: int | None = None
+        if self.settings.samples_per_request > 1:
+            sample = await self._sample(index, pre_query)
+            if isinstance(sample, Rejection):
+                return sample
+            text, reason, completion, group, choice = sample
+            seed, sampling, n = group.seed, group.sampling, self.settings.samples_per_request
+        else:
+            text, reason, completion, seed, sampling = await self._complete(
+                index, pre_query.text, "instruction", pre_query
+            )
         if reason is not None:  # not a usable instruction at all
             return Rejection(index=index, reason=reason, stage="instruction", text=text)
         for flt in self.filters:
             reason = reason or flt(text)
         if reason is None and self.dedup is not None:
-            dup = self.dedup.check(text)
+            dup = await self._check_duplicate(text)
             if dup is not None:
                 self._count_saved()
                 return Rejection(
@@ -292,7 +416,42 @@ class Pipeline:
             seed=seed,
             verdict=verdict,
             sampling=sampling,
+            n=n,
+            choice=choice,
         )
+
+    async def _check_duplicate(self, text: str) -> Duplicate | None:
+        """Dedup of a new instruction against the records emitted so far.  With
+        semantic dedup, an instruction that is no exact or near duplicate has
+        its embedding awaited first (never computed on this event loop's
+        thread) and handed to the index."""
+        assert self.dedup is not None
+        if self.dedup.embed is None:
+            return self.dedup.check(text)
+        dup = self.dedup.check(text, semantic=False)
+        if dup is not None:
+            return dup
+        await self._ensure_embedding(text)
+        return self.dedup.check(text)  # no await in between: the vector is still there
+
+    async def _ensure_embedding(self, text: str) -> None:
+        """Give the dedup index the embedding of ``text`` unless it has it:
+        awaited through the embed function's ``aembed`` when it has one
+        (:class:`magpie.embeddings.BackendEmbedder`), else the plain function
+        runs on a worker thread of its own, one call at a time."""
+        dedup = self.dedup
+        if dedup is None or dedup.embed is None or dedup.has_embedding(text):
+            return
+        embed = dedup.embed
+        aembed = getattr(embed, "aembed", None)
+        if aembed is not None:
+            vectors = await aembed([text])
+        else:
+            if self._embed_pool is None:
+                self._embed_pool = ThreadPoolExecutor(1, thread_name_prefix="magpie-embed")
+            loop = asyncio.get_running_loop()
+            vectors = await loop.run_in_executor(self._embed_pool, embed, [text])
+        dedup.remember_embedding(text, vectors[0])
 
     def _count_saved(self) -> None:
         """An instruction rejected before its response: count the response
@@ -362,7 +521,11 @@ class Pipeline:
             system=pre_query.system,
             system_name=system_name,
             instruction_generation=_stage(
-                inst.sampling or self.settings.instruction, inst.seed, inst.completion
+                inst.sampling or self.settings.instruction,
+                inst.seed,
+                inst.completion,
+                inst.n,
+                inst.choice,
             ),
             response_generation=_stage(sampling, seed, completion),
             seed=self.seed,
@@ -464,7 +627,8 @@ class Pipeline:
 
     async def attempt(self, index: int) -> Record | Rejection:
         """One full attempt: instruction, then (if kept) its response."""
-        pre_query, system_name = self._pre_query_for(index)
+        # With several samples per request the system is chosen per group.
+        pre_query, system_name = self._pre_query_for(self._group_of(index)[0])
         inst = await self.instruction(index, pre_query)
         if isinstance(inst, Rejection):
             return inst
@@ -491,6 +655,12 @@ class Pipeline:
         finish (those that complete in index order are still yielded), the rest
         are dropped.  ``self.next_index`` is then the first index not yet
         yielded: where a resumed run continues.
+
+        With ``samples_per_request`` N > 1 ``concurrency`` still counts attempts
+        (pairs) in flight: a group's request is made when the first of its
+        attempts starts, its other attempts take their samples as they start
+        (at once when the request is done); attempts not started when the run
+        stops are dropped, and a resumed run makes their group's request again.
         """
         stride, offset = self.settings.shard_count, self.settings.shard_index
         if start_index <= offset:
@@ -542,7 +712,13 @@ class Pipeline:
                     result = done.pop(self.next_index)
                     self.next_index += stride
                     if isinstance(result, Record) and self.dedup is not None:
-                        dup = self.dedup.check_and_add(result.id, result.instruction)
+                        text = result.instruction
+                        if (
+                            not self.dedup.has_embedding(text)
+                            and self.dedup.check(text, semantic=False) is None
+                        ):
+                            await self._ensure_embedding(text)  # it left the index's cache
+                        dup = self.dedup.check_and_add(result.id, text)
                         if dup is not None:
                             result = Rejection(
                                 index=result.index,
@@ -571,4 +747,11 @@ class Pipeline:
                 task.cancel()
             if stop_wait is not None:
                 stop_wait.cancel()
-            await asyncio.gather(*pending.values(), return_exceptions=True)
+            groups = [g.task for g in self._groups.values()]
+            self._groups.clear()
+            for group_task in groups:
+                group_task.cancel()
+            await asyncio.gather(*pending.values(), *groups, return_exceptions=True)
+            if self._embed_pool is not None:
+                self._embed_pool.shutdown(wait=False)
+                self._embed_pool = None

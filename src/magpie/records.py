@@ -6,7 +6,7 @@ import hashlib
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 from magpie.judge import JudgeTags
 
@@ -36,6 +36,22 @@ class StageInfo(BaseModel):
     finish_reason: str
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    #: ``--samples-per-request N`` > 1 (instruction of turn 1 only): the text is
+    #: choice ``choice`` of one request for ``n`` samples; ``seed`` is then that
+    #: request's seed, shared by the ``n`` attempts of its group.  Absent otherwise.
+    n: int | None = None
+    choice: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_n(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        """Leave ``n``/``choice`` out unless set: records of one-sample requests
+        are written exactly as before these fields existed."""
+        data = handler(self)
+        if isinstance(data, dict):
+            for key in ("n", "choice"):
+                if data.get(key) is None:
+                    data.pop(key, None)
+        return data
 
 
 class Scored(BaseModel):

@@ -12,6 +12,16 @@ A backend can
 runs; when it returns True the backend stops the generation and returns what it
 has with finish reason ``"abort"``.
 
+Optionally, a backend whose server samples ``n`` completions of one prompt in a
+single request (OpenAI-compatible servers' ``n``: vLLM prefills the prompt once
+for all of them) says so with ``supports_complete_n()`` and implements
+``complete_n``; the pipeline uses it for ``--samples-per-request N``.  In the
+same way a backend whose server has an embedding endpoint (Ollama
+``/api/embed``, OpenAI-compatible ``/v1/embeddings``) says so with
+``supports_embed()`` and implements ``embed``: semantic dedup
+(:mod:`magpie.embeddings`) uses it, with an embedding model as the backend's
+model.
+
 Backends raise :class:`magpie.errors.BackendUnavailable` (server down),
 :class:`magpie.errors.ModelNotFound` (model missing) and
 :class:`magpie.errors.BackendError` (a failed request, ``retryable`` when a retry
@@ -121,6 +131,33 @@ class Backend(abc.ABC):
 
         With ``json_schema`` the answer is constrained to JSON matching it
         (structured output: the judge uses it)."""
+
+    def supports_complete_n(self) -> bool:
+        """Whether :meth:`complete_n` samples ``n`` completions in one request."""
+        return False
+
+    async def complete_n(
+        self,
+        prompt: str,
+        n: int,
+        *,
+        sampling: Sampling,
+        stop: list[str],
+        seed: int | None = None,
+    ) -> list[Completion]:
+        """``n`` raw completions of one prompt from one request, in choice order
+        (fewer when the server returns fewer).  Only where
+        :meth:`supports_complete_n` is True."""
+        raise NotImplementedError(f"the {self.name} backend samples one completion per request")
+
+    def supports_embed(self) -> bool:
+        """Whether :meth:`embed` turns texts into vectors (an embedding endpoint)."""
+        return False
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """One vector per text, in order, from one request to the backend's model
+        (an embedding model).  Only where :meth:`supports_embed` is True."""
+        raise NotImplementedError(f"the {self.name} backend has no embedding endpoint")
 
     @abc.abstractmethod
     async def describe(self) -> ModelInfo:

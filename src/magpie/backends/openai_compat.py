@@ -423,6 +423,9 @@ class OpenAIBackend(Backend):
         }
         return (await self._post("/v1/completions", body, abort)).completion()
 
+    def supports_complete_n(self) -> bool:
+        return True
+
     async def complete_n(
         self,
         prompt: str,
@@ -436,10 +439,10 @@ class OpenAIBackend(Backend):
 
         vLLM prefills the prompt once for all samples.  The result is in choice
         order; a server that ignores ``n`` (older llama.cpp) returns fewer, never
-        more.  With a seed the samples still differ (one generator draws them
-        all).  Each completion's ``prompt_tokens`` is the prompt's length (the
-        server prefilled it once); ``completion_tokens`` is that choice's
-        streamed chunk count, or the server's usage when ``n`` is 1.
+        more.  With a seed the samples still differ (vLLM seeds choice ``i``
+        with ``seed + i``).  Each completion's ``prompt_tokens`` is the prompt's
+        length (the server prefilled it once); ``completion_tokens`` is that
+        choice's streamed chunk count, or the server's usage when ``n`` is 1.
         """
         if n < 1:
             raise ValueError("n must be at least 1")
@@ -476,6 +479,50 @@ class OpenAIBackend(Backend):
                 "json_schema": {"name": SCHEMA_NAME, "schema": json_schema, "strict": True},
             }
         return (await self._post("/v1/chat/completions", body, abort)).completion()
+
+    def supports_embed(self) -> bool:
+        return True
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """Vectors of ``texts`` from one ``POST /v1/embeddings``
+        (``{"model", "input": [...]}`` -> ``data[i].embedding``, put in input
+        order by ``data[i].index``).  The server must serve an embedding model
+        (vLLM: ``vllm serve BAAI/bge-m3`` or another pooling model;
+        llama.cpp: ``llama-server --embeddings``)."""
+        if not texts:
+            return []
+        await self._ensure_model()
+        path = "/v1/embeddings"
+        body = {"model": self._model, "input": list(texts), "encoding_format": "float"}
+        try:
+            resp = await self._client.post(path, json=body)
+        except Exception as exc:  # noqa: BLE001 - translated below
+            raise self._translate(exc) from exc
+        if resp.status_code >= 400:
+            err = self._status_error(resp.status_code, resp.content, path)
+            if isinstance(err, ModelNotFound):
+                err = ModelNotFound(
+                    f"embedding model {self._model!r} is not served by the OpenAI-compatible "
+                    f"server at {self._host} ({error_message(resp.content)}); list its models "
+                    f"with `curl {self._host}/v1/models`"
+                )
+            raise err
+        try:
+            items = sorted(resp.json()["data"], key=lambda d: int(d.get("index") or 0))
+            vectors = [[float(x) for x in d["embedding"]] for d in items]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise BackendError(
+                f"the server at {self._host} sent a malformed {path} reply",
+                retryable=False,
+                cause="bad_reply",
+            ) from None
+        if len(vectors) != len(texts):
+            raise BackendError(
+                f"the server at {self._host} returned {len(vectors)} embeddings for "
+                f"{len(texts)} inputs",
+                cause="bad_reply",
+            )
+        return vectors
 
     async def _props(self) -> dict[str, Any] | None:
         """llama.cpp's ``GET /props``; None where the server has no such page."""

@@ -144,6 +144,30 @@ class HostPool(Backend):
             lambda b: b.complete(prompt, sampling=sampling, stop=stop, seed=seed, abort=abort)
         )
 
+    def supports_complete_n(self) -> bool:
+        return all(h.backend.supports_complete_n() for h in self._hosts)
+
+    async def complete_n(
+        self,
+        prompt: str,
+        n: int,
+        *,
+        sampling: Sampling,
+        stop: list[str],
+        seed: int | None = None,
+    ) -> list[Completion]:
+        """One ``n``-sample request on one host (it takes one of the host's slots)."""
+        return await self._dispatch(
+            lambda b: b.complete_n(prompt, n, sampling=sampling, stop=stop, seed=seed)
+        )
+
+    def supports_embed(self) -> bool:
+        return all(h.backend.supports_embed() for h in self._hosts)
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """One embedding request on one healthy host (it takes one of the host's slots)."""
+        return await self._dispatch(lambda b: b.embed(texts))
+
     async def chat(
         self,
         messages: list[dict[str, str]],
