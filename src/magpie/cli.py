@@ -14,7 +14,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -35,6 +35,37 @@ templates_app = typer.Typer(
     help="List and show the pre-query template families.", no_args_is_help=True
 )
 app.add_typer(templates_app, name="templates")
+
+# Semantic dedup's options, shared by generate, dedup and merge.
+SemanticModel = Annotated[
+    str | None,
+    typer.Option(
+        "--semantic-model",
+        help="Embedding model (e.g. nomic-embed-text): also drop semantic duplicates.",
+    ),
+]
+SemanticThreshold = Annotated[
+    float | None,
+    typer.Option(
+        "--semantic-threshold",
+        help="Cosine similarity from which instructions are semantic duplicates (0.95).",
+    ),
+]
+SemanticBackend = Annotated[
+    str | None,
+    typer.Option(
+        "--semantic-backend",
+        help="ollama or openai (generate: the generator's when it is one of them; else ollama).",
+    ),
+]
+SemanticHost = Annotated[
+    str | None,
+    typer.Option(
+        "--semantic-host",
+        help="URL of the embedding server (generate: the generator's first host; else "
+        "$OLLAMA_HOST or http://127.0.0.1:11434).",
+    ),
+]
 
 
 def err(message: str) -> None:
@@ -234,27 +265,10 @@ def generate(
     dedup_threshold: float | None = typer.Option(
         None, "--dedup-threshold", help="Jaccard from which instructions are near-duplicates (0.7)."
     ),
-    semantic_model: str | None = typer.Option(
-        None,
-        "--semantic-model",
-        help="Embedding model (e.g. nomic-embed-text): also reject semantic duplicates.",
-    ),
-    semantic_threshold: float | None = typer.Option(
-        None,
-        "--semantic-threshold",
-        help="Cosine similarity from which instructions are semantic duplicates (0.95).",
-    ),
-    semantic_backend: str | None = typer.Option(
-        None,
-        "--semantic-backend",
-        help="ollama or openai (default: the generator's when it is one of them, else ollama).",
-    ),
-    semantic_host: str | None = typer.Option(
-        None,
-        "--semantic-host",
-        help="URL of the embedding server (default: the generator's first host; embedded "
-        "generator: $OLLAMA_HOST or http://127.0.0.1:11434).",
-    ),
+    semantic_model: SemanticModel = None,
+    semantic_threshold: SemanticThreshold = None,
+    semantic_backend: SemanticBackend = None,
+    semantic_host: SemanticHost = None,
     config: Path | None = typer.Option(
         None, "--config", help="TOML or YAML file with these settings."
     ),
@@ -577,22 +591,10 @@ def dedup(
         help="Estimated Jaccard (character 5-grams) that makes a near-duplicate.",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
-    semantic_model: str | None = typer.Option(
-        None,
-        "--semantic-model",
-        help="Embedding model (e.g. nomic-embed-text): also drop semantic duplicates.",
-    ),
-    semantic_threshold: float | None = typer.Option(
-        None, "--semantic-threshold", help="Cosine similarity of a semantic duplicate (0.95)."
-    ),
-    semantic_backend: str | None = typer.Option(
-        None, "--semantic-backend", help="ollama (default) or openai."
-    ),
-    semantic_host: str | None = typer.Option(
-        None,
-        "--semantic-host",
-        help="URL of the embedding server (default $OLLAMA_HOST or http://127.0.0.1:11434).",
-    ),
+    semantic_model: SemanticModel = None,
+    semantic_threshold: SemanticThreshold = None,
+    semantic_backend: SemanticBackend = None,
+    semantic_host: SemanticHost = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors on stderr."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
@@ -679,22 +681,10 @@ def merge(
     allow_mixed: bool = typer.Option(
         False, "--allow-mixed", help="Merge files made with different models or templates."
     ),
-    semantic_model: str | None = typer.Option(
-        None,
-        "--semantic-model",
-        help="Embedding model (e.g. nomic-embed-text): also drop semantic duplicates.",
-    ),
-    semantic_threshold: float | None = typer.Option(
-        None, "--semantic-threshold", help="Cosine similarity of a semantic duplicate (0.95)."
-    ),
-    semantic_backend: str | None = typer.Option(
-        None, "--semantic-backend", help="ollama (default) or openai."
-    ),
-    semantic_host: str | None = typer.Option(
-        None,
-        "--semantic-host",
-        help="URL of the embedding server (default $OLLAMA_HOST or http://127.0.0.1:11434).",
-    ),
+    semantic_model: SemanticModel = None,
+    semantic_threshold: SemanticThreshold = None,
+    semantic_backend: SemanticBackend = None,
+    semantic_host: SemanticHost = None,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors on stderr."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:

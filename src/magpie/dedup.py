@@ -908,8 +908,8 @@ def dedup_file(
         raise UsageError(f"rejects {rejects} is the input: pick another path")
     if not overwrite and _same(dst, src_name):
         raise UsageError(f"output {dst} is the input: pass --overwrite to replace it")
-    out = _AtomicOutput(dst, overwrite, "output")
-    rej = _AtomicOutput(rejects, overwrite, "rejects") if rejects is not None else None
+    out = AtomicOutput(dst, overwrite, "output")
+    rej = AtomicOutput(rejects, overwrite, "rejects") if rejects is not None else None
     if rej is not None and out.path is not None and rej.path == out.path:
         raise UsageError(f"rejects {rej.path} is the output: pick another path")
     counts = DedupCounts()
@@ -931,7 +931,7 @@ def dedup_file(
                         continue
                     setattr(counts, dup.kind, getattr(counts, dup.kind) + 1)
                     if rej is not None:
-                        rej.write(_reject_line(raw, dup))
+                        rej.write(duplicate_reject_line(raw, dup))
         out.commit()
         if rej is not None:
             rej.commit()
@@ -960,7 +960,7 @@ def _record_batches(fin: IO[bytes], name: str) -> Iterable[list[tuple[bytes, str
             rec = Record.model_validate_json(raw)
         except (ValidationError, ValueError) as exc:
             raise UsageError(
-                f"{name} is not a magpie JSONL (line {lineno}: {_detail(exc)}); nothing written"
+                f"{name} is not a magpie JSONL (line {lineno}: {record_error_detail(exc)}); nothing written"
             ) from None
         batch.append((raw, rec.id, rec.instruction))
         if len(batch) >= _BATCH:
@@ -970,14 +970,16 @@ def _record_batches(fin: IO[bytes], name: str) -> Iterable[list[tuple[bytes, str
         yield batch
 
 
-def _detail(exc: Exception) -> str:
+def record_error_detail(exc: Exception) -> str:
+    """Why a line is not a record, in a few words (the first validation error)."""
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         return f"{'.'.join(str(x) for x in err['loc']) or 'record'}: {err['msg']}"
     return str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
 
 
-def _reject_line(raw: bytes, dup: Duplicate) -> bytes:
+def duplicate_reject_line(raw: bytes, dup: Duplicate) -> bytes:
+    """The rejects-file line of a dropped record: its JSON plus what it duplicates."""
     obj = json.loads(raw)
     obj["reject_reason"] = "duplicate"
     obj["duplicate_of"] = dup.of_id
@@ -986,7 +988,7 @@ def _reject_line(raw: bytes, dup: Duplicate) -> bytes:
     return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
-class _AtomicOutput:
+class AtomicOutput:
     """A file written under a temporary name and renamed into place on commit."""
 
     def __init__(self, target: Path | str, overwrite: bool, what: str) -> None:

@@ -69,12 +69,12 @@ from magpie.dedup import (
     DEFAULT_SEMANTIC_THRESHOLD,
     DEFAULT_THRESHOLD,
     STDIO,
+    AtomicOutput,
     DedupIndex,
     Duplicate,
     EmbedFn,
-    _AtomicOutput,
-    _detail,
-    _reject_line,
+    duplicate_reject_line,
+    record_error_detail,
 )
 from magpie.errors import MagpieError, OutputClosed, UsageError
 from magpie.lock import OutputLock, OutputLocked
@@ -296,9 +296,9 @@ def _check_inputs(inputs: Sequence[Path | str]) -> list[Path]:
 
 def _targets(
     output: Path | str, rejects: Path | str | None, overwrite: bool
-) -> tuple[_AtomicOutput, _AtomicOutput | None]:
-    out = _AtomicOutput(output, overwrite, "output")
-    rej = _AtomicOutput(rejects, overwrite, "rejects") if rejects is not None else None
+) -> tuple[AtomicOutput, AtomicOutput | None]:
+    out = AtomicOutput(output, overwrite, "output")
+    rej = AtomicOutput(rejects, overwrite, "rejects") if rejects is not None else None
     if rej is not None and out.path is not None and rej.path == out.path:
         raise UsageError(f"rejects {rej.path} is the output: pick another path")
     return out, rej
@@ -413,8 +413,8 @@ def _merge_one(
     info: InputReport,
     index: DedupIndex | None,
     seen: _Seen,
-    out: _AtomicOutput,
-    rej: _AtomicOutput | None,
+    out: AtomicOutput,
+    rej: AtomicOutput | None,
 ) -> None:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -428,7 +428,7 @@ def _merge_one(
                 if text is None:  # the same record again
                     info.id_collisions += 1
                     if rej is not None:
-                        rej.write(_reject_line(raw, Duplicate("id", rid, 1.0)))  # type: ignore[arg-type]
+                        rej.write(duplicate_reject_line(raw, Duplicate("id", rid, 1.0)))  # type: ignore[arg-type]
                     continue
                 dup = next(verdicts)
                 if dup is None:
@@ -437,7 +437,7 @@ def _merge_one(
                     continue
                 setattr(info, dup.kind, getattr(info, dup.kind) + 1)
                 if rej is not None:
-                    rej.write(_reject_line(raw, dup))
+                    rej.write(duplicate_reject_line(raw, dup))
         st = os.fstat(fh.fileno())
     info.size, info.mtime_ns, info.sha256 = st.st_size, st.st_mtime_ns, digest.hexdigest()
     man = info.manifest
@@ -462,7 +462,7 @@ def _batches(
         except (ValidationError, ValueError) as exc:
             torn = "" if raw.endswith(b"\n") else ", an incomplete last line"
             raise UsageError(
-                f"{path} is not a magpie JSONL (line {lineno}{torn}: {_detail(exc)}); "
+                f"{path} is not a magpie JSONL (line {lineno}{torn}: {record_error_detail(exc)}); "
                 "nothing written"
             ) from None
         seen.note(rec, path, lineno)

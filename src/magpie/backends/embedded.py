@@ -95,6 +95,17 @@ class EmbeddedBackend(Backend):
     def model_path(self) -> Path:
         return self._path
 
+    def _llama_options(self) -> dict[str, Any]:
+        """Keyword arguments of the ``llama_cpp.Llama`` this backend loads."""
+        return {
+            "n_ctx": self._n_ctx,
+            "n_threads": self._n_threads,
+            "n_threads_batch": self._n_threads,
+            # As in BatchedEmbeddedBackend: the same text for the same request
+            # and seed from both backends.
+            "flash_attn": True,
+        }
+
     @property
     def llm(self) -> Any:
         """The loaded ``llama_cpp.Llama`` (loaded on first use)."""
@@ -104,14 +115,7 @@ class EmbeddedBackend(Backend):
                     llama_cpp = _llama_cpp()
                     try:
                         self._llm = llama_cpp.Llama(
-                            model_path=str(self._path),
-                            n_ctx=self._n_ctx,
-                            n_threads=self._n_threads,
-                            n_threads_batch=self._n_threads,
-                            # As in BatchedEmbeddedBackend: the same text for the
-                            # same request and seed from both backends.
-                            flash_attn=True,
-                            verbose=False,
+                            model_path=str(self._path), verbose=False, **self._llama_options()
                         )
                     except (ValueError, RuntimeError) as exc:
                         raise UsageError(f"cannot load model {self._path}: {exc}") from None

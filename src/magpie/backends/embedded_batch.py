@@ -859,23 +859,10 @@ class BatchedEmbeddedBackend(EmbeddedBackend):
         #: goes to that engine, whose cells for it are then reused.
         self._affinity: OrderedDict[str, int] = OrderedDict()
 
-    @property
-    def llm(self) -> Any:
-        """The loaded ``llama_cpp.Llama``: metadata, tokenizer and chat template."""
-        if self._llm is None:
-            with self._lock:
-                if self._llm is None:
-                    llama_cpp = _llama_cpp()
-                    try:
-                        self._llm = llama_cpp.Llama(
-                            model_path=str(self._path),
-                            n_ctx=METADATA_N_CTX,
-                            n_threads=self._n_threads,
-                            verbose=False,
-                        )
-                    except (ValueError, RuntimeError) as exc:
-                        raise UsageError(f"cannot load model {self._path}: {exc}") from None
-        return self._llm
+    def _llama_options(self) -> dict[str, Any]:
+        """The ``Llama`` this backend loads serves metadata, the tokenizer and
+        the chat template only: the engines decode in contexts of their own."""
+        return {"n_ctx": METADATA_N_CTX, "n_threads": self._n_threads}
 
     def _start_workers(self) -> _Workers:
         """The engines, started on first use (in a thread: loading is slow)."""
