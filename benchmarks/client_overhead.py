@@ -15,9 +15,9 @@ requests, in rotating order), each on the same server process:
 * magpie: ``magpie.generate.agenerate(RunConfig(concurrency=K, ...))`` writing to
   a temporary file: pipeline, dedup, writer, manifest; its time is the whole
   call (backend probe, template, manifest and dedup cache included).  By
-  default the two requests of a pair go as NDJSON straight over magpie's lean
-  HTTP transport; "magpie-official" sends them through ``ollama.AsyncClient``
-  (on the same transport) instead.
+  default the two requests of a pair go as NDJSON over aiohttp (magpie's
+  direct path); "magpie-official" sends them through ``ollama.AsyncClient``
+  (httpx's default transport) instead.
 
 Targets (issue 5): magpie pairs/s >= 0.97 x bare (median of the rounds), and
 magpie pairs/s >= 0.95 x K / (2 * latency).  Exit 1 when one is missed.

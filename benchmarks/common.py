@@ -449,7 +449,7 @@ async def magpie_run(
     dedup cache saved at the end).  ``hooks`` go to ``agenerate`` (``on_start``,
     ``on_result``, ``control``); the RunResult is in ``extra["result"]``.
     ``official_client``: /api/generate and /api/chat through ``ollama.AsyncClient``
-    (on magpie's lean transport) instead of magpie's direct NDJSON path."""
+    (httpx's default transport) instead of magpie's direct NDJSON path over aiohttp."""
     from magpie.config import RunConfig
     from magpie.generate import agenerate
 

@@ -64,7 +64,8 @@ def child(url: str, pairs: int, dedup: bool, k: int) -> dict[str, Any]:
         if seen % every == 0:
             curve.append((stats.written, rss_mb(), time.perf_counter() - t0))
 
-    import httpx  # noqa: F401 - imports done before "RSS before run"
+    import aiohttp  # noqa: F401 - imports done before "RSS before run"
+    import httpx  # noqa: F401
     import ollama  # noqa: F401
 
     import magpie.config  # noqa: F401

@@ -12,8 +12,8 @@ Four clients, one after the other, on one server process:
 * magpie with dedup (the default) and without: ``agenerate(RunConfig(...))`` to a
   temporary file (pipeline, dedup, JSONL writer, manifest);
 * magpie (dedup on) with ``OllamaBackend(direct_stream=False)``: /api/generate
-  and /api/chat through ``ollama.AsyncClient`` on magpie's lean transport
-  instead of magpie's direct NDJSON path (the default);
+  and /api/chat through ``ollama.AsyncClient`` on httpx's default transport
+  instead of magpie's direct NDJSON path over aiohttp (the default);
 * the same ``agenerate`` on an in-memory backend (no HTTP at all; the server's
   model description and template): magpie's own cost per pair.
 
@@ -53,6 +53,9 @@ TARGET = 1000.0
 _PACKAGES = (
     "magpie",
     "ollama",
+    "aiohttp",
+    "yarl",
+    "multidict",
     "httpx",
     "httpcore",
     "anyio",

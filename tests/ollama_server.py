@@ -832,9 +832,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        # Counted before the last write: a client that has its reply may look
+        # at the counter at once (counting after it raced with such tests).
+        self.owner._count(self.path)
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.owner._count(self.path)
 
     def _send_json(self, status: int, payload: Any) -> None:
         self._send(status, json.dumps(payload).encode(), "application/json; charset=utf-8")
@@ -860,12 +862,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise _ClientGone from exc
 
     def _end_stream(self) -> None:
+        self.owner._count(self.path)  # before the last write, as in _send
         try:
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except OSError as exc:
             raise _ClientGone from exc
-        self.owner._count(self.path)
 
     def _drop(self) -> None:
         self.close_connection = True

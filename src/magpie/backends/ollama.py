@@ -1,20 +1,21 @@
-"""The Ollama backend: the official ``ollama`` client (AsyncClient) over HTTP.
+"""The Ollama backend: the official ``ollama`` client, and aiohttp for generation.
 
-Plain ``http://`` hosts use magpie's lean keep-alive transport
-(:mod:`magpie.backends.http_transport`) under the client, and the two requests
-of every pair (streamed /api/generate and /api/chat) go as NDJSON straight over
-that transport's connections: the same bodies, headers and errors as through
-``ollama.AsyncClient``, at a fifth of its CPU per request.  Everything else
-(show, tags, version) and every ``https://`` host goes through
-``ollama.AsyncClient``.
+The two requests of every pair (streamed /api/generate and /api/chat) go as
+NDJSON over one ``aiohttp.ClientSession`` per backend (keep-alive pool, C HTTP
+parser): the same bodies, headers and errors as through ``ollama.AsyncClient``,
+whose httpx stack costs several times the CPU per streamed request.  Everything
+else (show, tags, version, embed), and generation with ``direct_stream=False``,
+goes through ``ollama.AsyncClient`` on httpx's own transport.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -22,9 +23,7 @@ from magpie.backends.base import AbortCheck, Backend, Completion, ModelInfo, Sam
 from magpie.errors import BackendError, BackendUnavailable, ModelNotFound, UsageError
 
 if TYPE_CHECKING:
-    import httpx
-
-    from magpie.backends.http_transport import LeanTransport, RawResponse
+    import aiohttp
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 #: Seconds without a byte from the server before a request fails (and is retried).
@@ -91,9 +90,8 @@ def _options(sampling: Sampling, seed: int | None, stop: list[str] | None) -> di
 
 
 class OllamaBackend(Backend):
-    """Talks to ``ollama serve`` through ``ollama.AsyncClient`` (generation
-    requests to an ``http://`` host: straight over its connections, see the
-    module docstring).
+    """Talks to ``ollama serve``: generation requests over aiohttp (see the
+    module docstring), everything else through ``ollama.AsyncClient``.
 
     Requests stream (NDJSON) so that ``timeout`` bounds the silence between two
     chunks, not the length of a generation: a hung server is detected, a long
@@ -111,33 +109,25 @@ class OllamaBackend(Backend):
         keep_alive: str | float | None = None,
         direct_stream: bool = True,
     ) -> None:
-        """``direct_stream`` (plain ``http://`` hosts only): stream /api/generate
-        and /api/chat as NDJSON straight over the client's connection pool
-        instead of through ``ollama.AsyncClient`` (same requests, headers and
-        errors; a fifth of the client CPU per request).  Everything else always
-        goes through ``ollama.AsyncClient``."""
+        """``direct_stream``: stream /api/generate and /api/chat as NDJSON over
+        aiohttp (the default) instead of through ``ollama.AsyncClient`` (same
+        requests, headers and errors; about a fifth of the client CPU per
+        request).  Everything else always goes through ``ollama.AsyncClient``."""
         import ollama
 
         self._model = model
         self._host = resolve_host(host)
         self._timeout = timeout
         self._keep_alive = keep_alive
-        # Plain http:// goes through magpie's lean keep-alive transport under the
-        # official client (httpcore, anyio and h11 cost several times its CPU
-        # per streamed request); https://, and hosts that httpx would reach
-        # through a proxy from the environment, keep httpx's own transport.
-        self._transport: LeanTransport | None = None
-        if self._host.startswith("http://"):
-            from magpie.backends.http_transport import LeanTransport, env_proxy_applies
-
-            if not env_proxy_applies(self._host):
-                self._transport = LeanTransport()
-        self._client = ollama.AsyncClient(
-            host=self._host, timeout=timeout, transport=self._transport
-        )
+        self._client = ollama.AsyncClient(host=self._host, timeout=timeout)
         self._direct: _Direct | None = None
-        if direct_stream and self._transport is not None:
-            self._direct = _Direct.for_client(self._client._client, self._transport)  # noqa: SLF001
+        if direct_stream:
+            httpx_client = self._client._client  # noqa: SLF001 - its base URL and headers
+            self._direct = _Direct(
+                str(httpx_client.base_url),
+                {k: v for k, v in httpx_client.headers.items() if k.lower() not in _NOT_SENT},
+                timeout,
+            )
 
     @property
     def model(self) -> str:
@@ -167,23 +157,43 @@ class OllamaBackend(Backend):
             return BackendError(
                 f"Ollama answered {code}: {msg}", retryable=False, cause=f"http_{code}"
             )
+        # aiohttp's first: some of its errors are also builtin ConnectionErrors
+        # (a reset mid-stream is not an unreachable server).  It is imported
+        # only where the direct path ran: no aiohttp module, no aiohttp error.
+        aiohttp = sys.modules.get("aiohttp")
+        if aiohttp is not None:
+            if isinstance(exc, aiohttp.ClientConnectorError):  # refused, DNS, TLS, proxy
+                return self._unreachable()
+            if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
+                return self._timed_out()
+            if isinstance(exc, aiohttp.ClientError):  # disconnected, payload, reset
+                return self._connection_failed(exc)
         # The client turns a refused connection into ConnectionError for plain
         # requests, but streaming requests raise httpx.ConnectError as it is.
         if isinstance(exc, ConnectionError | httpx.ConnectError):
-            return BackendUnavailable(
-                f"Ollama is not reachable at {self._host}: start it with `ollama serve` "
-                "(or pass --host / set OLLAMA_HOST)"
-            )
+            return self._unreachable()
         if isinstance(exc, httpx.TimeoutException):
-            return BackendError(
-                f"Ollama at {self._host} sent nothing for {self._timeout:g} s", cause="timeout"
-            )
+            return self._timed_out()
         if isinstance(exc, httpx.TransportError):
-            return BackendError(
-                f"connection to Ollama at {self._host} failed: {exc.__class__.__name__}",
-                cause="connection",
-            )
+            return self._connection_failed(exc)
         return exc  # type: ignore[return-value]
+
+    def _unreachable(self) -> BackendUnavailable:
+        return BackendUnavailable(
+            f"Ollama is not reachable at {self._host}: start it with `ollama serve` "
+            "(or pass --host / set OLLAMA_HOST)"
+        )
+
+    def _timed_out(self) -> BackendError:
+        return BackendError(
+            f"Ollama at {self._host} sent nothing for {self._timeout:g} s", cause="timeout"
+        )
+
+    def _connection_failed(self, exc: BaseException) -> BackendError:
+        return BackendError(
+            f"connection to Ollama at {self._host} failed: {exc.__class__.__name__}",
+            cause="connection",
+        )
 
     async def _stream_direct(
         self,
@@ -192,43 +202,62 @@ class OllamaBackend(Backend):
         piece: Callable[[dict[str, Any]], str],
         abort: AbortCheck | None,
     ) -> Completion:
-        """:meth:`_stream` without ``ollama.AsyncClient``: the same request body
-        and headers, NDJSON parsed with ``json``, the same errors
-        (``ollama.ResponseError`` for HTTP errors and error lines, httpx's
-        transport errors), mapped by :meth:`_translate`."""
+        """:meth:`_stream` over aiohttp instead of ``ollama.AsyncClient``: the
+        same request body and headers, NDJSON parsed with ``json``, the same
+        errors (``ollama.ResponseError`` for HTTP errors and error lines),
+        mapped by :meth:`_translate`."""
         import ollama
 
         assert self._direct is not None
         text = ""
         chunks = 0
         last: dict[str, Any] | None = None
+        data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        resp: aiohttp.ClientResponse | None = None
+        complete = False  # the body was read to its end: the connection is pooled
         try:
-            resp = await self._direct.post(path, payload, self._timeout)
             try:
+                resp = await self._direct.post(path, data.encode("utf-8"))
                 if resp.status >= 400:
-                    body = (await resp.aread()).decode("utf-8", "replace")
+                    body = (await resp.read()).decode("utf-8", "replace")
                     raise ollama.ResponseError(body, resp.status)
-                async for line in resp.aiter_lines():
-                    if not line:
-                        continue
-                    try:
-                        part = json.loads(line)
-                    except ValueError:
-                        raise BackendError(
-                            f"Ollama sent a line that is not JSON: {line[:80]!r}",
-                            cause="stream_error",
-                        ) from None
+                reader = resp.content
+                rest = b""
+                while True:
+                    block = await reader.readany()
+                    if not block:
+                        break
+                    if rest:
+                        block = rest + block
+                    lines = block.split(b"\n")
+                    rest = lines.pop()
+                    for line in lines:
+                        if not line or line.isspace():
+                            continue
+                        part = _json_line(line)
+                        if err := part.get("error"):
+                            raise ollama.ResponseError(err)
+                        text += piece(part)
+                        chunks += 1
+                        last = part
+                        if abort is not None and not part.get("done") and abort(text):
+                            # One chunk per token: the count stands in for eval_count.
+                            return Completion(
+                                text=text, finish_reason="abort", completion_tokens=chunks
+                            )
+                complete = True
+                if rest and not rest.isspace():  # a last line without its newline
+                    part = _json_line(rest)
                     if err := part.get("error"):
                         raise ollama.ResponseError(err)
                     text += piece(part)
                     chunks += 1
                     last = part
-                    if abort is not None and not part.get("done") and abort(text):
-                        return Completion(
-                            text=text, finish_reason="abort", completion_tokens=chunks
-                        )
             finally:
-                await resp.aclose()
+                # Closed before its end (an abort, an error, a cancellation): the
+                # connection goes, and Ollama cancels the generation.
+                if resp is not None and not complete:
+                    resp.close()
         except Exception as exc:  # noqa: BLE001 - translated below
             translated = self._translate(exc)
             if translated is exc:
@@ -438,59 +467,111 @@ class OllamaBackend(Backend):
         )
 
     async def aclose(self) -> None:
+        if self._direct is not None:
+            await self._direct.aclose()
         with contextlib.suppress(Exception):  # closing is best effort
             await self._client.close()
 
 
-class _Direct:
-    """POSTs of JSON to one Ollama server over a :class:`LeanTransport`, with
-    what ``ollama.AsyncClient`` would send: its headers (User-Agent, Accept,
-    Content-Type, ``Authorization`` from OLLAMA_API_KEY) bar Accept-Encoding
-    (Ollama's NDJSON is not compressed anyway), and the body as httpx encodes
-    ``json=`` (compact, UTF-8)."""
+#: Headers of the official client's httpx client that the direct path does not
+#: send as they are: aiohttp writes Host, Content-Length and Connection itself,
+#: and no Accept-Encoding asks for identity bodies (Ollama does not compress
+#: NDJSON; a compressing proxy in between would hold lines back).
+_NOT_SENT = frozenset({"accept-encoding", "connection", "content-length", "host"})
 
-    def __init__(
-        self,
-        transport: LeanTransport,
-        origin: tuple[str, int],
-        host: str,
-        prefix: str,
-        headers: list[tuple[bytes, bytes]],
-    ) -> None:
-        from magpie.backends.http_transport import request_head
 
-        self._transport = transport
-        self._origin = origin
-        self._heads = {
-            path: request_head("POST", prefix + path, host, headers)
-            for path in ("/api/generate", "/api/chat")
-        }
-
-    @classmethod
-    def for_client(cls, client: httpx.AsyncClient, transport: LeanTransport) -> _Direct | None:
-        """For the ``httpx.AsyncClient`` under an ``ollama.AsyncClient``; None
-        when that client would not send its requests through ``transport``
-        (a proxy from the environment, a non-http URL)."""
-        base = client.base_url
-        try:
-            if base.scheme != "http" or client._transport_for_url(base) is not transport:  # noqa: SLF001
-                return None
-        except Exception:  # noqa: BLE001 - another httpx: keep the official path
-            return None
-        name = f"[{base.host}]" if ":" in base.host else base.host  # IPv6 literal
-        host = name if base.port is None else f"{name}:{base.port}"
-        headers = [(k, v) for k, v in client.headers.raw if k.lower() != b"accept-encoding"]
-        prefix = base.raw_path.decode("ascii").split("?", 1)[0].rstrip("/")
-        return cls(transport, (base.host, base.port or 80), host, prefix, headers)
-
-    async def post(self, path: str, payload: dict[str, Any], timeout: float) -> RawResponse:
-        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        data = body.encode("utf-8")
-        return await self._transport.exchange(
-            self._origin,
-            self._heads[path] + b"Content-Length: %d\r\n\r\n" % len(data) + data,
-            "POST",
-            connect_timeout=timeout,
-            read_timeout=timeout,
-            write_timeout=timeout,
+def _json_line(line: bytes) -> dict[str, Any]:
+    try:
+        part = json.loads(line)
+    except ValueError:
+        part = None
+    if not isinstance(part, dict):
+        raise BackendError(
+            f"Ollama sent a line that is not a JSON object: {line[:80]!r}", cause="stream_error"
         )
+    return part
+
+
+class _Direct:
+    """POSTs of JSON to one Ollama server over an ``aiohttp.ClientSession``.
+
+    The session is made on first use, in the running event loop (a new one if
+    the loop changed), with what ``ollama.AsyncClient`` would use: its headers
+    (User-Agent, Accept, Content-Type, ``Authorization`` from OLLAMA_API_KEY)
+    bar Accept-Encoding, the proxy the environment names for the host
+    (HTTP_PROXY, HTTPS_PROXY, NO_PROXY; looked up once, as httpx does when a
+    client is made), httpx's certificate store for ``https://`` (certifi, or
+    SSL_CERT_FILE / SSL_CERT_DIR), keep-alive connections without a limit on
+    their number (the server bounds its own parallelism), and ``timeout`` for
+    connecting and for each wait for the next bytes, never for a whole answer.
+    """
+
+    #: Seconds an idle connection stays in the pool (httpx's default).
+    KEEPALIVE_EXPIRY = 5.0
+
+    def __init__(self, base_url: str, headers: dict[str, str], timeout: float) -> None:
+        self._base = base_url.rstrip("/")
+        self._headers = headers
+        self._timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._urls: dict[str, Any] = {}
+        self._proxy: Any = None
+        self._proxy_auth: Any = None
+        #: Extra ``aiohttp.TraceConfig``s for the next session (tests count connections).
+        self.trace_configs: list[Any] = []
+
+    def _open(self) -> aiohttp.ClientSession:
+        import aiohttp
+        from yarl import URL
+
+        base = URL(self._base)
+        ssl: Any = True
+        if base.scheme == "https":
+            with contextlib.suppress(Exception):  # the official client's trust store
+                import httpx
+
+                ssl = httpx.create_ssl_context()
+        try:
+            from aiohttp.helpers import get_env_proxy_for_url
+
+            self._proxy, self._proxy_auth = get_env_proxy_for_url(base)
+        except LookupError:  # no proxy for this host
+            self._proxy, self._proxy_auth = None, None
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=self.KEEPALIVE_EXPIRY, ssl=ssl)
+        return aiohttp.ClientSession(
+            connector=connector,
+            headers=self._headers,
+            skip_auto_headers=("Accept-Encoding",),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=self._timeout, sock_read=self._timeout
+            ),
+            trace_configs=list(self.trace_configs) or None,
+        )
+
+    async def post(self, path: str, data: bytes) -> aiohttp.ClientResponse:
+        """Send ``data`` (JSON) to ``path``; the response once its head is in."""
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._loop is not loop:
+            await self.aclose()
+            self._session, self._loop = self._open(), loop
+        url = self._urls.get(path)
+        if url is None:
+            from yarl import URL
+
+            url = self._urls[path] = URL(self._base + path)
+        return await self._session.post(
+            url, data=data, proxy=self._proxy, proxy_auth=self._proxy_auth
+        )
+
+    async def aclose(self) -> None:
+        """Close the session: from its own event loop, or once that loop is
+        closed (its connections are then left to the garbage collector); a
+        session whose loop still runs elsewhere is left alone."""
+        session, self._session = self._session, None
+        loop = self._loop
+        if session is None or loop is None:
+            return
+        if loop is asyncio.get_running_loop() or loop.is_closed():
+            with contextlib.suppress(Exception):  # closing is best effort
+                await session.close()
