@@ -37,9 +37,7 @@ import hashlib
 import html
 import json
 import math
-import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
@@ -48,6 +46,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydantic import BaseModel, Field
 
+from magpie.atomic import AtomicFile
 from magpie.errors import UsageError
 from magpie.judge import CATEGORIES, DIFFICULTY_ORDER, QUALITY_ORDER
 from magpie.manifest import Manifest, RunEntry, manifest_path, read_manifest
@@ -1136,19 +1135,12 @@ def write_html(stats: DataStats, path: Path) -> None:
     """Write the report to ``path`` atomically (a temporary file renamed into place)."""
     path = Path(path)
     text = render_html(stats)
-    parent = path.parent if str(path.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
+        out = AtomicFile(path, text=True, mode=0o644)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with out as fh:
+        fh.write(text)
 
 
 __all__ = [

@@ -50,7 +50,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -61,6 +60,7 @@ from typing import IO, Any, Literal, NamedTuple
 import numpy as np
 from pydantic import ValidationError
 
+from magpie.atomic import AtomicFile
 from magpie.errors import MagpieError, UsageError
 from magpie.records import Record
 
@@ -473,17 +473,8 @@ class DedupIndex:
             if blob is not None:
                 arrays["ann"] = blob
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
+        with AtomicFile(path) as fh:
+            np.savez(fh, **arrays)
 
     # -- checking and adding --------------------------------------------------
 
@@ -843,19 +834,6 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _read_instructions(output: Path) -> Iterable[tuple[str, str]]:
     """``(id, instruction)`` of each record of an output JSONL, streamed."""
     with output.open("rb") as fh:
@@ -994,7 +972,7 @@ class AtomicOutput:
     def __init__(self, target: Path | str, overwrite: bool, what: str) -> None:
         self.what = what
         self.path: Path | None = None if str(target) == STDIO else Path(target).expanduser()
-        self._tmp: Path | None = None
+        self._file: AtomicFile | None = None
         self._fh: IO[bytes] | None = None
         if self.path is None:
             return
@@ -1011,13 +989,11 @@ class AtomicOutput:
             self._fh = sys.stdout.buffer
             return
         try:
-            fd, tmp = tempfile.mkstemp(
-                prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
-            )
+            # 0644, as JsonlWriter's files (mkstemp makes 0600).
+            self._file = AtomicFile(self.path, mode=0o644)
         except OSError as exc:
             raise UsageError(f"{self.what} {self.path} is not writable ({exc.strerror})") from None
-        self._tmp = Path(tmp)
-        self._fh = os.fdopen(fd, "wb")
+        self._fh = self._file.fh
 
     def write(self, data: bytes) -> None:
         assert self._fh is not None
@@ -1025,20 +1001,12 @@ class AtomicOutput:
 
     def commit(self) -> None:
         assert self._fh is not None
-        self._fh.flush()
-        if self.path is None:
+        if self._file is None:
+            self._fh.flush()
             return
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        os.chmod(self._tmp, 0o644)  # mkstemp makes 0600; match JsonlWriter's files
-        os.replace(self._tmp, self.path)
-        self._tmp = None
-        _fsync_dir(self.path.parent)
+        self._file.commit()
 
     def abort(self) -> None:
         """Remove the temporary file if :meth:`commit` did not run."""
-        if self._tmp is not None:
-            if self._fh is not None:
-                self._fh.close()
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
+        if self._file is not None:
+            self._file.abort()

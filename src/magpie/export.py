@@ -15,15 +15,14 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from magpie.atomic import AtomicFile
 from magpie.errors import UsageError
 from magpie.records import Record
 
@@ -124,20 +123,12 @@ def export_file(src: str, fmt: str, dst: str, *, overwrite: bool = False) -> int
                     count += 1
             sys.stdout.flush()
             return count
-        fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                for rec in read_records(fh, name):
-                    row = convert(rec, fmt)
-                    if row is not None:
-                        out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                        count += 1
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, out_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with AtomicFile(out_path, text=True) as out:
+            for rec in read_records(fh, name):
+                row = convert(rec, fmt)
+                if row is not None:
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    count += 1
         return count
     finally:
         if fh is not sys.stdin:

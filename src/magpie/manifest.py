@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from magpie.atomic import AtomicFile
 
 MANIFEST_VERSION = 1
 
@@ -81,24 +81,8 @@ def write_manifest(output: Path, manifest: Manifest) -> None:
     """Replace the manifest atomically."""
     path = manifest_path(output)
     data = json.dumps(manifest.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    with AtomicFile(path, text=True) as fh:
+        fh.write(data)
 
 
 def file_sha256(path: Path, previous: dict[str, Any] | None = None) -> dict[str, Any]:
