@@ -26,7 +26,6 @@ from magpie.judge import Judge, JudgeInvalid
 from magpie.lock import OutputLock
 from magpie.output import JsonlWriter, RejectsWriter, check_output_path, scan_output
 from magpie.records import Record
-from magpie.retry import call_with_retry
 from magpie.stats import RunStats
 
 
@@ -105,15 +104,9 @@ async def afilter(
         judge = None
         judge_backend = None
         if config.judge:
-            from magpie.backends.select import choose_judge_backend
+            from magpie.backends.select import open_judge_backend
 
-            judge_backend = (await choose_judge_backend(config)).backend
-            policy = config.retry.model_copy(update={"unreachable_budget": 0.0})
-            try:
-                await call_with_retry(judge_backend.describe, policy)
-            except BaseException:
-                await judge_backend.aclose()
-                raise
+            judge_backend = await open_judge_backend(config)
             judge = Judge(
                 judge_backend,
                 system_prompt=config.judge_prompt,

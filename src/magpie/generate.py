@@ -205,15 +205,11 @@ async def _open_judge(
     if config.judge.strip().lower() == "same":
         judge_backend = backend
     else:
-        from magpie.backends.select import choose_judge_backend
+        from magpie.backends.select import open_judge_backend
 
-        choice = await choose_judge_backend(config)
-        judge_backend = choice.backend
         try:
-            policy = config.retry.model_copy(update={"unreachable_budget": 0.0})
-            await call_with_retry(judge_backend.describe, policy)
+            judge_backend = await open_judge_backend(config)
         except BaseException:
-            await judge_backend.aclose()
             await backend.aclose()
             raise
     judge = Judge(

@@ -88,6 +88,22 @@ async def choose_judge_backend(config: RunConfig) -> BackendChoice:
     return BackendChoice(choice.backend, "judge " + choice.reason)
 
 
+async def open_judge_backend(config: RunConfig) -> Backend:
+    """The judge's backend (:func:`choose_judge_backend`), its model checked with
+    ``describe()``: 5xx and timeouts are retried, a refused connection fails at
+    once (exit 3), and the backend is closed when the check fails."""
+    from magpie.retry import call_with_retry
+
+    backend = (await choose_judge_backend(config)).backend
+    try:
+        policy = config.retry.model_copy(update={"unreachable_budget": 0.0})
+        await call_with_retry(backend.describe, policy)
+    except BaseException:
+        await backend.aclose()
+        raise
+    return backend
+
+
 def _pick_default(names: list[str]) -> str | None:
     matches = sorted(
         n for n in names if n == DEFAULT_OLLAMA_MODEL or n.startswith(DEFAULT_OLLAMA_MODEL + ":")
