@@ -1413,6 +1413,18 @@ def build_models(slugs: Iterable[str], engine: Engine) -> list[TestModel]:
     ]
 
 
+def serve_until_signal(server: OllamaTestServer) -> int:
+    """Run ``server``, print its URL on stdout, stop on SIGTERM or SIGINT."""
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    with server:
+        print(server.url, flush=True)
+        while not done.wait(0.5):
+            pass
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; print the URL as the first and only stdout line."""
     parser = argparse.ArgumentParser(description="Ollama-protocol test server")
@@ -1439,14 +1451,7 @@ def main(argv: list[str] | None = None) -> int:
         slots=args.slots,
         max_queue=args.max_queue,
     )
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    with server:
-        print(server.url, flush=True)
-        while not done.wait(0.5):
-            pass
-    return 0
+    return serve_until_signal(server)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import signal
 import sys
 import threading
 import time
@@ -88,6 +87,7 @@ from ollama_server import (
     _Handler,
     _HTTPServer,
     _Injection,
+    serve_until_signal,
     smollm2_gguf_path,
     word_embedding,
 )
@@ -749,14 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         slots=args.slots,
         latency=args.request_latency,
     )
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    with server:
-        print(server.url, flush=True)
-        while not done.wait(0.5):
-            pass
-    return 0
+    return serve_until_signal(server)
 
 
 if __name__ == "__main__":
