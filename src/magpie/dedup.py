@@ -55,7 +55,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal, NamedTuple
+from typing import IO, Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 from pydantic import ValidationError
@@ -903,13 +903,7 @@ def dedup_file(
                 dups = index.check_and_add_many((rid, text) for _, rid, text in batch)
                 for (raw, _, _), dup in zip(batch, dups, strict=True):
                     counts.total += 1
-                    if dup is None:
-                        counts.kept += 1
-                        out.write(raw if raw.endswith(b"\n") else raw + b"\n")
-                        continue
-                    setattr(counts, dup.kind, getattr(counts, dup.kind) + 1)
-                    if rej is not None:
-                        rej.write(duplicate_reject_line(raw, dup))
+                    write_verdict(raw, dup, counts, out, rej)
         out.commit()
         if rej is not None:
             rej.commit()
@@ -954,6 +948,33 @@ def record_error_detail(exc: Exception) -> str:
         err = exc.errors()[0]
         return f"{'.'.join(str(x) for x in err['loc']) or 'record'}: {err['msg']}"
     return str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+
+
+class Tally(Protocol):
+    """Counts of kept records and of duplicates by kind."""
+
+    kept: int
+    exact: int
+    near: int
+    semantic: int
+
+
+def write_verdict(
+    raw: bytes,
+    dup: Duplicate | None,
+    counts: Tally,
+    out: AtomicOutput,
+    rej: AtomicOutput | None,
+) -> None:
+    """A record line to ``out`` when kept (``dup`` None), else to ``rej`` with
+    what it duplicates; counted in ``counts`` as kept or by the duplicate's kind."""
+    if dup is None:
+        counts.kept += 1
+        out.write(raw if raw.endswith(b"\n") else raw + b"\n")
+        return
+    setattr(counts, dup.kind, getattr(counts, dup.kind) + 1)
+    if rej is not None:
+        rej.write(duplicate_reject_line(raw, dup))
 
 
 def duplicate_reject_line(raw: bytes, dup: Duplicate) -> bytes:

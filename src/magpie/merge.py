@@ -75,6 +75,7 @@ from magpie.dedup import (
     EmbedFn,
     duplicate_reject_line,
     record_error_detail,
+    write_verdict,
 )
 from magpie.errors import MagpieError, OutputClosed, UsageError
 from magpie.lock import OutputLock, OutputLocked
@@ -430,14 +431,7 @@ def _merge_one(
                     if rej is not None:
                         rej.write(duplicate_reject_line(raw, Duplicate("id", rid, 1.0)))  # type: ignore[arg-type]
                     continue
-                dup = next(verdicts)
-                if dup is None:
-                    info.kept += 1
-                    out.write(raw if raw.endswith(b"\n") else raw + b"\n")
-                    continue
-                setattr(info, dup.kind, getattr(info, dup.kind) + 1)
-                if rej is not None:
-                    rej.write(duplicate_reject_line(raw, dup))
+                write_verdict(raw, next(verdicts), info, out, rej)
         st = os.fstat(fh.fileno())
     info.size, info.mtime_ns, info.sha256 = st.st_size, st.st_mtime_ns, digest.hexdigest()
     man = info.manifest
