@@ -36,6 +36,10 @@ templates_app = typer.Typer(
 )
 app.add_typer(templates_app, name="templates")
 
+# Options every command (or most) takes.
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors on stderr.")]
+
 # Semantic dedup's options, shared by generate, dedup and merge.
 SemanticModel = Annotated[
     str | None,
@@ -280,8 +284,8 @@ def generate(
     log_format: str = typer.Option(
         "text", "--log-format", help="text or json (stderr and --log-file)."
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors on stderr."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    quiet: Quiet = False,
+    debug: Debug = False,
 ) -> None:
     """Generate instruction/response pairs and write them as JSONL."""
     flags: dict[str, Any] = {
@@ -521,8 +525,8 @@ def filter_cmd(
         None, "--max-retries", help="Retries of a failed request."
     ),
     config: Path | None = typer.Option(None, "--config", help="TOML or YAML settings file."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors on stderr."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    quiet: Quiet = False,
+    debug: Debug = False,
 ) -> None:
     """Judge and rule-filter an existing magpie JSONL (streaming, resumable)."""
     from magpie.report import Reporter
@@ -595,8 +599,8 @@ def dedup(
     semantic_threshold: SemanticThreshold = None,
     semantic_backend: SemanticBackend = None,
     semantic_host: SemanticHost = None,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors on stderr."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    quiet: Quiet = False,
+    debug: Debug = False,
 ) -> None:
     """Drop exact and near-duplicate instructions (keeps the first of each group)."""
     embedder = None
@@ -685,8 +689,8 @@ def merge(
     semantic_threshold: SemanticThreshold = None,
     semantic_backend: SemanticBackend = None,
     semantic_host: SemanticHost = None,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors on stderr."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    quiet: Quiet = False,
+    debug: Debug = False,
 ) -> None:
     """Combine several outputs (shards) into one, with global dedup and a merged manifest."""
     embedder = None
@@ -732,7 +736,7 @@ def stats(
     html: Path | None = typer.Option(
         None, "--html", help="Write a self-contained HTML report with charts."
     ),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    debug: Debug = False,
 ) -> None:
     """Counts, reject reasons, judge tags, lengths, tokens per pair and throughput."""
     try:
@@ -765,7 +769,7 @@ def doctor(
     system: str | None = typer.Option(None, "--system", help="System prompt for the pre-query."),
     config: Path | None = typer.Option(None, "--config", help="TOML or YAML settings file."),
     as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON on stdout."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    debug: Debug = False,
 ) -> None:
     """Check that `magpie generate` would work here, and say what to do if not.
 
@@ -829,7 +833,7 @@ def templates_list(
 def templates_show(
     name: str = typer.Argument(..., help="Family name or alias, or a template TOML file."),
     system: str | None = typer.Option(None, "--system", help="Render with this system prompt."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    debug: Debug = False,
 ) -> None:
     """Show a family's exact strings (JSON-escaped)."""
     try:
@@ -867,8 +871,8 @@ def export(
     format: str = typer.Option(..., "--format", "-f", help="openai, sharegpt, alpaca or dpo."),
     output: str = typer.Option("-", "-o", "--output", help="Output JSONL file, or - for stdout."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors on stderr."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    quiet: Quiet = False,
+    debug: Debug = False,
 ) -> None:
     """Convert a magpie JSONL to the formats Axolotl, LLaMA-Factory and TRL read."""
     try:
