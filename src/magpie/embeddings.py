@@ -283,16 +283,14 @@ def validate_semantic(config: RunConfig) -> None:
 
 
 def _factory(config: RunConfig, name: str, host: str | None) -> Callable[[], Backend]:
-    model = config.semantic_model or ""
+    target = config.model_copy(
+        update={"backend": name, "model": config.semantic_model or "", "host": host}
+    )
 
     def make() -> Backend:
-        if name == "openai":
-            from magpie.backends.openai_compat import OpenAIBackend, resolve_host
+        from magpie.backends.select import open_backend
 
-            return OpenAIBackend(model, resolve_host(host), timeout=config.timeout)
-        from magpie.backends.ollama import OllamaBackend
-
-        return OllamaBackend(model, host, timeout=config.timeout, keep_alive=config.keep_alive)
+        return open_backend(target)
 
     return make
 

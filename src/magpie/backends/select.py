@@ -73,6 +73,14 @@ def _openai(config: RunConfig) -> Backend:
     return HostPool(backends, per_host=per_host)
 
 
+def open_backend(config: RunConfig) -> Backend:
+    """The ``ollama`` or ``openai`` backend named by ``config.backend``, for
+    ``config.model`` on its hosts (a HostPool over several), not yet contacted."""
+    if config.backend == "openai":
+        return _openai(config)
+    return _ollama(config, config.model or DEFAULT_OLLAMA_MODEL)
+
+
 async def choose_judge_backend(config: RunConfig) -> BackendChoice:
     """The judge's backend: ``--judge MODEL`` on ``--judge-backend``/``--judge-host``
     (defaults: the generator's host).  ``--judge same`` is handled by the caller."""
