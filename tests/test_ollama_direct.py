@@ -621,7 +621,6 @@ def test_idle_connection_closed_by_the_server_is_replaced_quietly() -> None:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
         b"",
-        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(NDJSON[:59]) + NDJSON[:59],
     ],
     ids=[
         "short-content-length",
@@ -629,7 +628,6 @@ def test_idle_connection_closed_by_the_server_is_replaced_quietly() -> None:
         "bad-chunk-size",
         "not-http",
         "nothing",
-        "no-done-line",
     ],
 )
 def test_broken_responses_are_retryable_connection_errors(reply: bytes) -> None:
@@ -647,6 +645,34 @@ def test_broken_responses_are_retryable_connection_errors(reply: bytes) -> None:
         assert info.value.cause == "connection" and info.value.retryable
         assert type(info.value) is BackendError
         await b.aclose()
+
+    with raw_server(handler) as url:
+        run(main())
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_a_clean_end_without_done_is_the_servers_repeat_guard(framing: str) -> None:
+    """Real Ollama (llm/llama_server.go) ends a generation after more than 30
+    equal tokens with HTTP 200, no done line and no error line: the text so far
+    with finish reason "repeat", not a connection failure to retry."""
+    body = b'{"response":" A","done":false}\n' * 31
+
+    def handler(conn: socket.socket) -> None:
+        with conn:
+            if read_request(conn, bytearray()) is not None:
+                if framing == "chunked":
+                    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    conn.sendall(head + chunked(body))
+                else:
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                    )
+                time.sleep(0.2)
+
+    async def main() -> None:
+        async with OllamaBackend(MODEL, url, timeout=5) as b:
+            c = await b.complete(PROMPT, sampling=SAMPLING, stop=[])
+        assert c.finish_reason == "repeat" and c.text == " A" * 31
 
     with raw_server(handler) as url:
         run(main())

@@ -21,6 +21,19 @@ _ROLE_LEAK_RE = re.compile(
 _TOKEN_RE = re.compile(r"<\|[A-Za-z_][A-Za-z0-9_]*\|>")
 
 
+#: A generation the server's repeat guard ended (finish reason "repeat") whose
+#: text ends in at least this much white space was done: the model wrote its
+#: text, then padding (runs of newlines) instead of its end-of-turn token.
+PADDING_RUN = 8
+
+
+def ended_in_padding(completion: Completion) -> bool:
+    """Whether a server-ended generation ("repeat") stopped on a run of white
+    space after its text, rather than on a loop of words."""
+    text = completion.text
+    return completion.finish_reason == "repeat" and len(text) - len(text.rstrip()) >= PADDING_RUN
+
+
 def clean_instruction(completion: Completion, forbidden: list[str]) -> tuple[str, str | None]:
     """Return ``(instruction, None)`` or ``(text, reason)`` for a rejected one."""
     text = completion.text.strip()
@@ -28,7 +41,9 @@ def clean_instruction(completion: Completion, forbidden: list[str]) -> tuple[str
         return text, EMPTY
     if completion.finish_reason == "length":
         return text, TRUNCATED
-    if completion.finish_reason == "abort":
+    if completion.finish_reason == "abort" or (
+        completion.finish_reason == "repeat" and not ended_in_padding(completion)
+    ):
         return text, REPETITION
     if any(tok in text for tok in forbidden) or _TOKEN_RE.search(text):
         return text, SPECIAL_TOKEN

@@ -38,7 +38,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 #: "abort": the caller's ``abort`` check stopped the generation (a loop).
-FinishReason = Literal["stop", "length", "abort", "error", "unknown"]
+#: "repeat": the server's own repeat guard ended it: Ollama closes a stream
+#: without a ``done`` line after more than 30 equal tokens in a row (runs of
+#: newlines, "the the the ..."); the text so far comes back.
+FinishReason = Literal["stop", "length", "abort", "repeat", "error", "unknown"]
 #: Called with the text generated so far, as it streams; True stops the generation.
 AbortCheck = Callable[[str], bool]
 
@@ -87,6 +90,11 @@ class ModelInfo(BaseModel):
     #: Whether the backend's tokenizer adds a BOS token to a raw prompt itself
     #: (then a leading BOS string in the pre-query must be dropped).
     adds_bos: bool = True
+    #: The model's own stop strings (Ollama ``PARAMETER stop``).
+    stop: list[str] = Field(default_factory=list)
+    #: What the server says the model can do (Ollama ``capabilities``:
+    #: "completion", "embedding", "thinking", ...); None when it does not say.
+    capabilities: list[str] | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -95,6 +103,8 @@ class Backend(abc.ABC):
 
     #: Short name used in records and messages ("ollama", "embedded").
     name: str = "backend"
+    #: How :meth:`render_chat` renders (the pre-query's ``source`` in records).
+    render_source: str = "server-render"
 
     @property
     @abc.abstractmethod
@@ -158,6 +168,13 @@ class Backend(abc.ABC):
         """One vector per text, in order, from one request to the backend's model
         (an embedding model).  Only where :meth:`supports_embed` is True."""
         raise NotImplementedError(f"the {self.name} backend has no embedding endpoint")
+
+    async def render_chat(self, messages: list[dict[str, str]]) -> str | None:
+        """The prompt the server's chat template renders for ``messages`` (with
+        the generation prompt, the model's default system prompt when there is
+        no system message), without running the model; None when the server
+        cannot render (then the pre-query comes from marker matching)."""
+        return None
 
     @abc.abstractmethod
     async def describe(self) -> ModelInfo:

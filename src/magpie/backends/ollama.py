@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     import aiohttp
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
-#: Seconds without a byte from the server before a request fails (and is retried).
+#: Seconds without a byte from the server (on any request of the run) before a
+#: request fails and is retried.
 DEFAULT_TIMEOUT = 300.0
 
 _SYSTEM_RE = [
@@ -70,6 +71,37 @@ def system_from_modelfile(modelfile: str | None) -> str | None:
                 text = bytes(text, "utf-8").decode("unicode_escape")
             return text
     return None
+
+
+_STOP_RE = re.compile(r'^stop\s+(?:"((?:[^"\\]|\\.)*)"|(\S.*?))\s*$', re.M)
+
+
+def stops_from_parameters(parameters: str | None) -> list[str]:
+    """The ``stop`` values of ``/api/show``'s ``parameters`` text."""
+    out: list[str] = []
+    for m in _STOP_RE.finditer(parameters or ""):
+        value = m.group(1)
+        if value is not None:
+            value = json.loads(f'"{value}"') if "\\" in value else value
+        else:
+            value = m.group(2)
+        if value and value not in out:
+            out.append(value)
+    return out
+
+
+#: The first Ollama that answers ``_debug_render_only`` (ollama/ollama 8de1da4).
+RENDER_SINCE = (0, 11, 5)
+
+
+def renders_templates(version: str) -> bool:
+    """Whether an Ollama of ``version`` renders templates on request; a
+    development build ("0.0.0", unparsable) is taken to be new."""
+    m = re.match(r"v?(\d+)\.(\d+)\.(\d+)", version)
+    if m is None:
+        return True
+    parts = tuple(int(x) for x in m.groups())
+    return parts == (0, 0, 0) or parts >= RENDER_SINCE
 
 
 def _options(sampling: Sampling, seed: int | None, stop: list[str] | None) -> dict[str, Any]:
@@ -121,6 +153,7 @@ class OllamaBackend(Backend):
         self._keep_alive = keep_alive
         self._client = ollama.AsyncClient(host=self._host, timeout=timeout)
         self._direct: _Direct | None = None
+        self._renders: bool | None = None  # whether the server renders on request
         if direct_stream:
             httpx_client = self._client._client  # noqa: SLF001 - its base URL and headers
             self._direct = _Direct(
@@ -217,34 +250,37 @@ class OllamaBackend(Backend):
         complete = False  # the body was read to its end: the connection is pooled
         try:
             try:
-                resp = await self._direct.post(path, data.encode("utf-8"))
-                if resp.status >= 400:
-                    body = (await resp.read()).decode("utf-8", "replace")
-                    raise ollama.ResponseError(body, resp.status)
-                reader = resp.content
-                rest = b""
-                while True:
-                    block = await reader.readany()
-                    if not block:
-                        break
-                    if rest:
-                        block = rest + block
-                    lines = block.split(b"\n")
-                    rest = lines.pop()
-                    for line in lines:
-                        if not line or line.isspace():
-                            continue
-                        part = _json_line(line)
-                        if err := part.get("error"):
-                            raise ollama.ResponseError(err)
-                        text += piece(part)
-                        chunks += 1
-                        last = part
-                        if abort is not None and not part.get("done") and abort(text):
-                            # One chunk per token: the count stands in for eval_count.
-                            return Completion(
-                                text=text, finish_reason="abort", completion_tokens=chunks
-                            )
+                with self._direct.watchdog() as watchdog:
+                    resp = await self._direct.post(path, data.encode("utf-8"))
+                    watchdog.tick()
+                    if resp.status >= 400:
+                        body = (await resp.read()).decode("utf-8", "replace")
+                        raise ollama.ResponseError(body, resp.status)
+                    reader = resp.content
+                    rest = b""
+                    while True:
+                        block = await reader.readany()
+                        if not block:
+                            break
+                        watchdog.tick()
+                        if rest:
+                            block = rest + block
+                        lines = block.split(b"\n")
+                        rest = lines.pop()
+                        for line in lines:
+                            if not line or line.isspace():
+                                continue
+                            part = _json_line(line)
+                            if err := part.get("error"):
+                                raise ollama.ResponseError(err)
+                            text += piece(part)
+                            chunks += 1
+                            last = part
+                            if abort is not None and not part.get("done") and abort(text):
+                                # One chunk per token: the count stands in for eval_count.
+                                return Completion(
+                                    text=text, finish_reason="abort", completion_tokens=chunks
+                                )
                 complete = True
                 if rest and not rest.isspace():  # a last line without its newline
                     part = _json_line(rest)
@@ -264,7 +300,9 @@ class OllamaBackend(Backend):
                 raise
             raise translated from exc
         if last is None or not last.get("done"):
-            raise BackendError("Ollama closed the stream before it was done", cause="connection")
+            # The body ended cleanly (a torn one raises above) without a done
+            # line: Ollama's repeat guard cut the generation.
+            return Completion(text=text, finish_reason="repeat", completion_tokens=chunks)
         reason = last.get("done_reason") or "unknown"
         return Completion(
             text=text,
@@ -302,7 +340,8 @@ class OllamaBackend(Backend):
                 raise
             raise translated from exc
         if last is None or not last.done:
-            raise BackendError("Ollama closed the stream before it was done", cause="connection")
+            # A clean end without a done line: Ollama's repeat guard cut it.
+            return Completion(text=text, finish_reason="repeat", completion_tokens=chunks)
         reason = last.done_reason or "unknown"
         return Completion(
             text=text,
@@ -410,10 +449,24 @@ class OllamaBackend(Backend):
         ModelNotFound with the ``ollama pull`` hint)."""
         if not texts:
             return []
+        import ollama
+
         try:
             resp = await self._client.embed(
                 model=self._model, input=texts, truncate=True, keep_alive=self._keep_alive
             )
+        except ollama.ResponseError as exc:
+            if exc.status_code == 501 or (
+                exc.status_code == 400 and "embed" in str(exc.error).lower()
+            ):
+                # A generative model: Ollama's runner was not started for
+                # embeddings (its text says "Start it with --embeddings").
+                raise ModelNotFound(
+                    f"model {self._model!r} on the Ollama server at {self._host} cannot embed "
+                    "(it is not an embedding model): pass an embedding model, e.g. "
+                    "`ollama pull nomic-embed-text` then --semantic-model nomic-embed-text"
+                ) from exc
+            raise self._translate(exc) from exc
         except Exception as exc:  # noqa: BLE001 - translated below
             translated = self._translate(exc)
             if translated is exc:
@@ -453,7 +506,10 @@ class OllamaBackend(Backend):
                 digest = m.get("digest")
                 break
         details = show.details.model_dump() if show.details else {}
+        caps = getattr(show, "capabilities", None)
         return ModelInfo(
+            stop=stops_from_parameters(show.parameters),
+            capabilities=list(caps) if caps is not None else None,
             backend=self.name,
             model=self._model,
             host=self._host,
@@ -465,6 +521,39 @@ class OllamaBackend(Backend):
             adds_bos=True,
             extra={"details": details, "parameters": show.parameters or ""},
         )
+
+    render_source = "ollama-render"
+
+    async def render_chat(self, messages: list[dict[str, str]]) -> str | None:
+        """``POST /api/chat`` with ``_debug_render_only`` (Ollama 0.11.5 and
+        later): the rendered prompt, without running the model.  An older server
+        ignores the field and would answer: one token at most is asked for, and
+        a reply without ``_debug_info`` means None (fall back to markers).
+        A server that reports an older version is not asked."""
+        if self._renders is None:
+            self._renders = renders_templates(await self.version())
+        if not self._renders:
+            return None
+        try:
+            resp = await self._client._request_raw(  # noqa: SLF001 - a plain POST
+                "POST",
+                "/api/chat",
+                json={
+                    "model": self._model,
+                    "messages": messages,
+                    "stream": False,
+                    "_debug_render_only": True,
+                    "options": {"num_predict": 1},
+                },
+            )
+        except Exception as exc:  # noqa: BLE001 - translated below
+            translated = self._translate(exc)
+            if isinstance(translated, BackendError) and not translated.retryable:
+                return None  # 400: e.g. a model that cannot chat (an embedder)
+            raise translated from exc
+        info = resp.json().get("_debug_info")
+        rendered = info.get("rendered_template") if isinstance(info, dict) else None
+        return rendered if isinstance(rendered, str) else None
 
     async def aclose(self) -> None:
         if self._direct is not None:
@@ -504,6 +593,12 @@ class _Direct:
     SSL_CERT_FILE / SSL_CERT_DIR), keep-alive connections without a limit on
     their number (the server bounds its own parallelism), and ``timeout`` for
     connecting and for each wait for the next bytes, never for a whole answer.
+
+    ``timeout`` is the server's silence, not one request's: a request fails
+    (:meth:`alive`) once no request of this session has received a byte for
+    ``timeout`` seconds.  A request queued behind ``OLLAMA_NUM_PARALLEL`` gets no
+    bytes until a slot frees, however long the requests before it run; while
+    they stream, the server is alive and the queued request waits.
     """
 
     #: Seconds an idle connection stays in the pool (httpx's default).
@@ -513,6 +608,8 @@ class _Direct:
         self._base = base_url.rstrip("/")
         self._headers = headers
         self._timeout = timeout
+        #: When a request of this session last received bytes (loop time).
+        self.last_progress = 0.0
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._urls: dict[str, Any] = {}
@@ -543,11 +640,14 @@ class _Direct:
             connector=connector,
             headers=self._headers,
             skip_auto_headers=("Accept-Encoding",),
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=self._timeout, sock_read=self._timeout
-            ),
+            # Reads are timed by alive(): the server's silence, not a socket's.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout, sock_read=None),
             trace_configs=list(self.trace_configs) or None,
         )
+
+    def watchdog(self) -> _Watchdog:
+        """A request's timer: see :class:`_Watchdog`."""
+        return _Watchdog(self)
 
     async def post(self, path: str, data: bytes) -> aiohttp.ClientResponse:
         """Send ``data`` (JSON) to ``path``; the response once its head is in."""
@@ -575,3 +675,44 @@ class _Direct:
         if loop is asyncio.get_running_loop() or loop.is_closed():
             with contextlib.suppress(Exception):  # closing is best effort
                 await session.close()
+
+
+class _Watchdog:
+    """Times one request against the server's silence (see :class:`_Direct`).
+
+    One timer per request, not per read: ``tick()`` (a byte came) only notes the
+    time, for this request's session; the timer, when due, compares that time
+    with the request's start and either sleeps on or cancels the request, which
+    then fails with ``asyncio.TimeoutError``.
+    """
+
+    def __init__(self, direct: _Direct) -> None:
+        self._direct = direct
+        self._timeout = direct._timeout  # noqa: SLF001 - its owner's setting
+        self._fired = False
+
+    def __enter__(self) -> _Watchdog:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._start = self._loop.time()
+        self._handle = self._loop.call_at(self._start + self._timeout, self._check)
+        return self
+
+    def tick(self) -> None:
+        self._direct.last_progress = self._loop.time()
+
+    def _check(self) -> None:
+        deadline = max(self._start, self._direct.last_progress) + self._timeout
+        if self._loop.time() >= deadline:
+            self._fired = True
+            if self._task is not None:
+                self._task.cancel()
+        else:
+            self._handle = self._loop.call_at(deadline, self._check)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._handle.cancel()
+        if self._fired and exc_type is asyncio.CancelledError:
+            if self._task is not None and hasattr(self._task, "uncancel"):
+                self._task.uncancel()
+            raise asyncio.TimeoutError from None
