@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from magpie.backends.base import Backend, Completion, Sampling
-from magpie.clean import clean_instruction
+from magpie.clean import clean_instruction, ended_in_padding
 from magpie.dedup import DedupIndex, Duplicate
-from magpie.errors import MagpieError, UsageError
+from magpie.errors import BackendError, MagpieError, UsageError
 from magpie.judge import InstructionVerdict, Judge, JudgeInvalid, Thresholds
 from magpie.records import (
     Message,
@@ -46,6 +46,8 @@ from magpie.retry import RetryPolicy, call_with_retry
 from magpie.stats import RunStats
 from magpie.templates import PreQuery
 
+#: Reject reasons of pairs whose request failed after its retries: failed_<cause>.
+FAILED_PREFIX = "failed_"
 #: An instruction filter returns a reject reason, or None to keep the instruction.
 InstructionFilter = Callable[[str], "str | None"]
 
@@ -74,6 +76,10 @@ class PipelineSettings(BaseModel):
     #: Give up when this many attempts in a row were rejected (a template that
     #: does not fit the model would otherwise burn tokens forever).
     max_reject_streak: int = Field(50, ge=1)
+    #: A pair whose request still fails after ``retry.max_retries`` is rejected
+    #: as ``failed_<cause>``; this many such pairs in a row end the run (the
+    #: server keeps failing: say so rather than burn the night).
+    max_failure_streak: int = Field(5, ge=1)
     #: Keep responses cut by the token limit (finish reason "length") instead of
     #: rejecting them as ``response_truncated``.
     keep_truncated: bool = False
@@ -467,7 +473,9 @@ class Pipeline:
         )
         self.stats.add_tokens(completion.prompt_tokens, completion.completion_tokens)
         self.stats.add_response(completion.completion_tokens)
-        if completion.finish_reason == "abort":
+        if completion.finish_reason == "abort" or (
+            completion.finish_reason == "repeat" and not ended_in_padding(completion)
+        ):
             return completion, "response_repetition"
         if not completion.text.strip():
             return completion, "empty_response"
@@ -625,6 +633,18 @@ class Pipeline:
         reason = reason or thresholds.response_reason(tags)
         return record if reason is None else _judge_reject(record, reason)
 
+    async def _attempt_or_failure(self, index: int) -> Record | Rejection:
+        """:meth:`attempt`, with a request that failed after all its retries
+        turned into a rejection (``failed_<cause>``, the error as its detail):
+        one pair's bad luck does not end a nightly run (``run()`` stops when
+        ``max_failure_streak`` pairs in a row fail)."""
+        try:
+            return await self.attempt(index)
+        except BackendError as exc:
+            return Rejection(
+                index=index, reason=f"{FAILED_PREFIX}{exc.cause}", stage="request", detail=str(exc)
+            )
+
     async def attempt(self, index: int) -> Record | Rejection:
         """One full attempt: instruction, then (if kept) its response."""
         # With several samples per request the system is chosen per group.
@@ -676,7 +696,7 @@ class Pipeline:
         pending: dict[int, asyncio.Task[Record | Rejection]] = {}
         done: dict[int, Record | Rejection] = {}
         next_index = start_index
-        kept = streak = 0
+        kept = streak = failed = 0
         deadline: float | None = None  # set once stopping: the end of the grace period
         stop_wait = asyncio.ensure_future(stop.wait()) if stop is not None else None
         try:
@@ -694,7 +714,9 @@ class Pipeline:
                         and potential < target
                         and (next_index - self.next_index) // stride < window
                     ):
-                        pending[next_index] = asyncio.ensure_future(self.attempt(next_index))
+                        pending[next_index] = asyncio.ensure_future(
+                            self._attempt_or_failure(next_index)
+                        )
                         next_index += stride
                         potential += 1
                 waits: list[asyncio.Future[object]] = list(pending.values())  # type: ignore[arg-type]
@@ -731,13 +753,20 @@ class Pipeline:
                     self.stats.attempts += 1
                     if isinstance(result, Record):
                         kept += 1
-                        streak = 0
+                        streak = failed = 0
                     else:
                         self.stats.rejected[result.reason] += 1
                         streak += 1
+                        failed = failed + 1 if result.reason.startswith(FAILED_PREFIX) else 0
                     yield result
                     if kept >= target:
                         return
+                    if failed >= self.settings.max_failure_streak:
+                        raise MagpieError(
+                            f"the last {failed} pairs all failed after their retries "
+                            f"(last: {result.detail}); the records so far are kept and a "
+                            "rerun continues from here"
+                        )
                     if streak >= self.settings.max_reject_streak:
                         raise MagpieError(_streak_message(streak, self.stats))
                 if deadline is not None and (not pending or loop.time() >= deadline):

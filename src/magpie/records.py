@@ -109,7 +109,8 @@ class Rejection(BaseModel):
 
     index: int
     reason: str
-    stage: Literal["instruction", "response", "judge"] = "instruction"
+    #: "request": a request failed after all its retries (reason failed_<cause>).
+    stage: Literal["instruction", "response", "judge", "request"] = "instruction"
     text: str = ""
     detail: str = ""
     #: The record it would have been (rejected after the response), if any.

@@ -41,8 +41,15 @@ async def call_with_retry(
     policy: RetryPolicy,
     on_retry: Callable[[str], None] | None = None,
 ) -> T:
-    """Await ``fn()`` until it succeeds, retrying what is worth retrying."""
-    attempt = 0
+    """Await ``fn()`` until it succeeds, retrying what is worth retrying.
+
+    Failed requests and an unreachable server are counted apart: the time a
+    server is down is bounded by ``unreachable_budget``, and those retries do
+    not use up ``max_retries``, so the first ordinary error after a restart is
+    retried like any other.  Each kind backs off from its own first step.
+    """
+    failures = 0  # failed requests: bounded by max_retries
+    outage = 0  # retries while unreachable: bounded by unreachable_budget
     down_since: float | None = None
     while True:
         try:
@@ -52,14 +59,14 @@ async def call_with_retry(
             down_since = down_since if down_since is not None else now
             if now - down_since >= policy.unreachable_budget:
                 raise
-            attempt += 1
-            cause = "unreachable"
+            outage += 1
+            cause, step = "unreachable", outage
         except BackendError as exc:
-            if not exc.retryable or attempt >= policy.max_retries:
+            if not exc.retryable or failures >= policy.max_retries:
                 raise
-            attempt += 1
-            cause = exc.cause
-            down_since = None
+            failures += 1
+            cause, step = exc.cause, failures
+            down_since, outage = None, 0
         if on_retry is not None:
             on_retry(cause)
-        await asyncio.sleep(policy.delay(attempt))
+        await asyncio.sleep(policy.delay(step))
