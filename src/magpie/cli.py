@@ -467,6 +467,8 @@ def _report_summary(result: Any, reporter: Any) -> None:
             exit_status=int(result.exit_status),
             **result.stats.as_dict(),
         )
+    for warning in getattr(result, "warnings", ()):
+        reporter.warn(warning)
 
 
 def _report_error(exc: BaseException, reporter: Any, debug: bool) -> ExitStatus:
@@ -881,10 +883,16 @@ def export(
         count = export_file(input, format, output, overwrite=overwrite)
     except (MagpieError, Exception) as exc:  # noqa: BLE001
         raise fail(exc, debug) from None
+    why = count.explain(format)
+    if count == 0 and why:
+        # Nothing to hand on: a nightly pipeline must notice (exit 1).
+        err(f"magpie: error: nothing exported as {format}: {why}")
+        raise typer.Exit(int(ExitStatus.ERROR))
     if not quiet:
         err(
             f"magpie: exported {count} records as {format}"
             + (f" to {output}" if output != "-" else "")
+            + (f" ({why})" if why else "")
         )
 
 

@@ -233,12 +233,16 @@ async def _embedded_model(backend: Any) -> tuple[ModelInfo, str]:
     return info, f"{path} ({size:.1f} MB GGUF{arch}" + (f", {name})" if name else ")")
 
 
-def _check_template(config: RunConfig, info: ModelInfo) -> tuple[PreQuery, str]:
-    """4. Resolve ``--template`` against the model's own template."""
-    from magpie.templates import family_names, resolve_pre_query
+async def _check_template(
+    config: RunConfig, backend: Backend, info: ModelInfo
+) -> tuple[PreQuery, str]:
+    """4. Resolve ``--template`` against the model's own template (``auto``: the
+    server's own rendering where it can render)."""
+    from magpie.templates import family_names
+    from magpie.templates.rendered import aresolve_pre_query
 
     try:
-        pre_query = resolve_pre_query(config.template, info, config.system)
+        pre_query = await aresolve_pre_query(config.template, backend, info, config.system)
     except TemplateError as exc:
         detail = str(exc).split("; pass --template", 1)[0]
         raise _fail(
@@ -358,7 +362,7 @@ async def run_doctor(config: RunConfig) -> list[Check]:
         passed(await _check_reachable(backend))
         info, detail = await _check_model(backend)
         passed(detail)
-        pre_query, detail = _check_template(config, info)
+        pre_query, detail = await _check_template(config, backend, info)
         passed(detail)
         passed(await _check_smoke(config, backend, pre_query))
     except _Failed as exc:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -31,12 +32,55 @@ FORMATS: tuple[str, ...] = ("openai", "sharegpt", "alpaca", "dpo")
 _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
 
 
+#: Why a record has no DPO row (``skip_reason``), and what to do about it.
+DPO_SKIPS = {
+    "no_pair": "made without --responses K and --judge, it has no chosen/rejected pair",
+    "tie": "the judge scored chosen and rejected the same",
+}
+
+
+class ExportCount(int):
+    """The rows written (an int), with the records skipped by reason."""
+
+    skipped: Counter[str]
+
+    def __new__(cls, written: int, skipped: Counter[str]) -> ExportCount:
+        obj = super().__new__(cls, written)
+        obj.skipped = skipped
+        return obj
+
+    def explain(self, fmt: str) -> str | None:
+        """One line on the records that got no row (None when none was skipped)."""
+        if not self.skipped:
+            return None
+        parts = [f"{n} {DPO_SKIPS.get(r, r)}" for r, n in self.skipped.most_common()]
+        hint = ""
+        if fmt == "dpo" and "tie" in self.skipped:
+            hint = (
+                "; sample more answers (--responses 4) or use a stronger --judge so that "
+                "their scores differ"
+            )
+        elif fmt == "dpo":
+            hint = "; generate with --responses 2 --judge MODEL"
+        return f"{sum(self.skipped.values())} records skipped: {'; '.join(parts)}{hint}"
+
+
+def skip_reason(record: Record, fmt: str) -> str | None:
+    """Why ``record`` has no row in ``fmt`` (None: it has one)."""
+    if fmt != "dpo":
+        return None
+    chosen, rejected = record.chosen, record.rejected
+    if chosen is None or rejected is None:
+        return "no_pair"
+    return "tie" if chosen.score == rejected.score else None
+
+
 def convert(record: Record, fmt: str) -> dict[str, Any] | None:
     """One record in the target format (None: the record has nothing for it)."""
     messages = [m.model_dump() for m in record.messages]
     if fmt == "dpo":
         chosen, rejected = record.chosen, record.rejected
-        if chosen is None or rejected is None or chosen.score == rejected.score:
+        if skip_reason(record, fmt) is not None or chosen is None or rejected is None:
             return None
         return {
             "prompt": [{"role": "user", "content": record.instruction}],
@@ -114,22 +158,28 @@ def export_file(src: str, fmt: str, dst: str, *, overwrite: bool = False) -> int
         fh = p.open(encoding="utf-8")
         name = str(p)
     count = 0
+    skipped: Counter[str] = Counter()
+
+    def rows() -> Iterator[str]:
+        nonlocal count
+        for rec in read_records(fh, name):
+            row = convert(rec, fmt)
+            if row is None:
+                skipped[skip_reason(rec, fmt) or "empty"] += 1
+                continue
+            count += 1
+            yield json.dumps(row, ensure_ascii=False) + "\n"
+
     try:
         if out_path is None:
-            for rec in read_records(fh, name):
-                row = convert(rec, fmt)
-                if row is not None:
-                    sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    count += 1
+            for line in rows():
+                sys.stdout.write(line)
             sys.stdout.flush()
-            return count
-        with AtomicFile(out_path, text=True) as out:
-            for rec in read_records(fh, name):
-                row = convert(rec, fmt)
-                if row is not None:
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    count += 1
-        return count
+        else:
+            with AtomicFile(out_path, text=True) as out:
+                for line in rows():
+                    out.write(line)
+        return ExportCount(count, skipped)
     finally:
         if fh is not sys.stdin:
             fh.close()

@@ -50,7 +50,8 @@ from magpie.pipeline import Pipeline, PipelineSettings, SystemChoice, check_samp
 from magpie.records import Record, Rejection
 from magpie.retry import call_with_retry
 from magpie.stats import RunStats
-from magpie.templates import PreQuery, resolve_pre_query
+from magpie.templates import PreQuery
+from magpie.templates.rendered import aresolve_pre_query
 
 #: Concurrency ``auto`` picks: the embedded backend decodes that many sequences
 #: together; an Ollama server queues what it cannot run in parallel, and a few
@@ -97,6 +98,8 @@ class RunResult:
     torn_path: Path | None = None
     next_index: int = 0
     notes: list[str] = field(default_factory=list)
+    #: Things the user should act on, printed after the summary.
+    warnings: list[str] = field(default_factory=list)
     error: MagpieError | None = None
 
 
@@ -178,20 +181,28 @@ async def prepare(config: RunConfig, on_retry: Callable[[str], None] | None = No
         # connection is not: the server is down, say so at once (exit 3).
         policy = config.retry.model_copy(update={"unreachable_budget": 0.0})
         info = await call_with_retry(choice.backend.describe, policy, on_retry)
-        pre_query = resolve_pre_query(config.template, info, config.effective_system)
-        systems = _system_choices(config, info)
+        pre_query = await aresolve_pre_query(
+            config.template, choice.backend, info, config.effective_system
+        )
+        systems = await _system_choices(config, choice.backend, info)
     except BaseException:
         await choice.backend.aclose()
         raise
     return Prepared(choice.backend, info, pre_query, choice.reason, systems)
 
 
-def _system_choices(config: RunConfig, info: ModelInfo) -> list[SystemChoice] | None:
+async def _system_choices(
+    config: RunConfig, backend: Backend, info: ModelInfo
+) -> list[SystemChoice] | None:
     """The weighted system prompts of a run, each rendered into its pre-query."""
     if not config.systems:
         return None
     return [
-        SystemChoice(name, spec.weight, resolve_pre_query(config.template, info, spec.text()))
+        SystemChoice(
+            name,
+            spec.weight,
+            await aresolve_pre_query(config.template, backend, info, spec.text()),
+        )
         for name, spec in config.systems.items()
     ]
 
@@ -522,6 +533,9 @@ async def _agenerate(
         if judge_backend is not None and judge_backend is not backend:
             await judge_backend.aclose()
         result.next_index = pipeline.next_index
+        warning = no_system_warning(pipeline, stats, bool(config.systems))
+        if warning is not None:
+            result.warnings.append(warning)
         if manifest is not None and entry is not None:
             _update(manifest, entry, stats, pipeline, existing)
             entry.ended_at = _now()
@@ -534,6 +548,29 @@ async def _agenerate(
             entry.error = str(result.error) if result.error is not None else None
             write_manifest(path, manifest)  # type: ignore[arg-type]
     return result
+
+
+#: Reject reasons of an instruction that is no user request at all.
+_NOT_A_REQUEST = ("empty", "truncated", "special_token", "role_leak", "repetition")
+
+
+def no_system_warning(pipeline: Pipeline, stats: RunStats, has_systems: bool) -> str | None:
+    """A warning for a run without a system prompt whose instructions mostly
+    came out as no request at all (code, fragments, text run to the token
+    limit): a model imported ``FROM`` a GGUF file gets Ollama's generic template
+    and no SYSTEM, and small models need their default system prompt."""
+    if has_systems or pipeline.pre_query.system is not None or stats.attempts < 10:
+        return None
+    bad = sum(stats.rejected[r] for r in _NOT_A_REQUEST)
+    if bad * 2 < stats.attempts:
+        return None
+    return (
+        f"{bad} of {stats.attempts} instructions were no request ("
+        + ", ".join(f"{r} {stats.rejected[r]}" for r in _NOT_A_REQUEST if stats.rejected[r])
+        + f") and the pre-query of {pipeline.backend.model!r} has no system prompt: pass "
+        '--system "You are a helpful assistant." or give the model a SYSTEM line in its '
+        "Modelfile (`ollama show --modelfile MODEL`)"
+    )
 
 
 def _update(

@@ -52,13 +52,13 @@ class Reporter:
                 **fields,
             }
             return json.dumps(record, ensure_ascii=False, default=str)
-        prefix = "magpie: error: " if level == "error" else "magpie: "
+        prefix = {"error": "magpie: error: ", "warning": "magpie: warning: "}.get(level, "magpie: ")
         if stamp:
             return f"{datetime.now().astimezone().isoformat(timespec='seconds')} {prefix}{message}"
         return prefix + message
 
     def _emit(self, level: str, event: str, message: str, fields: dict[str, Any]) -> None:
-        if level == "error" or not self.quiet:
+        if level in ("error", "warning") or not self.quiet:
             self.stream.write(self._line(level, event, message, fields, stamp=False) + "\n")
             self.stream.flush()
         if self._log is not None:
@@ -67,6 +67,10 @@ class Reporter:
 
     def info(self, message: str, event: str = "info", **fields: Any) -> None:
         self._emit("info", event, message, fields)
+
+    def warn(self, message: str, event: str = "warning", **fields: Any) -> None:
+        """Printed even under --quiet: something to act on."""
+        self._emit("warning", event, message, fields)
 
     def error(self, message: str, event: str = "error", **fields: Any) -> None:
         self._emit("error", event, message, fields)

@@ -500,7 +500,16 @@ class OpenAIBackend(Backend):
             raise self._translate(exc) from exc
         if resp.status_code >= 400:
             err = self._status_error(resp.status_code, resp.content, path)
-            if isinstance(err, ModelNotFound):
+            if resp.status_code == 501:
+                # llama-server without --embeddings: "This server does not
+                # support embeddings. Start it with `--embeddings`".
+                err = ModelNotFound(
+                    f"the server at {self._host} does not serve embeddings "
+                    f"({error_message(resp.content)}): run an embedding model there "
+                    "(llama-server --embeddings -m EMBEDDING.gguf) and pass its URL as "
+                    "--semantic-host"
+                )
+            elif isinstance(err, ModelNotFound):
                 err = ModelNotFound(
                     f"embedding model {self._model!r} is not served by the OpenAI-compatible "
                     f"server at {self._host} ({error_message(resp.content)}); list its models "
@@ -523,6 +532,25 @@ class OpenAIBackend(Backend):
                 cause="bad_reply",
             )
         return vectors
+
+    render_source = "apply-template"
+
+    async def render_chat(self, messages: list[dict[str, str]]) -> str | None:
+        """llama.cpp's ``POST /apply-template`` (``{"messages"}`` -> ``{"prompt"}``):
+        the server's chat template rendered with the generation prompt, without
+        running the model.  None where the server has no such endpoint (vLLM,
+        SGLang: their pre-query comes from ``/props``-less marker matching)."""
+        try:
+            resp = await self._client.post("/apply-template", json={"messages": messages})
+        except Exception as exc:  # noqa: BLE001 - translated below
+            raise self._translate(exc) from exc
+        if resp.status_code != 200:
+            return None
+        with contextlib.suppress(ValueError):
+            prompt = resp.json().get("prompt")
+            if isinstance(prompt, str):
+                return prompt
+        return None
 
     async def _props(self) -> dict[str, Any] | None:
         """llama.cpp's ``GET /props``; None where the server has no such page."""

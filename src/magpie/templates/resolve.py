@@ -27,7 +27,13 @@ class PreQuery(BaseModel):
     """The resolved pre-query template of a run: what is sent, and how to stop."""
 
     name: str
-    source: Literal["registry", "file", "ollama-auto", "gguf-jinja"]
+    #: How the text was found: a registry family or file, Ollama's template
+    #: matched by markers ("ollama-auto"), the GGUF's Jinja template, or the
+    #: server's own rendering ("ollama-render": Ollama's ``_debug_render_only``;
+    #: "apply-template": llama-server's ``/apply-template``).
+    source: Literal[
+        "registry", "file", "ollama-auto", "gguf-jinja", "ollama-render", "apply-template"
+    ]
     #: Exactly the raw prompt sent for an instruction (BOS handled, system included).
     text: str
     stop: list[str]
