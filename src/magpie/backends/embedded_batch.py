@@ -859,6 +859,16 @@ class BatchedEmbeddedBackend(EmbeddedBackend):
         #: goes to that engine, whose cells for it are then reused.
         self._affinity: OrderedDict[str, int] = OrderedDict()
 
+    @property
+    def threads_per_engine(self) -> int:
+        """``n_threads`` split over the engines a full batch would have, even
+        when fewer run (``max_batch`` 1): one engine never takes every core.
+        With 2 threads on 2 cores, llama.cpp's spinning threads fight the
+        Python thread that drives them and decoding collapses (2.5-7 tok/s
+        against 29-53 with 1: ``--concurrency 1`` cost 35.7 CPU seconds a
+        pair instead of 2.4)."""
+        return max(1, self._n_threads // default_workers(self._n_threads))
+
     def _llama_options(self) -> dict[str, Any]:
         """The ``Llama`` this backend loads serves metadata, the tokenizer and
         the chat template only: the engines decode in contexts of their own."""
@@ -874,7 +884,7 @@ class BatchedEmbeddedBackend(EmbeddedBackend):
                 self._workers = _Workers(
                     llm,
                     self.workers,
-                    max(1, self._n_threads // self.workers),
+                    self.threads_per_engine,
                     n_ctx=self._n_ctx,
                     max_batch=self.max_batch,
                     n_batch=self._n_batch,
