@@ -259,12 +259,14 @@ def validate_semantic(config: RunConfig) -> None:
         )
     from magpie.backends.select import looks_like_gguf
 
-    if looks_like_gguf(config.semantic_model):
+    name, host = semantic_target(config)
+    # llama-server names its model by the GGUF path it loaded (`/v1/models`):
+    # on an OpenAI-compatible server a path is a served model's id.
+    if name != "openai" and looks_like_gguf(config.semantic_model):
         raise UsageError(
             f"--semantic-model {config.semantic_model!r} is a file: name an embedding model "
             "on an Ollama or OpenAI-compatible server, e.g. nomic-embed-text"
         )
-    name, host = semantic_target(config)
     if config.semantic_host is None or host is None:
         return
     try:

@@ -187,6 +187,19 @@ class HostPool(Backend):
 
         return await self._dispatch(op)
 
+    @property
+    def render_source(self) -> str:  # type: ignore[override]
+        return self._hosts[0].backend.render_source
+
+    async def render_chat(self, messages: list[dict[str, str]]) -> str | None:
+        """The first reachable host's rendering (every host serves one model)."""
+        for host in self._hosts:
+            try:
+                return await host.backend.render_chat(messages)
+            except (BackendUnavailable, BackendError):
+                continue
+        return None
+
     async def describe(self) -> ModelInfo:
         """Describe the model on every host: it must be on each reachable one.
 
