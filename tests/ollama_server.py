@@ -84,9 +84,13 @@ RAW_CONFLICT = "raw mode does not support template, system, or context"
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
 
 
+NO_EMBEDDINGS = "This server does not support embeddings. Start it with `--embeddings`"
+
+
 def not_found_message(model: str) -> str:
-    """Ollama's 404 text for a model it does not have."""
-    return f'model "{model}" not found, try pulling it first'
+    """Ollama's 404 text for a model it does not have (0.33, server/routes.go;
+    older servers said 'model "X" not found, try pulling it first')."""
+    return f"model '{model}' not found"
 
 
 def _now() -> str:
@@ -918,7 +922,12 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/api/version" and method in ("GET", "HEAD"):
             self._send_json(200, {"version": VERSION})
         elif path == "/api/tags" and method in ("GET", "HEAD"):
-            self._send_json(200, {"models": [m.tags for m in self.owner.models]})
+            # Ollama 0.33 lists each model's capabilities in its tags entry too.
+            models = [
+                {"capabilities": m.show.get("capabilities") or ["completion"], **m.tags}
+                for m in self.owner.models
+            ]
+            self._send_json(200, {"models": models})
         elif path == "/api/ps" and method in ("GET", "HEAD"):
             self._send_json(200, {"models": self.owner._running()})
         elif method == "POST" and path in ("/api/show", "/api/generate", "/api/chat", "/api/embed"):
@@ -935,8 +944,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _model_endpoint(self, path: str, body: dict[str, Any], fault: Fault | None) -> None:
         name = body.get("model") or body.get("name") or ""
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str):
             self._error(400, "model is required")
+            return
+        if not name:  # Ollama 0.33 looks the empty name up: 404 "model '' not found"
+            self._error(404, not_found_message(name))
             return
         model = self.owner.find_model(name)
         if model is None:
@@ -949,6 +961,11 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/api/show":
             self._send_json(200, model.show)
         elif path == "/api/embed":
+            if "embedding" not in (model.show.get("capabilities") or ["completion"]):
+                # What Ollama 0.33 answers for a generative model: its runner
+                # (llama-server) was not started for embeddings.
+                self._error(501, NO_EMBEDDINGS)
+                return
             self._embed(name, body)
         elif path == "/api/generate":
             self._generate(name, model, body, fault)
@@ -1102,10 +1119,14 @@ class _Reply:
 
     def whole(self) -> None:
         """Non-streaming: one JSON object, or 500 if the engine fails."""
-        pieces = iter(self.gen)
+        pieces = _repeat_guarded(iter(self.gen))
         try:
             first = self._first(pieces)
             text = "".join([first or "", *pieces])
+        except RepeatCut:
+            # Ollama answers what it has, marked not done, with no reason.
+            self.handler._send_json(200, {**self._piece(""), "done": False})
+            return
         except Exception as exc:
             self.handler._error(500, str(exc))
             return
@@ -1113,9 +1134,12 @@ class _Reply:
 
     def stream(self, fail: str | None = None) -> None:
         """NDJSON: partial chunks, then the final object (or an error line)."""
-        h, pieces = self.handler, iter(self.gen)
+        h, pieces = self.handler, _repeat_guarded(iter(self.gen))
         try:
             first = self._first(pieces)
+        except RepeatCut:
+            first = None
+            pieces = iter(())
         except Exception as exc:  # the engine failed before any output
             h._error(500, str(exc))
             return
@@ -1129,11 +1153,39 @@ class _Reply:
                 for chunk in pieces:
                     h._stream_line(self._piece(chunk))
                 h._stream_line(self._final(""))
+        except RepeatCut:
+            pass  # a clean end of the body without a done line, as Ollama does
         except _ClientGone:
             raise
         except Exception as exc:  # the engine failed mid-stream
             h._stream_line({"error": str(exc)})
         h._end_stream()
+
+
+class RepeatCut(Exception):
+    """Ollama's token-repeat guard fired (see :func:`_repeat_guarded`)."""
+
+
+#: Ollama ends a generation after this many tokens equal to the one before
+#: (after trimming spaces): ``llm/llama_server.go``, ``tokenRepeat > 30``.
+REPEAT_LIMIT = 30
+
+
+def _repeat_guarded(pieces: Iterator[str]) -> Iterator[str]:
+    """The pieces until Ollama's repeat guard would fire: it compares each
+    token, trimmed, with the last one (starting from ""), and returns with no
+    error and no final response once more than REPEAT_LIMIT repeats came in a
+    row, before sending the token that tipped it."""
+    last, repeats = "", 0
+    for piece in pieces:
+        token = piece.strip()
+        if token == last:
+            repeats += 1
+        else:
+            last, repeats = token, 0
+        if repeats > REPEAT_LIMIT:
+            raise RepeatCut
+        yield piece
 
 
 def word_embedding(text: str, dim: int = EMBED_DIM) -> list[float]:

@@ -251,8 +251,15 @@ class OpenAITestServer(OllamaTestServer):
         max_queue: int | None = None,
         latency: float = 0.0,
         max_n: int | None = None,
+        embeddings: bool = True,
+        apply_template: bool | None = None,
     ) -> None:
+        """``embeddings``: serve /v1/embeddings (llama-server needs
+        ``--embeddings`` for it and answers 501 without); ``apply_template``:
+        llama.cpp's ``POST /apply-template`` (default: on for "llamacpp")."""
         super().__init__([], host, port, slots=slots, max_queue=max_queue)
+        self.embeddings = embeddings
+        self.apply_template = flavor == "llamacpp" if apply_template is None else apply_template
         self.latency = latency
         self.max_n = max_n
         self._samples: collections.Counter[str] = collections.Counter()
@@ -394,6 +401,8 @@ class _OpenAIHandler(_Handler):
             self._models()
         elif path == "/props" and method == "GET" and self.owner.props:
             self._props()
+        elif path == "/apply-template" and method == "POST" and self.owner.apply_template:
+            self._apply_template(body)
         elif method == "POST" and path in ("/tokenize", "/v1/embeddings", *GENERATION_PATHS):
             if bad_json is not None or not isinstance(body, dict):
                 self._error(400, bad_json or "the request body must be a JSON object")
@@ -435,6 +444,25 @@ class _OpenAIHandler(_Handler):
             },
         )
 
+    def _apply_template(self, body: Any) -> None:
+        """llama.cpp's /apply-template: the chat template rendered with the
+        generation prompt, BOS included as the template writes it."""
+        from magpie.templates.jinja import render_chat_template
+
+        model = self.owner.find_model("")
+        assert model is not None
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list):
+            self._error(400, "'messages' is required")
+            return
+        prompt = render_chat_template(
+            model.chat_template or "",
+            messages,
+            bos_token=model.bos_token,
+            eos_token=model.eos_token,
+        )
+        self._send_json(200, {"prompt": prompt})
+
     def _tokenize(self, body: dict[str, Any]) -> None:
         model = self.owner.find_model(str(body.get("model") or ""))
         if model is None:
@@ -449,6 +477,12 @@ class _OpenAIHandler(_Handler):
             self._send_json(200, {"tokens": tokens, "count": len(tokens), "max_model_len": 2048})
 
     def _embeddings(self, body: dict[str, Any]) -> None:
+        if not self.owner.embeddings:
+            # llama-server started without --embeddings.
+            self._error(
+                501, "This server does not support embeddings. Start it with `--embeddings`"
+            )
+            return
         name = str(body.get("model") or "")
         model = self.owner.find_model(name)
         if model is None:
@@ -650,6 +684,11 @@ class _Reply:
         (a llama model runs one sequence at a time) and sent interleaved.
         """
         h = self.handler
+        # llama-server puts a completion's usage into its last choice chunk; a
+        # chat's (and vLLM's) comes in a chunk of its own with no choices.
+        self.usage_in_final = (
+            include_usage and not self.chat and h.owner.flavor == "llamacpp"  # type: ignore[attr-defined]
+        )
         h._start_stream()
         try:
             if self.chat:
@@ -661,7 +700,7 @@ class _Reply:
             if not ok:
                 h._end_stream()
                 return
-            if include_usage:
+            if include_usage and not self.usage_in_final:
                 h._data({**self._chunk([]), "usage": self._usage()})
             h._event("data: [DONE]")
         except _ClientGone:
@@ -685,7 +724,7 @@ class _Reply:
                     return False
         finally:
             gen.close()
-        h._data(self._chunk([self._choice(0, None if self.chat else "", gen.done_reason)]))
+        self._final_chunk([self._choice(0, None if self.chat else "", gen.done_reason)])
         return True
 
     def _stream_many(self, start: Callable[[int], Generation], n: int) -> bool:
@@ -696,8 +735,14 @@ class _Reply:
                 if step < len(pieces):
                     self.handler._data(self._chunk([self._choice(i, pieces[step], None)]))
         finals = [self._choice(i, None if self.chat else "", r) for i, (_, r) in enumerate(runs)]
-        self.handler._data(self._chunk(finals))
+        self._final_chunk(finals)
         return True
+
+    def _final_chunk(self, choices: list[dict[str, Any]]) -> None:
+        chunk = self._chunk(choices)
+        if getattr(self, "usage_in_final", False):
+            chunk["usage"] = self._usage()
+        self.handler._data(chunk)
 
     def _fail(self, message: str) -> None:
         """A mid-stream error event, in the server's own way."""

@@ -53,7 +53,7 @@ def test_generate_embedded(tmp_path: Path) -> None:
     assert "5 written" in proc.stderr.splitlines()[-1]
 
 
-def test_generate_through_ollama_test_server(real_ollama) -> None:  # type: ignore[no-untyped-def]
+def test_generate_through_ollama_test_server(smollm2_double) -> None:  # type: ignore[no-untyped-def]
     proc = run_magpie(
         "generate",
         "-n",
@@ -61,7 +61,7 @@ def test_generate_through_ollama_test_server(real_ollama) -> None:  # type: igno
         "--model",
         "smollm2:135m",
         "--host",
-        real_ollama.url,
+        smollm2_double.url,
         "--seed",
         "5",
         *SMALL,
@@ -71,13 +71,15 @@ def test_generate_through_ollama_test_server(real_ollama) -> None:  # type: igno
     assert proc.returncode == 0, proc.stderr
     recs = records_of(proc.stdout)  # stdout holds JSONL and nothing else
     assert_valid(recs, 5)
-    assert {r.backend for r in recs} == {"ollama"} and {r.host for r in recs} == {real_ollama.url}
+    assert {r.backend for r in recs} == {"ollama"} and {r.host for r in recs} == {
+        smollm2_double.url
+    }
     assert {r.template for r in recs} == {"smollm2"}
     assert "backend ollama" in proc.stderr
 
-    gens = real_ollama.requests_to("/api/generate")
-    chats = real_ollama.requests_to("/api/chat")
-    assert real_ollama.requests_to("/api/show")
+    gens = smollm2_double.requests_to("/api/generate")
+    chats = smollm2_double.requests_to("/api/chat")
+    assert smollm2_double.requests_to("/api/show")
     assert len(chats) == 5 and len(gens) >= 5
     seeds = set()
     for req in gens:

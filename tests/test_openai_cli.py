@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from batch_helpers import assert_exact
 from magpie_cli import run_magpie
 from ollama_server import ScriptedEngine
@@ -47,9 +49,14 @@ def test_vllm_flavour_needs_a_named_template(tmp_path: Path) -> None:
     assert len({c.body["seed"] for c in completions}) == len(completions)
 
 
-def test_llamacpp_flavour_auto_template_from_props(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("apply_template", "source"), [(True, "apply-template"), (False, "gguf-jinja")]
+)
+def test_llamacpp_flavour_auto_template(tmp_path: Path, apply_template: bool, source: str) -> None:
+    """From the server's /apply-template, or (an older llama.cpp) from the GGUF
+    template that /props shows: the same pre-query."""
     served = smollm2_served(ScriptedEngine(), model_id="smollm2.gguf")
-    with OpenAITestServer([served], flavor="llamacpp") as srv:
+    with OpenAITestServer([served], flavor="llamacpp", apply_template=apply_template) as srv:
         proc = run_magpie(
             "generate",
             "--backend",
@@ -65,7 +72,7 @@ def test_llamacpp_flavour_auto_template_from_props(tmp_path: Path) -> None:
         prompts = {c.body["prompt"] for c in srv.requests_to("/v1/completions")}
     assert proc.returncode == 0, proc.stderr
     assert prompts == {SMOLLM2_PRE_QUERY}
-    assert "gguf-jinja" in proc.stderr
+    assert f"({source})" in proc.stderr
 
 
 def test_openai_server_down() -> None:
