@@ -29,6 +29,14 @@ def free_port() -> int:
 CLOSED_PORT = free_port()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Everything under tests/real is the ``real`` tier (``-m real`` / ``-m 'not real'``)."""
+    real = TESTS / "real"
+    for item in items:
+        if real in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.real)
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     for key in list(os.environ):
@@ -71,7 +79,7 @@ def llama_ollama():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture()
-def real_ollama(llama_ollama):  # type: ignore[no-untyped-def]
+def smollm2_double(llama_ollama):  # type: ignore[no-untyped-def]
     llama_ollama.clear_requests()
     llama_ollama.clear_faults()
     return llama_ollama

@@ -3,6 +3,7 @@ exactly N valid, unique records, and the manifest counts the retries by cause.""
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -88,6 +89,25 @@ def test_retries_exhausted_exit_1_file_valid(tmp_path: Path) -> None:
     assert_exact(out, 2)
     run = manifest_of(out).runs[-1]
     assert run.status == "failed" and run.exit_status == 1 and run.error
+
+
+def test_a_pair_that_runs_out_of_retries_is_a_rejection(tmp_path: Path) -> None:
+    """One request failing past --max-retries costs its pair, not the run."""
+    out, rej = tmp_path / "d.jsonl", tmp_path / "rej.jsonl"
+    with scripted_server() as srv:
+        srv.inject(HttpError(503, "busy"), times=3, path="/api/chat")
+        proc = run_magpie(
+            *gen_args(
+                srv, out, 4, "--max-retries", "2", "--concurrency", "1", "--rejects", str(rej)
+            )
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert_exact(out, 4)
+    run = manifest_of(out).runs[-1]
+    assert run.rejected == {"failed_http_503": 1} and run.retries == {"http_503": 2}
+    rejected = [json.loads(line) for line in rej.read_text().splitlines()]
+    assert rejected[0]["reject_reason"] == "failed_http_503"
+    assert "503" in rejected[0]["reject_detail"]
 
 
 @pytest.mark.parametrize(

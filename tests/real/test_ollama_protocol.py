@@ -1,0 +1,244 @@
+"""What magpie reads from Ollama, checked on the real server, and the test
+double (tests/ollama_server.py) checked against it field by field."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from magpie.backends.base import Sampling
+from magpie.backends.ollama import OllamaBackend
+from magpie.clean import clean_instruction
+from magpie.templates.rendered import render_pre_query
+from real_servers import RealOllama
+
+#: A raw prompt after which SmolLM2 writes " A" again and again, greedily:
+#: Ollama's repeat guard (more than 30 equal tokens) ends it.
+LOOP_PROMPT = (
+    "<|im_start|>user\nWrite the letter A 100 times, separated by spaces.<|im_end|>\n"
+    "<|im_start|>assistant\nA A A A A A A A A A"
+)
+GREEDY = Sampling(temperature=0.0, top_p=1.0, top_k=0, max_tokens=120)
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _complete(url: str, model: str, prompt: str, **kw: Any):  # type: ignore[no-untyped-def]
+    async with OllamaBackend(model, url) as backend:
+        return await backend.complete(prompt, sampling=GREEDY, stop=[], seed=1, **kw)
+
+
+def test_repeat_guard_ends_a_stream_without_done(ollama: RealOllama):
+    """Real Ollama ends the stream with HTTP 200, no done line and no error:
+    that is the server cutting a loop, not a broken connection."""
+    c = _run(_complete(ollama.url, "smollm2", LOOP_PROMPT))
+    assert c.finish_reason == "repeat"
+    assert c.text.split() == ["A"] * len(c.text.split()) and len(c.text.split()) >= 30
+    assert clean_instruction(c, [])[1] == "repetition"
+
+    # Through the official client's path, the same.
+    async def official():  # type: ignore[no-untyped-def]
+        async with OllamaBackend("smollm2", ollama.url, direct_stream=False) as b:
+            return await b.complete(LOOP_PROMPT, sampling=GREEDY, stop=[], seed=1)
+
+    assert _run(official()).finish_reason == "repeat"
+
+
+def test_render_only_gives_the_pre_query(ollama: RealOllama):
+    async def render(model: str, system: str | None = None):  # type: ignore[no-untyped-def]
+        async with OllamaBackend(model, ollama.url) as b:
+            return await render_pre_query(b, await b.describe(), system)
+
+    pq = _run(render("smollm2"))
+    assert pq.source == "ollama-render" and pq.name == "smollm2"
+    assert pq.text == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+        "Hugging Face<|im_end|>\n<|im_start|>user\n"
+    )
+    assert "<|im_end|>" in pq.stop and "<|im_start|>" in pq.stop
+    assert pq.after_user == "<|im_end|>\n<|im_start|>assistant\n"
+    assert pq.after_assistant == "<|im_end|>\n<|im_start|>user\n"
+    pq = _run(render("smollm2", "You are a chef."))
+    assert pq.text == "<|im_start|>system\nYou are a chef.<|im_end|>\n<|im_start|>user\n"
+    pq = _run(render("llama3-on-smollm2"))
+    assert pq.text == "<|start_header_id|>user<|end_header_id|>\n\n"
+    assert pq.name == "llama3" and "<|eot_id|>" in pq.stop
+    pq = _run(render("smollm2-plain"))
+    assert pq.text == "<|im_start|>user\n" and pq.system is None
+
+
+# ----------------------------------------------------------------- parity
+
+
+def _post(url: str, body: dict[str, Any]) -> tuple[int, str, list[Any]]:
+    """(status, content type, the JSON lines of the body)."""
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:  # noqa: S310 - loopback
+            status, ctype, raw = resp.status, resp.headers.get("Content-Type", ""), resp.read()
+    except urllib.error.HTTPError as exc:
+        status, ctype, raw = exc.code, exc.headers.get("Content-Type", ""), exc.read()
+    return status, ctype.split(";")[0], [json.loads(x) for x in raw.splitlines() if x.strip()]
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=30) as resp:  # noqa: S310 - loopback
+        return json.loads(resp.read())
+
+
+def _probes(model: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """The requests magpie makes, and the failures it must read right."""
+    opts = {"temperature": 0.0, "top_k": 0, "num_predict": 12, "seed": 3}
+    chatml = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    yield (
+        "raw generate",
+        "/api/generate",
+        {"model": model, "prompt": chatml, "raw": True, "stream": True, "options": opts},
+    )
+    yield (
+        "raw generate, stop",
+        "/api/generate",
+        {
+            "model": model,
+            "prompt": chatml,
+            "raw": True,
+            "stream": True,
+            "options": {**opts, "num_predict": 200, "stop": ["."]},
+        },
+    )
+    yield (
+        "chat",
+        "/api/chat",
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "stream": True,
+            "options": opts,
+        },
+    )
+    yield (
+        "chat, format",
+        "/api/chat",
+        {
+            "model": model,
+            "stream": True,
+            "options": {**opts, "num_predict": 40},
+            "messages": [{"role": "user", "content": "Give a score."}],
+            "format": {
+                "type": "object",
+                "properties": {"score": {"type": "integer"}},
+                "required": ["score"],
+            },
+        },
+    )
+    yield (
+        "not streamed",
+        "/api/generate",
+        {"model": model, "prompt": chatml, "raw": True, "stream": False, "options": opts},
+    )
+    yield (
+        "repeat guard",
+        "/api/generate",
+        {
+            "model": model,
+            "prompt": LOOP_PROMPT,
+            "raw": True,
+            "stream": True,
+            "options": {**opts, "num_predict": 120},
+        },
+    )
+    yield (
+        "repeat guard, not streamed",
+        "/api/generate",
+        {
+            "model": model,
+            "prompt": LOOP_PROMPT,
+            "raw": True,
+            "stream": False,
+            "options": {**opts, "num_predict": 120},
+        },
+    )
+    yield "missing model", "/api/generate", {"model": "no-such-model", "prompt": "x", "raw": True}
+    yield (
+        "missing model, chat",
+        "/api/chat",
+        {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]},
+    )
+    yield "no model", "/api/generate", {"prompt": "x"}
+    yield "bad options", "/api/generate", {"model": model, "prompt": "x", "options": "x"}
+    yield "embed, generative model", "/api/embed", {"model": model, "input": ["x"]}
+
+
+def _shape(name: str, status: int, ctype: str, lines: list[Any]) -> dict[str, Any]:
+    """What magpie reads of a reply, and nothing it does not."""
+    out: dict[str, Any] = {"status": status}
+    if status >= 400:
+        assert len(lines) == 1, (name, lines)
+        out["error keys"] = sorted(lines[0])
+        out["error is text"] = isinstance(lines[0].get("error"), str)
+        return out
+    out["content type"] = ctype
+    *chunks, last = lines
+    out["chunk keys"] = sorted({k for c in chunks for k in c if k != "created_at"})
+    out["chunks done"] = sorted({c.get("done") for c in chunks}, key=str)
+    out["last done"] = last.get("done")
+    if last.get("done"):
+        out["last keys"] = sorted(
+            k for k in last if k in ("done_reason", "eval_count", "prompt_eval_count")
+        )
+        reason = last.get("done_reason")
+        # Which of the two depends on the text, and greedy text differs
+        # between llama.cpp builds; a limit of 200 tokens with stop "." is "stop".
+        out["done_reason"] = reason if "stop" in name else reason in ("stop", "length")
+    if "format" in name:
+        text = "".join((c.get("message") or {}).get("content", "") for c in lines)
+        out["json"] = sorted(json.loads(text))
+    if "repeat" in name:
+        pieces = [c.get("response", "") for c in lines]
+        out["repeated"] = len([p for p in pieces if p.strip() == "A"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def double():  # type: ignore[no-untyped-def]
+    from ollama_server import LlamaEngine, OllamaTestServer, smollm2_model
+
+    model = smollm2_model(LlamaEngine(n_threads=1))
+    with OllamaTestServer([model]) as srv:
+        yield srv, model.name
+
+
+def test_double_matches_the_real_server(ollama: RealOllama, double):  # type: ignore[no-untyped-def]
+    srv, double_model = double
+    diffs = []
+    for name, path, body in _probes("smollm2"):
+        real = _shape(name, *_post(ollama.url + path, body))
+        dbody = dict(body)
+        if dbody.get("model") == "smollm2":
+            dbody["model"] = double_model
+        ours = _shape(name, *_post(srv.url + path, dbody))
+        if real != ours:
+            diffs.append(f"{name}: real {real} != double {ours}")
+    assert not diffs, "\n".join(diffs)
+
+
+def test_show_and_tags_shapes_match(ollama: RealOllama, double):  # type: ignore[no-untyped-def]
+    srv, double_model = double
+    real = _post(ollama.url + "/api/show", {"model": "smollm2"})[2][0]
+    ours = _post(srv.url + "/api/show", {"model": double_model})[2][0]
+    read = ("template", "modelfile", "parameters", "details", "capabilities", "model_info")
+    for key in read:
+        assert (key in real) == (key in ours), key
+    assert sorted(real["details"]) == sorted(ours["details"])
+    real_tags, our_tags = _get(ollama.url + "/api/tags"), _get(srv.url + "/api/tags")
+    assert sorted(real_tags["models"][0]) == sorted(our_tags["models"][0])
+    assert set(_get(ollama.url + "/api/version")) == set(_get(srv.url + "/api/version"))
