@@ -27,11 +27,14 @@ _TOKEN_RE = re.compile(r"<\|[A-Za-z_][A-Za-z0-9_]*\|>")
 PADDING_RUN = 8
 
 
-def ended_in_padding(completion: Completion) -> bool:
-    """Whether a server-ended generation ("repeat") stopped on a run of white
-    space after its text, rather than on a loop of words."""
+def cut_in_a_loop(completion: Completion) -> bool:
+    """Whether a generation was stopped in a loop: by magpie's own guard
+    ("abort"), or by the server's repeat guard ("repeat") on a run of words
+    rather than on white space after a finished text."""
+    if completion.finish_reason == "abort":
+        return True
     text = completion.text
-    return completion.finish_reason == "repeat" and len(text) - len(text.rstrip()) >= PADDING_RUN
+    return completion.finish_reason == "repeat" and len(text) - len(text.rstrip()) < PADDING_RUN
 
 
 def clean_instruction(completion: Completion, forbidden: list[str]) -> tuple[str, str | None]:
@@ -41,9 +44,7 @@ def clean_instruction(completion: Completion, forbidden: list[str]) -> tuple[str
         return text, EMPTY
     if completion.finish_reason == "length":
         return text, TRUNCATED
-    if completion.finish_reason == "abort" or (
-        completion.finish_reason == "repeat" and not ended_in_padding(completion)
-    ):
+    if cut_in_a_loop(completion):
         return text, REPETITION
     if any(tok in text for tok in forbidden) or _TOKEN_RE.search(text):
         return text, SPECIAL_TOKEN

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from magpie.backends.base import Backend, Completion, Sampling
-from magpie.clean import clean_instruction, ended_in_padding
+from magpie.clean import clean_instruction, cut_in_a_loop
 from magpie.dedup import DedupIndex, Duplicate
 from magpie.errors import BackendError, MagpieError, UsageError
 from magpie.judge import InstructionVerdict, Judge, JudgeInvalid, Thresholds
@@ -473,9 +473,7 @@ class Pipeline:
         )
         self.stats.add_tokens(completion.prompt_tokens, completion.completion_tokens)
         self.stats.add_response(completion.completion_tokens)
-        if completion.finish_reason == "abort" or (
-            completion.finish_reason == "repeat" and not ended_in_padding(completion)
-        ):
+        if cut_in_a_loop(completion):
             return completion, "response_repetition"
         if not completion.text.strip():
             return completion, "empty_response"
