@@ -69,7 +69,7 @@ def child(url: str, pairs: int, dedup: bool, k: int) -> dict[str, Any]:
     import ollama  # noqa: F401
 
     import magpie.config  # noqa: F401
-    import magpie.generate  # noqa: F401
+    import magpie.run  # noqa: F401
 
     if dedup:
         import magpie.dedup  # noqa: F401

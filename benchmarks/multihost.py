@@ -64,7 +64,7 @@ async def run(
     args: argparse.Namespace,
 ) -> tuple[list[list[Any]], list[tuple[str, bool]], dict[str, Any]]:
     from magpie.config import RunConfig
-    from magpie.generate import agenerate
+    from magpie.run import agenerate
 
     a, b = start_servers(args.latency, args.per_host)
     loop = asyncio.get_running_loop()

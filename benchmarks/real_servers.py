@@ -92,8 +92,8 @@ async def bare_ollama(url: str, n: int, k: int, seed: int, cfg: dict[str, Any]) 
     from magpie.backends.base import Completion
     from magpie.clean import clean_instruction
     from magpie.config import RunConfig
-    from magpie.generate import prepare
     from magpie.records import derive_seed
+    from magpie.run import prepare
 
     prep = await prepare(RunConfig(backend="ollama", model=MODEL, host=url))
     await prep.backend.aclose()
@@ -170,7 +170,7 @@ async def magpie_ollama(
     model: str | None = MODEL,
 ) -> dict[str, Any]:
     from magpie.config import RunConfig
-    from magpie.generate import agenerate
+    from magpie.run import agenerate
 
     with tempfile.TemporaryDirectory(prefix="magpie-bench-") as tmp:
         rc = RunConfig(
@@ -350,7 +350,7 @@ async def bare_on(url: str, n: int, k: int, seed: int, cfg: dict[str, Any]) -> d
 
 async def embedded_run(n: int, k: int, seed: int, cfg: dict[str, Any]) -> dict[str, Any]:
     from magpie.config import RunConfig
-    from magpie.generate import agenerate
+    from magpie.run import agenerate
 
     with tempfile.TemporaryDirectory(prefix="magpie-bench-") as tmp:
         rc = RunConfig(

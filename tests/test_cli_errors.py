@@ -61,6 +61,13 @@ def test_debug_shows_traceback() -> None:
         (["--concurrency", "0"], "concurrency"),
         (["--model", "missing.gguf"], "not found"),
         (["--bogus-flag"], "bogus"),
+        (["-n", "1000000000000"], "num"),
+        (["--response-max-tokens", "99999999"], "response.max_tokens"),
+        (["--model", ""], "model"),
+        (["--language", "xx"], "--language 'xx'"),
+        (["--instruction-temperature", "nan"], "instruction.temperature"),
+        (["--judge-backend", "ollama"], "needs --judge"),
+        (["--host", "http://127.0.0.1:11434/api"], "base URL"),
     ],
 )
 def test_bad_flags_exit_2(args: list[str], needle: str) -> None:
@@ -133,6 +140,12 @@ def test_templates_show_unknown() -> None:
 def test_export_missing_input() -> None:
     proc = run_magpie("export", "nope.jsonl", "--format", "openai")
     assert_one_line_error(proc, USAGE, "not found")
+
+
+def test_help_shows_no_python_types() -> None:
+    proc = run_magpie("generate", "--help")
+    assert proc.returncode == 0 and "--host <url>" in proc.stdout
+    assert "list[" not in proc.stdout
 
 
 def test_help_and_version() -> None:

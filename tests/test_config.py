@@ -104,3 +104,39 @@ def test_shipped_example_configs_are_valid() -> None:
     assert files, "configs/ holds example run configs"
     for f in files:
         build_config({}, config_file=f, environ={})
+
+
+def test_host_credentials_are_sent_and_api_paths_refused(tmp_path: Path) -> None:
+    import base64
+
+    from batch_helpers import gen_args, scripted_server
+    from magpie_cli import run_magpie
+
+    with scripted_server() as srv:
+        authed = srv.url.replace("http://", "http://bob:s%40cret@")
+        out = tmp_path / "d.jsonl"
+        args = gen_args(srv, out, 2, "--seed", "1")
+        args[args.index(srv.url)] = authed
+        proc = run_magpie(*args)
+        seen = {
+            r.headers.get("authorization") or r.headers.get("Authorization") for r in srv.requests
+        }
+    assert proc.returncode == 0, proc.stderr
+    assert seen == {"Basic " + base64.b64encode(b"bob:s@cret").decode()}
+    assert "bob" not in out.read_text() and "cret" not in out.read_text()
+    proc = run_magpie("generate", "-n", "1", "--host", "http://127.0.0.1:9/api", "--model", "m")
+    assert proc.returncode == 2 and "give the server's base URL" in proc.stderr
+
+
+def test_config_file_json_and_bad_values(tmp_path: Path) -> None:
+    from magpie.config import RunConfig, load_config_file
+
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"num": 3, "model": "llama3.1:8b"}')
+    assert load_config_file(cfg) == {"num": 3, "model": "llama3.1:8b"}
+    cfg.write_text("{not json")
+    with pytest.raises(UsageError, match="not valid JSON"):
+        load_config_file(cfg)
+    for bad in ({"num": 10**12}, {"model": ""}, {"timeout": float("nan")}):
+        with pytest.raises(ValueError):
+            RunConfig(**bad)

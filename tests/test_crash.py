@@ -76,3 +76,24 @@ def test_resume_is_deterministic_on_embedded(tmp_path: Path) -> None:
         (r.index, r.instruction, r.response) for r in b
     ]
     assert [r.id for r in a] == [r.id for r in b]
+
+
+def test_run_killed_after_its_last_record_is_settled_by_the_rerun(tmp_path: Path) -> None:
+    """SIGKILL once every record is written, before the final manifest: the
+    'nothing to do' rerun marks that run crashed, with what it really wrote."""
+    out = tmp_path / "d.jsonl"
+    with scripted_server() as srv:
+        proc = popen_magpie(*gen_args(srv, out, 6, "--seed", "5"))
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 6):
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+        man = manifest_of(out)
+        if man.runs[-1].status != "running":  # it finished first: make it a kill
+            man.runs[-1].status, man.runs[-1].written = "running", 0
+            (tmp_path / "d.jsonl.manifest.json").write_text(man.model_dump_json())
+        again = run_magpie(*gen_args(srv, out, 6))
+    assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr
+    run = manifest_of(out).runs[-1]
+    assert run.status == "crashed" and run.written == 6
+    assert manifest_of(out).records == 6

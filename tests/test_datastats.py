@@ -352,7 +352,7 @@ def test_percentile_and_histogram_agree_with_a_sorted_list(values: list[int]) ->
 def test_a_generated_file_and_its_manifest(tmp_path: Path) -> None:
     """Stats of what ``generate`` really writes: two runs (a top-up) on one file."""
     from magpie.config import RunConfig
-    from magpie.generate import generate
+    from magpie.run import generate
     from ollama_server import OllamaTestServer, ScriptedEngine, build_models
 
     out = tmp_path / "gen.jsonl"

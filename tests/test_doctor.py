@@ -174,3 +174,23 @@ def test_embedded_backend() -> None:
     assert model.detail.endswith(")") and ".gguf (" in model.detail and "MB GGUF" in model.detail
     assert "(source gguf-jinja" in template.detail and '"<|im_start|>' in template.detail
     assert smoke.detail.startswith('instruction "') and "-> answer " in smoke.detail
+
+
+def test_openai_compatible_server_through_the_contract() -> None:
+    """doctor asks the backend itself (``probe``, ``check_model``): no branch on
+    its name, so an OpenAI-compatible server is checked like any other."""
+    from openai_server import OpenAITestServer, smollm2_served
+
+    served = smollm2_served(ScriptedEngine(), model_id="smollm2.gguf")
+    with OpenAITestServer([served], flavor="llamacpp") as srv:
+        checks = doctor(backend="openai", host=srv.url)
+        assert all(c.ok for c in checks), checks
+        reachable, model = checks[1], checks[2]
+        assert reachable.detail == f"OpenAI-compatible server at {srv.url} (serves smollm2.gguf)"
+        assert model.detail == f"smollm2.gguf on {srv.url}"
+        bad = assert_skipped_after(doctor(backend="openai", host=srv.url, model="nope"), "model")
+        assert "'nope' is not served" in bad.detail
+        url = srv.url
+    bad = assert_skipped_after(doctor(backend="openai", host=url), "reachable")
+    assert bad.detail == f"OpenAI-compatible server is not reachable at {url}"
+    assert bad.fix.startswith("start it") and bad.exit_status == 3

@@ -68,3 +68,24 @@ def test_bad_input_leaves_no_output(data: Path, tmp_path: Path) -> None:
         export_file(str(bad), "openai", str(out))
     assert not out.exists()
     assert list(tmp_path.glob(".o.jsonl*")) == []
+
+
+def test_dpo_skips_are_counted_and_explained(tmp_path: Path) -> None:
+    from magpie.records import Scored
+
+    recs = []
+    for i, scores in enumerate([(5, 2), (3, 3), None]):
+        rec = make_record(i, instruction=f"Q{i}?", response=f"A{i}.")
+        if scores:
+            rec.chosen = Scored(content="good", score=scores[0])
+            rec.rejected = Scored(content="bad", score=scores[1])
+        recs.append(rec)
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(r.model_dump_json() + "\n" for r in recs))
+    out = tmp_path / "dpo.jsonl"
+    count = export_file(str(src), "dpo", str(out))
+    assert count == 1 and dict(count.skipped) == {"tie": 1, "no_pair": 1}
+    why = count.explain("dpo")
+    assert why is not None and "1 ties" in why and "1 without a pair" in why
+    assert "--responses 4" in why
+    assert len(read(out)) == 1 and read(out)[0]["score_chosen"] == 5

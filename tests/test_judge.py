@@ -364,3 +364,25 @@ def test_filter_command_is_resumable(tmp_path: Path) -> None:
     assert [r["id"] for r in kept] == [
         r["id"] for r in json_lines(src.read_text()) if r["id"] in {k["id"] for k in kept}
     ]
+
+
+def test_judge_errors_name_the_judge_flags(tmp_path: Path) -> None:
+    """A judge model that is missing is reported with --judge, not --model."""
+    with _judge_on(ScriptedEngine()) as srv:
+        proc = run_magpie(
+            "generate",
+            "-n",
+            "1",
+            "--model",
+            "llama3.1:8b",
+            "--host",
+            srv.url,
+            "--judge",
+            "smollm2",
+            "-o",
+            str(tmp_path / "d.jsonl"),
+        )
+    assert proc.returncode == 3, proc.stderr
+    line = [x for x in proc.stderr.splitlines() if x.startswith("magpie: error:")][0]
+    assert line.startswith("magpie: error: judge: ") and "smollm2" in line
+    assert "--model" not in line

@@ -75,7 +75,14 @@ def test_complete_last_line_without_newline_counts(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    ['{\n  "a": 1\n}\n', '{"a": 1}\n', "not json at all\n", "[1, 2]\n"],
+    [
+        '{\n  "a": 1\n}\n',
+        '{"a": 1}\n',
+        "not json at all\n",
+        "[1, 2]\n",
+        "my notes, one line, no newline",  # not a torn record: never moved aside
+        '{"a": 1}',
+    ],
 )
 def test_foreign_file_is_refused(tmp_path: Path, content: str) -> None:
     out = tmp_path / "other.json"

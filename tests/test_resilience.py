@@ -4,6 +4,7 @@ exactly N valid, unique records, and the manifest counts the retries by cause.""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from batch_helpers import assert_exact, gen_args, manifest_of, scripted_server, wait_for_lines
+from magpie.lock import OutputLock, OutputLocked
 from magpie_cli import popen_magpie, run_magpie
 from ollama_server import BUSY, Delay, DropConnection, EmptyResponse, HttpError, MidStreamError
 
@@ -149,22 +151,50 @@ def test_second_ctrl_c_exits_at_once_file_valid(tmp_path: Path) -> None:
 
 
 def test_lock_second_run_refuses(tmp_path: Path) -> None:
+    """A held lock refuses a second run by any name of the file; no race: the
+    test itself holds the lock a running generate would hold."""
     out = tmp_path / "d.jsonl"
-    with scripted_server(latency=0.1) as srv:
+    with scripted_server() as srv:
+        assert run_magpie(*gen_args(srv, out, 3, "--seed", "6")).returncode == 0
+        before = out.read_bytes()
+        man = tmp_path / "d.jsonl.manifest.json"
+        snapshot = man.read_bytes()
+        link, hard = tmp_path / "link.jsonl", tmp_path / "hard.jsonl"
+        link.symlink_to(out)
+        os.link(out, hard)
+        with OutputLock(out):
+            for name in (out, link, hard, Path(os.path.relpath(out))):
+                second = run_magpie(*gen_args(srv, name, 6, "--overwrite"))
+                assert second.returncode == 4, second.stderr
+                assert "another magpie run is writing" in second.stderr
+                assert second.stdout == ""
+    assert out.read_bytes() == before and man.read_bytes() == snapshot
+    assert not list(tmp_path.glob("*.lock"))
+
+
+def test_running_generate_holds_the_lock_on_every_name(tmp_path: Path) -> None:
+    out = tmp_path / "d.jsonl"
+    hard = tmp_path / "hard.jsonl"
+    with scripted_server() as srv:
+        srv.inject(Delay(0.5), times=30, path="/api/chat")  # >= 7 s of run
         first = popen_magpie(*gen_args(srv, out, 15, "--seed", "6"))
         wait_for_lines(out, 1)
-        snapshot_manifest = (tmp_path / "d.jsonl.manifest.json").read_bytes()
-        second = run_magpie(*gen_args(srv, out, 15, "--overwrite"))
-        assert second.returncode == 4, second.stderr
-        assert "another magpie run is writing" in second.stderr
-        assert second.stdout == ""
-        # The refused run touched nothing: the first one is still writing its file.
-        assert (
-            tmp_path / "d.jsonl.manifest.json"
-        ).read_bytes() == snapshot_manifest or first.poll() is None
+        os.link(out, hard)
+        for name in (out, hard):
+            with pytest.raises(OutputLocked):
+                OutputLock(name).acquire()
         _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     assert_exact(out, 15)
+    assert not list(tmp_path.glob("*.lock"))  # nothing left beside the output
+
+
+def test_run_that_fails_at_once_leaves_no_file(tmp_path: Path) -> None:
+    out = tmp_path / "d.jsonl"
+    with scripted_server() as srv:
+        proc = run_magpie(*gen_args(srv, out, 3, "--model", "no-such-model"))
+    assert proc.returncode == 3, proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_torn_line_is_set_aside_and_reported(tmp_path: Path) -> None:
@@ -258,7 +288,7 @@ def test_interrupt_in_process_keeps_count_exact(tmp_path: Path) -> None:
     import asyncio
 
     from magpie import RunConfig
-    from magpie.generate import RunControl, agenerate
+    from magpie.run import RunControl, agenerate
 
     out = tmp_path / "d.jsonl"
     with scripted_server(latency=0.05) as srv:
@@ -281,3 +311,19 @@ def test_interrupt_in_process_keeps_count_exact(tmp_path: Path) -> None:
     recs = assert_exact(out, result.stats.written)
     assert 5 <= len(recs) < 100 and int(result.exit_status) == 130
     assert threading.active_count() >= 1
+
+
+def test_corrupt_manifest_is_set_aside_not_replaced(tmp_path: Path) -> None:
+    out = tmp_path / "d.jsonl"
+    man = tmp_path / "d.jsonl.manifest.json"
+    with scripted_server() as srv:
+        assert run_magpie(*gen_args(srv, out, 2, "--seed", "3")).returncode == 0
+        man.write_text('{"manifest_version": 1, "outp')  # a torn manifest
+        proc = run_magpie(*gen_args(srv, out, 3))
+    assert proc.returncode == 0, proc.stderr
+    assert "manifest was unreadable" in proc.stderr
+    assert (
+        tmp_path / "d.jsonl.manifest.json.corrupt"
+    ).read_text() == '{"manifest_version": 1, "outp'
+    assert manifest_of(out).records == 3
+    assert_exact(out, 3)

@@ -62,3 +62,14 @@ def test_non_retryable_errors_are_not_retried() -> None:
     with pytest.raises(BackendError):
         asyncio.run(call_with_retry(fn, FAST))
     assert len(calls) == 1
+
+
+def test_run_config_passes_every_backoff_setting() -> None:
+    from magpie.config import RunConfig
+
+    policy = RunConfig(
+        max_retries=7, backoff_base=0.05, backoff_max=0.2, unreachable_budget=9.0
+    ).retry
+    assert (policy.max_retries, policy.backoff_base, policy.backoff_max) == (7, 0.05, 0.2)
+    assert policy.unreachable_budget == 9.0
+    assert all(policy.delay(a) <= 0.2 for a in range(1, 10))

@@ -24,12 +24,12 @@ from magpie.config import build_config
 from magpie.dedup import DedupIndex, cache_path
 from magpie.embeddings import BackendEmbedder, semantic_target
 from magpie.errors import ModelNotFound
-from magpie.generate import agenerate, prepare
 from magpie.merge import merge_files
 from magpie.output import JsonlWriter
 from magpie.pipeline import Pipeline, PipelineSettings
 from magpie.records import Record, Rejection
 from magpie.retry import RetryPolicy
+from magpie.run import agenerate, prepare
 from magpie_cli import run_magpie
 from ollama_server import (
     Delay,

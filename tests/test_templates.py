@@ -262,6 +262,7 @@ def test_template_file(tmp_path: Path) -> None:
         ("pre_query = ", "not valid TOML"),
         ('pre_query = "x"\n', "stop"),
         ('pre_query = "x"\nstop = []\nbogus = 1\n', "bogus"),
+        ('pre_query = ""\nstop = []\n', "pre_query"),  # an empty pre-query asks nothing
     ],
 )
 def test_bad_template_file(tmp_path: Path, content: str, match: str) -> None:
@@ -281,3 +282,14 @@ def test_family_without_system_slot(tmp_path: Path) -> None:
     f.write_text('pre_query = "Q: "\nstop = ["A:"]\n')
     with pytest.raises(TemplateError, match="no system slot"):
         resolve_pre_query(str(f), ModelInfo(backend="ollama", model="m"), system="hi")
+
+
+def test_phi3_detected_from_ollamas_role_slot_template() -> None:
+    from magpie.templates.resolve import detect_family
+
+    stock = (
+        "{{- range $i, $_ := .Messages }}{{- $last := eq (len (slice $.Messages $i)) 1 -}}"
+        "<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ if $last }}<|assistant|>\n{{ end }}{{ end }}"
+    )
+    fam = detect_family(stock)
+    assert fam is not None and fam.name == "phi3"

@@ -2,6 +2,8 @@
 flushed to disk, renamed into place, and the directory entry synced.
 
 A reader (or a crash) sees the old file or the new one, never half of one.
+A process killed mid-write (SIGKILL) leaves its temporary file: the next
+writer of the same file removes it (the PID in its name is gone).
 The manifest, the dedup index cache, ``magpie dedup``/``merge``/``export``
 outputs and the HTML stats report are all written this way.
 """
@@ -28,20 +30,64 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def sweep_stale(path: Path) -> list[Path]:
+    """Remove the temporary files of ``path`` left by a killed process
+    (``.NAME.PID.XXXX.tmp`` whose PID is gone); a live writer's are kept."""
+    parent = path.parent if str(path.parent) else Path(".")
+    removed = []
+    try:
+        candidates = list(parent.glob(f".{glob_escape(path.name)}.*.tmp"))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        pid_text = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 class AtomicFile:
     """``path``'s new content, under a temporary name until :meth:`commit`.
 
     Opening creates the temporary file (an ``OSError`` then means the directory
     is not writable).  As a context manager it yields the file object, commits
     when the block ends normally and removes the temporary file otherwise.
-    ``mode``: permissions to give the file (``mkstemp`` makes it 0600).
+    ``mode``: permissions to give the file (default 0644, as every magpie output;
+    ``mkstemp`` alone makes it 0600).  A symlinked ``path`` is written through:
+    the file it points to is replaced and the link stays.
     """
 
-    def __init__(self, path: Path | str, *, text: bool = False, mode: int | None = None) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | str, *, text: bool = False, mode: int | None = 0o644) -> None:
+        from magpie.targets import write_path
+
+        self.path = write_path(Path(path))
         self._mode = mode
         parent = self.path.parent if str(self.path.parent) else Path(".")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=parent)
+        sweep_stale(self.path)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{self.path.name}.{os.getpid()}.", suffix=".tmp", dir=parent
+        )
         self._tmp: Path | None = Path(tmp)
         self.fh: IO[Any] = os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb")
 

@@ -1,10 +1,17 @@
-"""Cleaning a generated instruction: strip it, or reject it with a reason."""
+"""Cleaning model-written text: strip it, or reject it with a reason.
+
+Every text the model wrote that is ever rendered back into a template (the
+instruction, each response, each follow-up, the text a judge reads) passes
+:func:`template_reason` first: a special token or a role header in it would
+forge a turn inside the model's real template.
+"""
 
 from __future__ import annotations
 
 import re
 
 from magpie.backends.base import Completion
+from magpie.repetition import looped
 
 #: Reject reasons an instruction can get here (counted in the run summary).
 EMPTY = "empty"
@@ -37,6 +44,16 @@ def cut_in_a_loop(completion: Completion) -> bool:
     return completion.finish_reason == "repeat" and len(text) - len(text.rstrip()) < PADDING_RUN
 
 
+def template_reason(text: str, forbidden: list[str]) -> str | None:
+    """``special_token`` or ``role_leak`` when ``text`` may not be rendered into
+    a template (``forbidden``: the template's own special strings), else None."""
+    if any(tok in text for tok in forbidden if tok) or _TOKEN_RE.search(text):
+        return SPECIAL_TOKEN
+    if _ROLE_LEAK_RE.search(text):
+        return ROLE_LEAK
+    return None
+
+
 def clean_instruction(completion: Completion, forbidden: list[str]) -> tuple[str, str | None]:
     """Return ``(instruction, None)`` or ``(text, reason)`` for a rejected one."""
     text = completion.text.strip()
@@ -44,10 +61,6 @@ def clean_instruction(completion: Completion, forbidden: list[str]) -> tuple[str
         return text, EMPTY
     if completion.finish_reason == "length":
         return text, TRUNCATED
-    if cut_in_a_loop(completion):
+    if cut_in_a_loop(completion) or looped(text):
         return text, REPETITION
-    if any(tok in text for tok in forbidden) or _TOKEN_RE.search(text):
-        return text, SPECIAL_TOKEN
-    if _ROLE_LEAK_RE.search(text):
-        return text, ROLE_LEAK
-    return text, None
+    return text, template_reason(text, forbidden)

@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from magpie import __version__
-from magpie.errors import ExitStatus, MagpieError, OutputClosed
+from magpie.errors import ExitStatus, MagpieError, OutputClosed, os_error_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -89,9 +89,28 @@ def fail(exc: BaseException, debug: bool) -> typer.Exit:
     if isinstance(exc, MagpieError):
         err(f"magpie: error: {exc}")
         return typer.Exit(int(exc.exit_status))
+    if isinstance(exc, OSError) and exc.errno is not None:
+        line, status = os_error_line(exc)
+        err(f"magpie: error: {line}")
+        return typer.Exit(int(status))
     first = (str(exc).strip().splitlines() or [""])[0]
     err(f"magpie: error: {exc.__class__.__name__}: {first} (run with --debug for a traceback)")
     return typer.Exit(int(ExitStatus.ERROR))
+
+
+def _flush_stdout() -> int | None:
+    """Flush what stdout still buffers; the exit status when that fails."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    except OSError as exc:
+        line, status = os_error_line(exc)
+        err(f"magpie: error: cannot write to stdout: {line}")
+        _silence_stdout()
+        return int(status)
+    return None
 
 
 def _version(value: bool) -> None:
@@ -150,6 +169,7 @@ def generate(
     host: list[str] | None = typer.Option(
         None,
         "--host",
+        metavar="<url>",
         help="Ollama URL (default $OLLAMA_HOST or http://127.0.0.1:11434); repeat it to spread the work over several servers.",
     ),
     template: str | None = typer.Option(
@@ -217,7 +237,7 @@ def generate(
         None, "--judge", help="Judge model (Ollama name or .gguf), or 'same' for the generator."
     ),
     judge_backend: str | None = typer.Option(
-        None, "--judge-backend", help="auto, ollama or embedded."
+        None, "--judge-backend", help="auto, ollama, openai or embedded."
     ),
     judge_host: str | None = typer.Option(None, "--judge-host", help="Ollama URL of the judge."),
     judge_prompt: Path | None = typer.Option(
@@ -359,8 +379,8 @@ def _generate(
     flags: dict[str, Any], config_file: Path | None, reporter: Any, debug: bool
 ) -> ExitStatus:
     from magpie.config import build_config
-    from magpie.generate import RunControl, agenerate
     from magpie.progress import Progress
+    from magpie.run import RunControl, agenerate
 
     try:
         flags["categories"] = _categories(flags.get("categories"))
@@ -494,7 +514,7 @@ def filter_cmd(
     ),
     judge: str | None = typer.Option(None, "--judge", help="Judge model (Ollama name or .gguf)."),
     judge_backend: str | None = typer.Option(
-        None, "--judge-backend", help="auto, ollama or embedded."
+        None, "--judge-backend", help="auto, ollama, openai or embedded."
     ),
     host: str | None = typer.Option(
         None, "--host", "--judge-host", help="Ollama URL of the judge."
@@ -555,7 +575,7 @@ def filter_cmd(
         flags["categories"] = _categories(categories)
         from magpie.config import build_config
         from magpie.filtering import afilter
-        from magpie.generate import RunControl
+        from magpie.run import RunControl
 
         cfg = build_config(flags, config_file=config)
 
@@ -738,12 +758,21 @@ def stats(
     html: Path | None = typer.Option(
         None, "--html", help="Write a self-contained HTML report with charts."
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --html file."),
     debug: Debug = False,
 ) -> None:
     """Counts, reject reasons, judge tags, lengths, tokens per pair and throughput."""
     try:
-        from magpie.datastats import compute_stats, render_rich, to_json, write_html
+        from magpie.datastats import (
+            check_html_target,
+            compute_stats,
+            render_rich,
+            to_json,
+            write_html,
+        )
 
+        if html is not None:
+            check_html_target(html, [input, rejects], overwrite=overwrite)
         data = compute_stats(Path(input), rejects=rejects)
         if html is not None:
             write_html(data, html)
@@ -764,7 +793,7 @@ def doctor(
     model: str | None = typer.Option(
         None, "--model", "-m", help="Ollama model name or a .gguf file."
     ),
-    backend: str | None = typer.Option(None, "--backend", help="auto, ollama or embedded."),
+    backend: str | None = typer.Option(None, "--backend", help="auto, ollama, openai or embedded."),
     template: str | None = typer.Option(
         None, "--template", "-t", help="Template family, auto or a file."
     ),
@@ -899,6 +928,8 @@ def export(
 def _silence_stdout() -> None:
     """The reader of stdout went away (``magpie stats | head``): send what is
     still buffered to /dev/null, so that exiting does not fail on it."""
+    if sys.stdout is None:
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
 
@@ -926,8 +957,22 @@ def _stdout_console(**kwargs: Any) -> Any:
     return StdoutConsole(**kwargs)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is, so that its clean-up runs (the
+    temporary file of an output is removed) before exit 143."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: usage errors too are one line, exit 2."""
+    """Console-script entry point: usage errors too are one line, exit 2.
+
+    SIGTERM ends a command like Ctrl-C does (generate and filter stop
+    gracefully through their own handlers; the file commands unwind, removing
+    their temporary files), with exit 143."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:  # typer >= 0.29 vendors click
         from typer._click import exceptions as click_exc
     except ImportError:  # pragma: no cover
@@ -937,16 +982,25 @@ def main(argv: list[str] | None = None) -> None:
         rv = app(args=argv, prog_name="magpie", standalone_mode=False)
     except click_exc.NoArgsIsHelpError as exc:
         exc.show()
-        sys.exit(exc.exit_code)
+        sys.exit(_flush_stdout() or exc.exit_code)
     except click_exc.UsageError as exc:
         where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
         err(f"magpie: error: {exc.format_message()}{where}")
         sys.exit(int(ExitStatus.USAGE))
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        failed = _flush_stdout()
+        sys.exit(failed if failed is not None and not exc.exit_code else exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(int(ExitStatus.INTERRUPTED))
+    except Terminated:
+        sys.exit(int(ExitStatus.TERMINATED))
     except BrokenPipeError:
         _silence_stdout()
         sys.exit(int(ExitStatus.OK))
-    sys.exit(rv if isinstance(rv, int) else 0)
+    except OSError as exc:  # stdout on a full disk (`--help > /dev/full`), ...
+        line, status = os_error_line(exc)
+        err(f"magpie: error: {line}")
+        _silence_stdout()
+        sys.exit(int(status))
+    failed = _flush_stdout()
+    sys.exit(failed if failed is not None else rv if isinstance(rv, int) else 0)

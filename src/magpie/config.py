@@ -1,6 +1,6 @@
 """Run configuration: defaults < config file < environment < flags.
 
-A config file is TOML (``.toml``) or YAML (``.yaml``/``.yml``) holding the same
+A config file is TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON (``.json``) holding the same
 settings as the ``generate`` flags (see configs/).  Environment variables are
 ``MAGPIE_<KEY>`` (``MAGPIE_INSTRUCTION_TEMPERATURE`` for nested keys) and
 ``OLLAMA_HOST``.  Everything is validated by pydantic; an error names the bad
@@ -73,13 +73,13 @@ def preset_prompt(name: str) -> str:
 class RunConfig(BaseModel):
     """Every setting of ``magpie generate``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    num: int = Field(100, gt=0, description="records the output should hold")
+    num: int = Field(100, gt=0, le=100_000_000, description="records the output should hold")
     output: str = Field("-", min_length=1, description="output JSONL path, - for stdout")
     overwrite: bool = False
     backend: BackendName = "auto"
-    model: str | None = None
+    model: str | None = Field(None, min_length=1)
     #: One Ollama URL, or several (requests are spread over all healthy hosts).
     host: str | list[str] | None = None
     #: Requests in flight per host when there are several (default: concurrency).
@@ -212,14 +212,19 @@ class RunConfig(BaseModel):
 
     @property
     def retry(self) -> RetryPolicy:
-        return RetryPolicy(max_retries=self.max_retries, unreachable_budget=self.unreachable_budget)
+        return RetryPolicy(
+            max_retries=self.max_retries,
+            backoff_base=self.backoff_base,
+            backoff_max=self.backoff_max,
+            unreachable_budget=self.unreachable_budget,
+        )
 
 
 _NESTED = ("instruction", "response", "filters")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML or YAML config file into a dict (exit 2 on any problem)."""
+    """Read a TOML, YAML or JSON config file into a dict (exit 2 on any problem)."""
     p = Path(path).expanduser()
     try:
         text = p.read_text("utf-8")
@@ -229,7 +234,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"config file is a directory: {p}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read config file {p}: {exc}") from None
-    if p.suffix.lower() in (".yaml", ".yml"):
+    if p.suffix.lower() == ".json":
+        import json
+
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"config file {p} is not valid JSON: {exc}") from None
+    elif p.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
         try:

@@ -37,7 +37,6 @@ import hashlib
 import html
 import json
 import math
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
@@ -50,6 +49,7 @@ from magpie.atomic import AtomicFile
 from magpie.errors import UsageError
 from magpie.judge import CATEGORIES, DIFFICULTY_ORDER, QUALITY_ORDER
 from magpie.manifest import Manifest, RunEntry, manifest_path, read_manifest
+from magpie.targets import check_target, same_file, stdin_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
@@ -341,7 +341,7 @@ def _parse_time(text: str | None) -> datetime | None:
 def _lines(path: Path) -> Iterator[bytes]:
     """The lines of ``path`` (``-``: stdin), one at a time."""
     if str(path) == "-":
-        yield from sys.stdin.buffer
+        yield from stdin_bytes()
         return
     try:
         fh: BinaryIO = path.open("rb")
@@ -1131,6 +1131,20 @@ def render_html(stats: DataStats) -> str:
     )
 
 
+def check_html_target(
+    path: Path | str, inputs: list[Path | str | None], *, overwrite: bool = False
+) -> Path:
+    """Refuse an ``--html`` target that is one of the ``inputs``, not a regular
+    file, or exists without ``overwrite`` (exit 2)."""
+    for src in inputs:
+        if same_file(path, src):
+            raise UsageError(
+                f"--html {path} is the input {src}: give the report its own file, "
+                "such as report.html"
+            )
+    return check_target(path, "--html", overwrite=overwrite)
+
+
 def write_html(stats: DataStats, path: Path) -> None:
     """Write the report to ``path`` atomically (a temporary file renamed into place)."""
     path = Path(path)
@@ -1146,6 +1160,7 @@ def write_html(stats: DataStats, path: Path) -> None:
 __all__ = [
     "DataStats",
     "Distribution",
+    "check_html_target",
     "JudgeStats",
     "LengthStats",
     "RunInfo",

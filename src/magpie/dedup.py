@@ -48,8 +48,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import sys
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -63,6 +61,7 @@ from pydantic import ValidationError
 from magpie.atomic import AtomicFile
 from magpie.errors import MagpieError, UsageError
 from magpie.records import Record
+from magpie.targets import check_target, refuse_same, same_file, stdin_bytes, stdout_bytes
 
 #: Defaults, chosen and measured in benchmarks/README.md.
 DEFAULT_THRESHOLD = 0.7
@@ -882,14 +881,12 @@ def dedup_file(
     src_name = str(src)
     if src_name != STDIO and not Path(src_name).is_file():
         raise UsageError(f"input {src_name} does not exist or is not a file")
-    if rejects is not None and _same(rejects, src_name):
-        raise UsageError(f"rejects {rejects} is the input: pick another path")
-    if not overwrite and _same(dst, src_name):
-        raise UsageError(f"output {dst} is the input: pass --overwrite to replace it")
+    refuse_same([("--rejects", rejects), ("input", src_name)])
+    refuse_same([("--rejects", rejects), ("output", dst)])
+    if not overwrite and same_file(dst, src_name):
+        raise UsageError(f"output {dst} is the input: pass --overwrite to dedup it in place")
     out = AtomicOutput(dst, overwrite, "output")
-    rej = AtomicOutput(rejects, overwrite, "rejects") if rejects is not None else None
-    if rej is not None and out.path is not None and rej.path == out.path:
-        raise UsageError(f"rejects {rej.path} is the output: pick another path")
+    rej = AtomicOutput(rejects, overwrite, "--rejects") if rejects is not None else None
     counts = DedupCounts()
     try:
         out.open()
@@ -897,7 +894,7 @@ def dedup_file(
             rej.open()
         with contextlib.ExitStack() as stack:
             fin: IO[bytes] = (
-                sys.stdin.buffer if src_name == STDIO else stack.enter_context(open(src_name, "rb"))
+                stdin_bytes() if src_name == STDIO else stack.enter_context(open(src_name, "rb"))
             )
             for batch in _record_batches(fin, src_name):
                 dups = index.check_and_add_many((rid, text) for _, rid, text in batch)
@@ -912,15 +909,6 @@ def dedup_file(
         if rej is not None:
             rej.abort()
     return counts
-
-
-def _same(path: Path | str, src: str) -> bool:
-    if src == STDIO or str(path) == STDIO:
-        return False
-    try:
-        return os.path.samefile(path, src)
-    except OSError:
-        return False
 
 
 def _record_batches(fin: IO[bytes], name: str) -> Iterable[list[tuple[bytes, str, str]]]:
@@ -997,17 +985,11 @@ class AtomicOutput:
         self._fh: IO[bytes] | None = None
         if self.path is None:
             return
-        if self.path.is_dir():
-            raise UsageError(f"{what} {self.path} is a directory: give a file path")
-        parent = self.path.parent
-        if not parent.is_dir():
-            raise UsageError(f"{what} directory {parent} does not exist: create it first")
-        if self.path.exists() and not overwrite:
-            raise UsageError(f"{what} {self.path} exists: pass --overwrite to replace it")
+        check_target(self.path, what, overwrite=overwrite)
 
     def open(self) -> None:
         if self.path is None:
-            self._fh = sys.stdout.buffer
+            self._fh = stdout_bytes()
             return
         try:
             # 0644, as JsonlWriter's files (mkstemp makes 0600).

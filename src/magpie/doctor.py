@@ -6,11 +6,11 @@
 
 The checks run in order, each on what the previous ones found:
 
-1. **backend**: which backend ``--backend auto|ollama|embedded`` picks, and why;
-2. **reachable**: the Ollama server answers ``GET /api/version`` (or, embedded,
-   llama-cpp-python imports);
-3. **model**: the model is pulled (Ollama ``/api/tags`` and ``/api/show``) or the
-   GGUF file is there, valid and loads;
+1. **backend**: which backend ``--backend auto|ollama|openai|embedded`` picks, and why;
+2. **reachable**: the server answers (``Backend.probe``: Ollama's version, an
+   OpenAI-compatible server's model list) or llama-cpp-python imports;
+3. **model**: the model is there (``Backend.check_model``: pulled on Ollama,
+   served by the OpenAI-compatible server, or a GGUF file that is valid and loads);
 4. **template**: the pre-query template is detected: its family, source and
    exact text (JSON-escaped);
 5. **smoke test**: one instruction/response pair with small token limits.
@@ -36,7 +36,6 @@ from magpie.errors import (
     BackendUnavailable,
     ExitStatus,
     MagpieError,
-    ModelNotFound,
     TemplateError,
     UsageError,
 )
@@ -93,7 +92,10 @@ def _fail(detail: str, fix: str, status: ExitStatus) -> _Failed:
 
 
 def _from_error(exc: MagpieError, fix: str | None = None) -> _Failed:
-    """A failure from a magpie error: its message is the detail (and the fix, by default)."""
+    """A failure from a magpie error: its message is the detail, its ``fix``
+    (or, without one, the message again) what to do."""
+    if fix is None and exc.fix:
+        return _fail(exc.message, exc.fix, exc.exit_status)
     return _fail(str(exc), fix if fix is not None else str(exc), exc.exit_status)
 
 
@@ -104,7 +106,7 @@ async def _quick(call: Callable[[], Awaitable[T]], what: str) -> T:
     except asyncio.TimeoutError:
         raise _fail(
             f"{what} got no answer within {QUICK_TIMEOUT:g} s",
-            "check that the server is not overloaded or hung (restart it with `ollama serve`)",
+            "check that the server is not overloaded or hung (restart it)",
             ExitStatus.BACKEND_UNAVAILABLE,
         ) from None
 
@@ -115,7 +117,7 @@ async def _quick(call: Callable[[], Awaitable[T]], what: str) -> T:
 async def _check_backend(config: RunConfig) -> tuple[Backend, str]:
     """1. Validate the settings and choose the backend."""
     from magpie.backends.select import choose_backend
-    from magpie.generate import validate_config
+    from magpie.run import validate_config
 
     try:
         validate_config(config)
@@ -128,109 +130,29 @@ async def _check_backend(config: RunConfig) -> tuple[Backend, str]:
 
 
 async def _check_reachable(backend: Backend) -> str:
-    """2. The Ollama server answers (its version), or llama.cpp imports."""
-    if backend.name == "ollama":
-        return await _ollama_version(backend)
+    """2. The server answers (its version), or the in-process engine imports."""
     try:
-        import llama_cpp
-    except ImportError:
-        raise _fail(
-            "llama-cpp-python is not installed (the embedded backend needs it)",
-            INSTALL_EMBEDDED,
-            ExitStatus.BACKEND_UNAVAILABLE,
-        ) from None
-    version = getattr(llama_cpp, "__version__", "unknown")
-    return f"llama-cpp-python {version} (in process)"
-
-
-async def _ollama_version(backend: Any) -> str:
-    host = backend.host
-    try:
-        version = await _quick(backend.version, f"Ollama at {host}")
-    except BackendUnavailable:
-        raise _fail(
-            f"Ollama is not reachable at {host}",
-            "start it with `ollama serve` (or pass --host / set OLLAMA_HOST to where it runs)",
-            ExitStatus.BACKEND_UNAVAILABLE,
-        ) from None
+        return await _quick(backend.probe, f"the server at {backend.host}")
     except _Failed:
         raise
-    except Exception as exc:  # noqa: BLE001 - a server that is not Ollama
-        raise _fail(
-            f"something answers at {host}, but not as Ollama does ({exc.__class__.__name__}: "
-            f"{str(exc)[:120]})",
-            "pass --host with the URL of an Ollama server (default http://127.0.0.1:11434)",
-            ExitStatus.BACKEND_UNAVAILABLE,
-        ) from None
-    return f"Ollama {version} at {host}"
+    except MagpieError as exc:
+        raise _from_error(exc) from None
 
 
 async def _check_model(backend: Backend) -> tuple[ModelInfo, str]:
     """3. The model is there (and, embedded, the GGUF loads)."""
-    if backend.name == "ollama":
-        return await _ollama_model(backend)
-    return await _embedded_model(backend)
-
-
-def _has_model(names: list[str], model: str) -> bool:
-    def norm(name: str) -> str:
-        return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
-
-    return norm(model) in {norm(n) for n in names}
-
-
-async def _ollama_model(backend: Any) -> tuple[ModelInfo, str]:
-    model, host = backend.model, backend.host
     try:
-        listed = await _quick(backend.list_models, f"Ollama at {host}")
-    except MagpieError as exc:
-        raise _from_error(exc) from None
-    names = sorted(str(m.get("model") or m.get("name")) for m in listed)
-    if not _has_model(names, model):
-        others = f", or pass --model with one of: {', '.join(names)}" if names else ""
-        raise _fail(
-            f"model {model!r} is not on the Ollama server at {host} "
-            f"(pulled: {', '.join(names) or 'none'})",
-            f"pull it with `ollama pull {model}`{others}",
-            ExitStatus.BACKEND_UNAVAILABLE,
-        )
-    try:
-        info = await _quick(backend.describe, f"Ollama at {host}")
-    except ModelNotFound:
-        raise _fail(
-            f"model {model!r} is listed but /api/show does not know it",
-            f"pull it again with `ollama pull {model}`",
-            ExitStatus.BACKEND_UNAVAILABLE,
-        ) from None
-    except MagpieError as exc:
-        raise _from_error(exc) from None
-    details = info.extra.get("details") or {}
-    facts = [
-        f"{details.get(k)}"
-        for k in ("family", "parameter_size", "quantization_level")
-        if details.get(k)
-    ]
-    digest = f", digest {info.digest[:19]}" if info.digest else ""
-    return info, f"{model} on {host}" + (f" ({', '.join(facts)})" if facts else "") + digest
-
-
-async def _embedded_model(backend: Any) -> tuple[ModelInfo, str]:
-    from magpie.backends.embedded import check_gguf
-
-    path = backend.model_path
-    try:
-        check_gguf(path)
-        info = await backend.describe()
-    except UsageError as exc:
+        if backend.host is None:  # in process: loading a large GGUF takes its time
+            return await backend.check_model()
+        return await _quick(backend.check_model, f"the {backend.name} backend at {backend.host}")
+    except _Failed:
+        raise
+    except UsageError as exc:  # a GGUF that does not load
         raise _from_error(
-            exc, "pass --model with the path of a valid .gguf file (or re-download it)"
+            exc, exc.fix or "pass --model with the path of a valid .gguf file (or re-download it)"
         ) from None
     except MagpieError as exc:
-        raise _from_error(exc, INSTALL_EMBEDDED) from None
-    size = path.stat().st_size / 1e6
-    name = info.extra.get("general.name")
-    arch = f", architecture {info.family}" if info.family else ""
-    return info, f"{path} ({size:.1f} MB GGUF{arch}" + (f", {name})" if name else ")")
+        raise _from_error(exc) from None
 
 
 async def _check_template(

@@ -29,18 +29,25 @@ class ExitStatus(enum.IntEnum):
 
 
 class MagpieError(Exception):
-    """An error with a one-line, user-facing message and an exit status."""
+    """An error with a one-line, user-facing message and an exit status.
+
+    ``fix``, when given, says what to do; the one line is ``message: fix``
+    (``magpie doctor`` shows the two apart)."""
 
     exit_status: ExitStatus = ExitStatus.ERROR
 
-    def __init__(self, message: str, *, exit_status: ExitStatus | None = None) -> None:
+    def __init__(
+        self, message: str, *, exit_status: ExitStatus | None = None, fix: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.fix = fix
         if exit_status is not None:
             self.exit_status = exit_status
 
     def __str__(self) -> str:  # one line, always
-        return " ".join(self.message.split("\n"))
+        text = f"{self.message}: {self.fix}" if self.fix else self.message
+        return " ".join(text.split("\n"))
 
 
 class UsageError(MagpieError):
@@ -84,3 +91,47 @@ class OutputClosed(MagpieError):
 
 class TemplateError(UsageError):
     """No pre-query template could be found or derived (exit 2)."""
+
+
+def os_error_line(exc: OSError) -> tuple[str, ExitStatus]:
+    """One line, and the exit status, for an error of the system (disk full, a
+    read-only file system, a closed or unwritable stdout)."""
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return (
+            f"no space left on the device{where}: free some space and rerun "
+            "(generate and filter resume where they stopped)",
+            ExitStatus.ERROR,
+        )
+    if exc.errno == errno.EFBIG:
+        return (
+            f"file size limit reached{where} (ulimit -f): raise it and rerun",
+            ExitStatus.ERROR,
+        )
+    if exc.errno == errno.EDQUOT:
+        return f"disk quota exceeded{where}: free some space and rerun", ExitStatus.ERROR
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{(exc.strerror or 'denied').lower()}{where}: pick a path you can write", (
+            ExitStatus.USAGE
+        )
+    if exc.errno == errno.EBADF:
+        return (
+            "a file descriptor is closed (stdout or stdin?): redirect it, or give files "
+            "(-o FILE) instead of -",
+            ExitStatus.USAGE,
+        )
+    return f"{exc.strerror or exc.__class__.__name__}{where}", ExitStatus.ERROR
+
+
+class WriteFailed(MagpieError):
+    """The system refused to write a file (disk full, I/O error); what was
+    written before is intact and a rerun resumes (exit 1, or 2 for a path
+    that cannot be written at all)."""
+
+    @classmethod
+    def from_os_error(cls, exc: OSError, path: object) -> WriteFailed:
+        exc.filename = None  # the path leads the line already
+        line, status = os_error_line(exc)
+        return cls(f"cannot write {path}: {line}", exit_status=status)

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from pydantic import ValidationError
 from magpie.atomic import AtomicFile
 from magpie.errors import UsageError
 from magpie.records import Record
+from magpie.targets import check_target, same_file, stdin_bytes, stdout_bytes
 
 Format = Literal["openai", "sharegpt", "alpaca", "dpo"]
 FORMATS: tuple[str, ...] = ("openai", "sharegpt", "alpaca", "dpo")
@@ -34,8 +34,8 @@ _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
 
 #: Why a record has no DPO row (``skip_reason``), and what to do about it.
 DPO_SKIPS = {
-    "no_pair": "made without --responses K and --judge, it has no chosen/rejected pair",
-    "tie": "the judge scored chosen and rejected the same",
+    "no_pair": "without a pair (made without --responses K and --judge)",
+    "tie": "ties (the judge scored chosen and rejected the same)",
 }
 
 
@@ -113,7 +113,7 @@ def convert(record: Record, fmt: str) -> dict[str, Any] | None:
     raise UsageError(f"unknown export format {fmt!r}; pick one of: {', '.join(FORMATS)}")
 
 
-def read_records(lines: Iterable[str], name: str) -> Iterator[Record]:
+def read_records(lines: Iterable[bytes], name: str) -> Iterator[Record]:
     """Parse magpie records from JSONL lines; a bad line is a UsageError."""
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -140,14 +140,14 @@ def export_file(src: str, fmt: str, dst: str, *, overwrite: bool = False) -> int
         raise UsageError(f"unknown export format {fmt!r}; pick one of: {', '.join(FORMATS)}")
     out_path = None if dst == "-" else Path(dst).expanduser()
     if out_path is not None:
-        if out_path.is_dir():
-            raise UsageError(f"output {out_path} is a directory")
-        if out_path.exists() and not overwrite:
-            raise UsageError(f"output {out_path} exists: pass --overwrite to replace it")
-        if not out_path.parent.exists():
-            raise UsageError(f"output directory {out_path.parent} does not exist")
+        if same_file(out_path, src):
+            raise UsageError(
+                f"output {out_path} is the input: an export never replaces its input; "
+                "pick another --output"
+            )
+        check_target(out_path, "output", overwrite=overwrite)
     if src == "-":
-        fh = sys.stdin
+        fh = stdin_bytes()
         name = "stdin"
     else:
         p = Path(src).expanduser()
@@ -155,7 +155,7 @@ def export_file(src: str, fmt: str, dst: str, *, overwrite: bool = False) -> int
             raise UsageError(
                 f"input {p} not found" if not p.exists() else f"input {p} is not a file"
             )
-        fh = p.open(encoding="utf-8")
+        fh = p.open("rb")  # bytes: a line that is not UTF-8 is a bad record, not a crash
         name = str(p)
     count = 0
     skipped: Counter[str] = Counter()
@@ -172,14 +172,15 @@ def export_file(src: str, fmt: str, dst: str, *, overwrite: bool = False) -> int
 
     try:
         if out_path is None:
+            stdout = stdout_bytes()
             for line in rows():
-                sys.stdout.write(line)
-            sys.stdout.flush()
+                stdout.write(line.encode("utf-8"))
+            stdout.flush()
         else:
             with AtomicFile(out_path, text=True) as out:
                 for line in rows():
                     out.write(line)
         return ExportCount(count, skipped)
     finally:
-        if fh is not sys.stdin:
+        if src != "-":
             fh.close()

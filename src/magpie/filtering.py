@@ -18,15 +18,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from magpie.clean import template_reason
 from magpie.config import RunConfig
 from magpie.errors import UsageError
 from magpie.filters import build_filters
-from magpie.generate import RunControl
 from magpie.judge import Judge, JudgeInvalid
 from magpie.lock import OutputLock
-from magpie.output import JsonlWriter, RejectsWriter, check_output_path, scan_output
+from magpie.output import (
+    JsonlWriter,
+    RejectsWriter,
+    check_output_path,
+    check_rejects_path,
+    scan_output,
+)
 from magpie.records import Record
+from magpie.run import RunControl
 from magpie.stats import RunStats
+from magpie.targets import same_file
+from magpie.templates.registry import known_special_tokens
 
 
 @dataclass
@@ -88,13 +97,13 @@ async def afilter(
     out = check_output_path(config.output)
     if out is None:
         raise UsageError("magpie filter needs a file --output (it resumes from it)")
-    if out.resolve() == src_path.resolve():
-        raise UsageError("--output must differ from the input")
-    rejects_path = Path(config.rejects).expanduser() if config.rejects else None
+    if same_file(out, src_path):
+        raise UsageError(f"output {out} is the input: give the filtered records their own file")
+    rejects_path = check_rejects_path(config.rejects, [("output", out), ("input", src_path)])
     if config.judge and config.judge.strip().lower() == "same":
         raise UsageError("magpie filter needs a judge model name, not 'same'")
     filters = build_filters(config.filters)
-    with OutputLock(out):
+    with OutputLock(out) as lock:
         existing = scan_output(out) if not config.overwrite else None
         skip = set(existing.ids) if existing else set()
         skip |= _done_ids(rejects_path) if not config.overwrite else set()
@@ -119,7 +128,17 @@ async def afilter(
         if rejects is not None and config.overwrite and rejects_path is not None:
             rejects_path.unlink(missing_ok=True)
 
+        special = known_special_tokens()
+
         async def process(rec: Record) -> tuple[Record, str | None]:
+            # Text that would forge a turn if rendered into a template (the
+            # judge's, a finetuning script's) is never kept or judged.
+            for msg in rec.messages:
+                if msg.role == "system":
+                    continue  # the user's own prompt, not model text
+                leak = template_reason(msg.content, special)
+                if leak is not None:
+                    return rec, leak if msg.role == "user" else f"response_{leak}"
             for flt in filters:
                 reason = flt(rec.instruction)
                 if reason is not None:
@@ -174,7 +193,6 @@ async def afilter(
                 rejects.close()
             if judge_backend is not None:
                 await judge_backend.aclose()
-        if not out.exists():
-            out.touch()  # nothing kept is still an answer: an empty output
+        lock.keep()  # nothing kept is still an answer: an empty output
         result.skipped = skipped[0]
         return result

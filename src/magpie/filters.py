@@ -90,7 +90,14 @@ def detect_language(text: str) -> tuple[str, float]:
 
 def language_is(target: str, confidence: float) -> InstructionFilter:
     target = target.lower()
-    _identifier()  # fail early (exit 2) when the library is missing
+    known = sorted(set(_identifier().nb_classes))  # fails early (exit 2) without the library
+    if target not in known:
+        from magpie.errors import UsageError
+
+        raise UsageError(
+            f"--language {target!r} is not a language code the identifier knows; "
+            f"pick an ISO 639-1 code such as en, de, fr, zh (all: {' '.join(known)})"
+        )
 
     def check(text: str) -> str | None:
         lang, prob = detect_language(text)

@@ -77,6 +77,40 @@ def read_manifest(output: Path) -> Manifest | None:
         return None  # unreadable: it is rewritten by this run
 
 
+def set_aside_corrupt(output: Path) -> Path | None:
+    """Move an unreadable manifest to ``<manifest>.corrupt`` (never replaced
+    silently: it may be the only record of earlier runs); where it went."""
+    path = manifest_path(output)
+    try:
+        Manifest.model_validate_json(path.read_bytes())
+        return None
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError):
+        aside = path.with_name(path.name + ".corrupt")
+        path.replace(aside)
+        return aside
+
+
+def settle_crashed(manifest: Manifest, records_now: int, next_index: int) -> bool:
+    """Mark runs still ``running`` as ``crashed`` (the caller holds the output's
+    lock: no run of it is alive), the last one with the records it really
+    wrote (the file's count now, not its last manifest update).  Whether any
+    changed."""
+    changed = False
+    for i, run in enumerate(manifest.runs):
+        if run.status != "running":
+            continue
+        run.status = "crashed"
+        changed = True
+        if i == len(manifest.runs) - 1:
+            run.written = max(run.written, records_now - run.existing_before)
+            run.next_index = max(run.next_index or 0, next_index)
+    if changed:
+        manifest.records = records_now
+    return changed
+
+
 def write_manifest(output: Path, manifest: Manifest) -> None:
     """Replace the manifest atomically."""
     path = manifest_path(output)

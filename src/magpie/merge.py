@@ -19,7 +19,7 @@
 The output (and rejects) are written to temporary files renamed into place at
 the end, so a failed merge leaves nothing half-written; an existing output is
 replaced only with ``overwrite``; an input can never be the output.  The merge
-holds the output's lock (``<output>.lock``, exit 4 when another run holds it)
+holds the output's lock (exit 4 when another run holds it)
 and the inputs' locks, so a shard still being written by ``magpie generate`` is
 refused rather than read half-way.  Memory holds the dedup index and the set of
 ids read; records are streamed.
@@ -81,6 +81,7 @@ from magpie.errors import MagpieError, OutputClosed, UsageError
 from magpie.lock import OutputLock, OutputLocked
 from magpie.manifest import Manifest, RunEntry, manifest_path, read_manifest, write_manifest
 from magpie.records import Record
+from magpie.targets import refuse_same, same_file
 
 _BATCH = 1024  # records handed to the dedup index at once
 
@@ -206,9 +207,9 @@ def merge_files(
     paths = _check_inputs(inputs)
     out_name = str(output)
     for p in paths:
-        if _same(output, p):
+        if same_file(output, p):
             raise UsageError(f"output {out_name} is the input {p}: pick another --output")
-        if rejects is not None and _same(rejects, p):
+        if rejects is not None and same_file(rejects, p):
             raise UsageError(f"rejects {rejects} is the input {p}: pick another path")
     if rejects is not None and str(rejects) == STDIO and out_name == STDIO:
         raise UsageError("output and rejects cannot both be stdout (-): give --rejects a file")
@@ -224,7 +225,6 @@ def merge_files(
         if dedup
         else None
     )  # validates the thresholds
-    _targets(output, rejects, overwrite)  # bad paths fail before any lock file is made
     report = MergeReport(
         output=out_name,
         dedup=dedup,
@@ -235,10 +235,11 @@ def merge_files(
     out_path = None if out_name == STDIO else Path(out_name).expanduser()
     with contextlib.ExitStack() as locks:
         if out_path is not None:
-            locks.enter_context(OutputLock(out_path))
+            locks.enter_context(OutputLock(out_path, create=False))
         for p in paths:
             _lock_input(locks, p)
-        out, rej = _targets(output, rejects, overwrite)  # again, now that the lock is held
+        # Checked once the locks are held: an output a run is writing is exit 4.
+        out, rej = _targets(output, rejects, overwrite)
         manifests = [_input_manifest(p) for p in paths]
         if not allow_mixed:
             _check_mixed_manifests(paths, manifests)
@@ -299,33 +300,23 @@ def _targets(
     output: Path | str, rejects: Path | str | None, overwrite: bool
 ) -> tuple[AtomicOutput, AtomicOutput | None]:
     out = AtomicOutput(output, overwrite, "output")
-    rej = AtomicOutput(rejects, overwrite, "rejects") if rejects is not None else None
-    if rej is not None and out.path is not None and rej.path == out.path:
-        raise UsageError(f"rejects {rej.path} is the output: pick another path")
+    refuse_same([("--rejects", rejects), ("output", output)])
+    rej = AtomicOutput(rejects, overwrite, "--rejects") if rejects is not None else None
     return out, rej
-
-
-def _same(path: Path | str, other: Path) -> bool:
-    if str(path) == STDIO:
-        return False
-    try:
-        return os.path.samefile(Path(path).expanduser(), other)
-    except OSError:
-        return False
 
 
 def _lock_input(locks: contextlib.ExitStack, path: Path) -> None:
     """Hold an input's lock, so that no ``magpie generate`` appends to it meanwhile.
 
-    Where the lock file cannot be created (a read-only directory), no run can
-    write the file either: it is read without a lock.
+    Where the file cannot be opened to lock it, it is read without a lock (and
+    reading it then says why).
     """
-    lock = OutputLock(path)
+    lock = OutputLock(path, "input", create=False)
     try:
         lock.acquire()
     except OutputLocked:
         raise OutputLocked(
-            f"another magpie run is writing the input {path} (lock {lock.path} is held): "
+            f"another magpie run is writing the input {path}: "
             "wait for it to finish before merging it"
         ) from None
     except MagpieError:

@@ -11,8 +11,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,14 @@ from typing import BinaryIO
 
 from pydantic import ValidationError
 
-from magpie.errors import OutputClosed, UsageError
+from magpie.errors import OutputClosed, UsageError, WriteFailed
 from magpie.records import Record, Rejection
+from magpie.targets import check_target, refuse_same, stdout_bytes
 
 STDOUT = "-"
+#: How every record line starts (``schema_version`` is Record's first field):
+#: a torn first line that does not start so is not a torn record.
+_RECORD_START = b'{"schema_version":'
 
 
 @dataclass
@@ -48,15 +53,42 @@ def check_output_path(output: str) -> Path | None:
     """Validate ``--output`` before any work starts (exit 2 on a bad path)."""
     if output == STDOUT:
         return None
-    p = Path(output).expanduser()
-    if p.is_dir():
-        raise UsageError(f"output {p} is a directory: give a file path such as {p / 'data.jsonl'}")
+    p = check_target(output, "output", append=True)
+    _probe_writable(p, "output")
+    return p
+
+
+def check_rejects_path(
+    rejects: str | None, named: list[tuple[str, Path | str | None]]
+) -> Path | None:
+    """Validate ``--rejects`` before any work starts (exit 2): a regular file in
+    an existing directory, none of the ``named`` files (the output, the input),
+    and, if it exists, a rejects file already: rejects are never appended to a
+    dataset or to a file of something else."""
+    if not rejects:
+        return None
+    p = check_target(rejects, "--rejects", append=True)
+    refuse_same([("--rejects", p), *named])
+    if p.exists() and p.stat().st_size:
+        with p.open("rb") as fh:
+            first = fh.readline(1 << 20)
+        try:
+            obj = json.loads(first)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict) or "reject_reason" not in obj:
+            raise UsageError(
+                f"--rejects {p} is not a magpie rejects file (its first line has no "
+                "reject_reason); refusing to append to it: pick another --rejects"
+            )
+    _probe_writable(p, "--rejects")
+    return p
+
+
+def _probe_writable(p: Path, what: str) -> None:
+    """Refuse a file that cannot be written, creating nothing (os.access says
+    yes to root even on a read-only mount, so try for real)."""
     parent = p.parent if str(p.parent) else Path(".")
-    if not parent.exists():
-        raise UsageError(f"output directory {parent} does not exist: create it first")
-    if not parent.is_dir():
-        raise UsageError(f"output {p}: {parent} is not a directory")
-    # Probe for real (os.access says yes to root even on a read-only mount).
     try:
         if p.exists():
             os.close(os.open(p, os.O_WRONLY | os.O_APPEND))
@@ -66,9 +98,8 @@ def check_output_path(output: str) -> Path | None:
             os.unlink(probe)
     except OSError as exc:
         raise UsageError(
-            f"output {p} is not writable ({exc.strerror}): pick another --output"
+            f"{what} {p} is not writable ({exc.strerror}): pick another path"
         ) from None
-    return p
 
 
 def _record_error(path: Path, lineno: int, exc: Exception) -> UsageError:
@@ -97,7 +128,11 @@ def scan_output(path: Path | None) -> ExistingOutput:
                 # whole record that only lost its newline.
                 try:
                     rec = Record.model_validate_json(raw)
-                except (ValidationError, ValueError):
+                except (ValidationError, ValueError) as exc:
+                    if not result.count and not raw.startswith(_RECORD_START):
+                        # No record before it, and not the start of one: a
+                        # file of something else (a one-line note), not torn.
+                        raise _record_error(path, lineno, exc) from None
                     result.torn = raw
                     break
                 result.torn = b""
@@ -186,7 +221,7 @@ class JsonlWriter:
     def write(self, record: Record) -> None:
         data = (record.model_dump_json() + "\n").encode("utf-8")
         if self.path is None:
-            out = self._stdout or sys.stdout.buffer
+            out = self._stdout or stdout_bytes()
             try:
                 out.write(data)
                 out.flush()
@@ -194,23 +229,36 @@ class JsonlWriter:
                 raise OutputClosed("stdout was closed by its reader") from None
             self.written += 1
             return
-        if self._fd is None:
-            self._open()
-        assert self._fd is not None
+        try:
+            if self._fd is None:
+                self._open()
+            assert self._fd is not None
+            before = os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise WriteFailed.from_os_error(exc, self.path) from None
         view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            self._since_sync += 1
+            if self._since_sync >= self.fsync_every:
+                os.fsync(self._fd)
+                self._since_sync = 0
+        except OSError as exc:
+            # Disk full mid-line: take the partial line back, so the file ends
+            # with its last whole record (a rerun resumes from it).
+            with contextlib.suppress(OSError):  # else left torn: the next run sets it aside
+                os.ftruncate(self._fd, before)
+            raise WriteFailed.from_os_error(exc, self.path) from None
         self.written += 1
-        self._since_sync += 1
-        if self._since_sync >= self.fsync_every:
-            os.fsync(self._fd)
-            self._since_sync = 0
 
     def close(self) -> None:
         if self._fd is not None:
             try:
                 os.fsync(self._fd)
+            except OSError:
+                pass  # every record was written whole; the kernel still has them
             finally:
                 os.close(self._fd)
                 self._fd = None
@@ -236,11 +284,9 @@ class RejectsWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fh: BinaryIO | None = None
+        self._fd: int | None = None
 
     def write(self, item: Rejection | Record, *, reason: str = "", **context: object) -> None:
-        import json
-
         if isinstance(item, Record):
             data: dict[str, object] = item.model_dump(mode="json")
             data.update(reject_reason=reason, reject_stage="filter", reject_detail="")
@@ -258,12 +304,23 @@ class RejectsWriter:
                 "reject_stage": item.stage,
                 "reject_detail": item.detail,
             }
-        if self._fh is None:
-            self._fh = self.path.open("ab")
-        self._fh.write((json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8"))
-        self._fh.flush()
+        line = (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            before = os.fstat(self._fd).st_size
+        except OSError as exc:
+            raise WriteFailed.from_os_error(exc, self.path) from None
+        view = memoryview(line)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, before)  # never half a line
+            raise WriteFailed.from_os_error(exc, self.path) from None
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from magpie.backends.base import Backend, Completion, Sampling
-from magpie.clean import clean_instruction, cut_in_a_loop
+from magpie.clean import clean_instruction, cut_in_a_loop, template_reason
 from magpie.dedup import DedupIndex, Duplicate
 from magpie.errors import BackendError, MagpieError, UsageError
 from magpie.judge import InstructionVerdict, Judge, JudgeInvalid, Thresholds
@@ -41,7 +41,7 @@ from magpie.records import (
     record_id,
     utcnow,
 )
-from magpie.repetition import RepetitionGuard
+from magpie.repetition import RepetitionGuard, looped
 from magpie.retry import RetryPolicy, call_with_retry
 from magpie.stats import RunStats
 from magpie.templates import PreQuery
@@ -465,20 +465,25 @@ class Pipeline:
         self.stats.saved_responses += 1
 
     async def _answer(
-        self, messages: list[dict[str, str]], sampling: Sampling, seed: int
+        self, messages: list[dict[str, str]], sampling: Sampling, seed: int, forbidden: list[str]
     ) -> tuple[Completion, str | None]:
-        """One chat answer and its reject reason (None when it is usable)."""
+        """One chat answer and its reject reason (None when it is usable): an
+        answer is rendered back into the template (turn 2, the judge), so it
+        gets the instruction's special-token and role-header rules."""
         completion = await self._call(
             lambda: self.backend.chat(messages, sampling=sampling, seed=seed, abort=self._guard())
         )
         self.stats.add_tokens(completion.prompt_tokens, completion.completion_tokens)
         self.stats.add_response(completion.completion_tokens)
-        if cut_in_a_loop(completion):
+        if cut_in_a_loop(completion) or looped(completion.text):
             return completion, "response_repetition"
         if not completion.text.strip():
             return completion, "empty_response"
         if completion.finish_reason == "length" and not self.settings.keep_truncated:
             return completion, "response_truncated"
+        leak = template_reason(completion.text, forbidden)
+        if leak is not None:
+            return completion, f"response_{leak}"
         return completion, None
 
     async def response(
@@ -493,7 +498,7 @@ class Pipeline:
         samples: list[str] = []
         if k == 1:
             seed = derive_seed(self.seed, inst.index, "response")
-            completion, reason = await self._answer(messages, sampling, seed)
+            completion, reason = await self._answer(messages, sampling, seed, pre_query.forbidden)
             if reason is not None:
                 return Rejection(index=inst.index, reason=reason, stage="response", text=inst.text)
         else:
@@ -501,7 +506,9 @@ class Pipeline:
                 update={"temperature": self.settings.preference_temperature}
             )
             seeds = [derive_seed(self.seed, inst.index, f"sample:{j}") for j in range(k)]
-            answers = await asyncio.gather(*(self._answer(messages, sampling, sd) for sd in seeds))
+            answers = await asyncio.gather(
+                *(self._answer(messages, sampling, sd, pre_query.forbidden) for sd in seeds)
+            )
             good = [(c, sd) for (c, r), sd in zip(answers, seeds, strict=True) if r is None]
             if len(good) < 2:
                 return Rejection(
@@ -560,7 +567,9 @@ class Pipeline:
                 )
             messages.append({"role": "user", "content": text})
             rseed = derive_seed(self.seed, record.index, f"response:{turn}")
-            answer, why = await self._answer(messages, self.settings.response, rseed)
+            answer, why = await self._answer(
+                messages, self.settings.response, rseed, pre_query.forbidden
+            )
             if why is not None:
                 return Rejection(
                     index=record.index,

@@ -10,6 +10,8 @@ the generation at once; the pipeline rejects it as ``repetition``.
 
 from __future__ import annotations
 
+import re
+
 
 class RepetitionGuard:
     """Call with the text generated so far; True means "stuck in a loop"."""
@@ -58,3 +60,25 @@ def is_looping(
         if all(tail[n - (i + 1) * period : n - i * period] == block for i in range(1, min_repeats)):
             return True
     return False
+
+
+_LIST_MARK = re.compile(r"^\s*(?:[-*•]|\(?\d+[.):]|[a-zA-Z][.)])?\s*")
+
+
+def repeated_lines(text: str, min_lines: int = 10, max_distinct: float = 0.5) -> bool:
+    """Whether ``text`` is a list of mostly the same lines once their numbers
+    and bullets are stripped (a model that loops with a counter: "1. Go.",
+    "2. Go.", ...).  ``min_lines`` lines of two words or more at least; looping when the
+    distinct ones are at most ``max_distinct`` of them."""
+    lines = [_LIST_MARK.sub("", line).strip().lower() for line in text.splitlines()]
+    lines = [line for line in lines if len(line.split()) >= 2]  # not "}", "---", "end"
+    if len(lines) < min_lines:
+        return False
+    return len(set(lines)) <= max_distinct * len(lines)
+
+
+def looped(text: str) -> bool:
+    """The check of a finished text that the streaming guard may miss: a tail
+    repeated 3 times over at least 48 characters (a short loop, under the
+    guard's 200), or a list of mostly repeated lines."""
+    return is_looping(text, min_repeats=3, min_chars=48) or repeated_lines(text)

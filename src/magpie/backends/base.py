@@ -49,14 +49,14 @@ AbortCheck = Callable[[str], bool]
 class Sampling(BaseModel):
     """Sampling settings of one stage (instruction or response)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     temperature: float = Field(1.0, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     #: 0 disables top-k.  Sent explicitly: servers default to 40 otherwise.
     top_k: int | None = Field(0, ge=0)
     repeat_penalty: float | None = Field(1.0, gt=0.0)
-    max_tokens: int = Field(512, gt=0)
+    max_tokens: int = Field(512, gt=0, le=1_000_000)
 
 
 class Completion(BaseModel):
@@ -179,6 +179,19 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def describe(self) -> ModelInfo:
         """Describe the model (raises ModelNotFound / BackendUnavailable)."""
+
+    async def probe(self) -> str:
+        """One line on what answers (a server's version and address, or the
+        engine in process), without loading a model: ``magpie doctor``'s
+        "reachable" check.  Raises BackendUnavailable (nothing answers) or
+        BackendError (something else answers), with a ``fix``."""
+        return f"the {self.name} backend"
+
+    async def check_model(self) -> tuple[ModelInfo, str]:
+        """The model's description and one line on it (``magpie doctor``'s
+        "model" check).  Raises ModelNotFound / UsageError with a ``fix``."""
+        info = await self.describe()
+        return info, self.model + (f" on {self.host}" if self.host else "")
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections or the model."""

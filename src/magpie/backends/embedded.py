@@ -62,7 +62,8 @@ def _llama_cpp() -> Any:
         import llama_cpp
     except ModuleNotFoundError:
         raise BackendUnavailable(
-            "the embedded backend needs llama-cpp-python: pip install 'magpie[embedded]'"
+            "llama-cpp-python is not installed (the embedded backend needs it)",
+            fix="pip install 'magpie[embedded]'",
         ) from None
     return llama_cpp
 
@@ -251,6 +252,18 @@ class EmbeddedBackend(Backend):
                 "n_threads": self._n_threads,
             },
         )
+
+    async def probe(self) -> str:
+        version = getattr(_llama_cpp(), "__version__", "unknown")
+        return f"llama-cpp-python {version} (in process)"
+
+    async def check_model(self) -> tuple[ModelInfo, str]:
+        check_gguf(self._path)
+        info = await self.describe()
+        size = self._path.stat().st_size / 1e6
+        name = info.extra.get("general.name")
+        arch = f", architecture {info.family}" if info.family else ""
+        return info, f"{self._path} ({size:.1f} MB GGUF{arch}" + (f", {name})" if name else ")")
 
     async def aclose(self) -> None:
         """Stop a generation in progress (at its next token), then free the model.

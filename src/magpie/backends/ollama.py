@@ -11,11 +11,13 @@ goes through ``ollama.AsyncClient`` on httpx's own transport.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
 import re
 import sys
+import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -54,9 +56,38 @@ def validate_host(host: str) -> str:
     ):
         raise UsageError(f"--host {host!r} is not a URL: use e.g. http://127.0.0.1:11434")
     try:
-        return resolve_host(host)
+        url = resolve_host(host)
     except Exception:  # noqa: BLE001 - the client's parser raises various errors
         raise UsageError(f"--host {host!r} is not a URL: use e.g. http://127.0.0.1:11434") from None
+    path = urllib.parse.urlsplit(url).path.rstrip("/")
+    if path == "/api" or path.startswith("/api/"):
+        base = url[: url.index(path)]
+        raise UsageError(
+            f"--host {host!r} ends in an API path ({path}): give the server's base URL, "
+            f"such as {base}"
+        )
+    return url
+
+
+def host_credentials(host: str | None) -> tuple[str | None, dict[str, str]]:
+    """``host`` without ``user:password@``, and the Basic authorization header
+    for them (the ollama client drops credentials from a URL; a server behind
+    an authenticating proxy needs them sent)."""
+    if not host or "@" not in host:
+        return host, {}
+    scheme, sep, rest = host.partition("://")
+    if not sep:
+        scheme, rest = "", host
+    netloc, slash, tail = rest.partition("/")
+    if "@" not in netloc:
+        return host, {}
+    userinfo, _, hostport = netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(
+        f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()
+    ).decode()
+    bare = (f"{scheme}://" if sep else "") + hostport + (slash + tail if slash else "")
+    return bare, {"Authorization": f"Basic {token}"}
 
 
 def system_from_modelfile(modelfile: str | None) -> str | None:
@@ -121,6 +152,15 @@ def _options(sampling: Sampling, seed: int | None, stop: list[str] | None) -> di
     return opts
 
 
+def _has_model(names: list[str], model: str) -> bool:
+    """Whether ``model`` is among Ollama's ``names`` (``x`` is ``x:latest``)."""
+
+    def norm(name: str) -> str:
+        return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+    return norm(model) in {norm(n) for n in names}
+
+
 class OllamaBackend(Backend):
     """Talks to ``ollama serve``: generation requests over aiohttp (see the
     module docstring), everything else through ``ollama.AsyncClient``.
@@ -147,11 +187,12 @@ class OllamaBackend(Backend):
         request).  Everything else always goes through ``ollama.AsyncClient``."""
         import ollama
 
+        host, auth = host_credentials(host)
         self._model = model
         self._host = resolve_host(host)
         self._timeout = timeout
         self._keep_alive = keep_alive
-        self._client = ollama.AsyncClient(host=self._host, timeout=timeout)
+        self._client = ollama.AsyncClient(host=self._host, timeout=timeout, headers=auth)
         self._direct: _Direct | None = None
         self._renders: bool | None = None  # whether the server renders on request
         if direct_stream:
@@ -213,8 +254,8 @@ class OllamaBackend(Backend):
 
     def _unreachable(self) -> BackendUnavailable:
         return BackendUnavailable(
-            f"Ollama is not reachable at {self._host}: start it with `ollama serve` "
-            "(or pass --host / set OLLAMA_HOST)"
+            f"Ollama is not reachable at {self._host}",
+            fix="start it with `ollama serve` (or pass --host / set OLLAMA_HOST to where it runs)",
         )
 
     def _timed_out(self) -> BackendError:
@@ -487,6 +528,45 @@ class OllamaBackend(Backend):
             return str(resp.json().get("version", "unknown"))
         except Exception as exc:  # noqa: BLE001
             raise self._translate(exc) from exc
+
+    async def probe(self) -> str:
+        try:
+            version = await self.version()
+        except (BackendUnavailable, BackendError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a server that is not Ollama
+            raise BackendUnavailable(
+                f"something answers at {self._host}, but not as Ollama does "
+                f"({exc.__class__.__name__}: {str(exc)[:120]})",
+                fix="pass --host with the URL of an Ollama server (default http://127.0.0.1:11434)",
+            ) from None
+        return f"Ollama {version} at {self._host}"
+
+    async def check_model(self) -> tuple[ModelInfo, str]:
+        names = sorted(str(m.get("model") or m.get("name")) for m in await self.list_models())
+        if not _has_model(names, self._model):
+            others = f", or pass --model with one of: {', '.join(names)}" if names else ""
+            raise ModelNotFound(
+                f"model {self._model!r} is not on the Ollama server at {self._host} "
+                f"(pulled: {', '.join(names) or 'none'})",
+                fix=f"pull it with `ollama pull {self._model}`{others}",
+            )
+        try:
+            info = await self.describe()
+        except ModelNotFound:
+            raise ModelNotFound(
+                f"model {self._model!r} is listed but /api/show does not know it",
+                fix=f"pull it again with `ollama pull {self._model}`",
+            ) from None
+        details = info.extra.get("details") or {}
+        facts = [
+            f"{details.get(k)}"
+            for k in ("family", "parameter_size", "quantization_level")
+            if details.get(k)
+        ]
+        digest = f", digest {info.digest[:19]}" if info.digest else ""
+        summary = f"{self._model} on {self._host}"
+        return info, summary + (f" ({', '.join(facts)})" if facts else "") + digest
 
     async def list_models(self) -> list[dict[str, Any]]:
         try:

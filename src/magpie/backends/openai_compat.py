@@ -273,8 +273,9 @@ class OpenAIBackend(Backend):
     def _translate(self, exc: BaseException) -> Exception:
         if isinstance(exc, httpx.ConnectError):
             return BackendUnavailable(
-                f"OpenAI-compatible server is not reachable at {self._host}: start it "
-                "(e.g. `vllm serve MODEL`) or pass --host"
+                f"OpenAI-compatible server is not reachable at {self._host}",
+                fix="start it (e.g. `vllm serve MODEL`, `llama-server -m MODEL.gguf`) "
+                "or pass --host",
             )
         if isinstance(exc, httpx.TimeoutException):
             return BackendError(
@@ -382,6 +383,10 @@ class OpenAIBackend(Backend):
                 cause="connection",
             )
         return reply
+
+    async def probe(self) -> str:
+        served = await self.list_models()
+        return f"OpenAI-compatible server at {self._host} (serves {', '.join(served) or 'nothing'})"
 
     async def list_models(self) -> list[str]:
         """The model ids the server lists in ``GET /v1/models``."""

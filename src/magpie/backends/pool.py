@@ -200,6 +200,14 @@ class HostPool(Backend):
                 continue
         return None
 
+    async def probe(self) -> str:
+        """Every host answers (the first that does not raises)."""
+        return "; ".join([await h.backend.probe() for h in self._hosts])
+
+    async def check_model(self) -> tuple[ModelInfo, str]:
+        lines = [await h.backend.check_model() for h in self._hosts]
+        return lines[0][0], "; ".join(line for _, line in lines)
+
     async def describe(self) -> ModelInfo:
         """Describe the model on every host: it must be on each reachable one.
 

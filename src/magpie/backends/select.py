@@ -1,14 +1,15 @@
-"""Choosing and opening a backend: ``--backend auto|ollama|embedded``."""
+"""Choosing and opening a backend: ``--backend auto|ollama|openai|embedded``."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from magpie.backends.base import Backend
 from magpie.config import RunConfig
-from magpie.errors import BackendUnavailable, UsageError
+from magpie.errors import BackendUnavailable, MagpieError, UsageError
 
 #: The Ollama model ``auto`` uses when none is named and the server has it.
 DEFAULT_OLLAMA_MODEL = "llama3.1"
@@ -92,8 +93,28 @@ async def choose_judge_backend(config: RunConfig) -> BackendChoice:
             "host": config.judge_host or config.host,
         }
     )
-    choice = await choose_backend(judge_config)
+    try:
+        choice = await choose_backend(judge_config)
+    except MagpieError as exc:
+        raise _as_judge(exc) from None
     return BackendChoice(choice.backend, "judge " + choice.reason)
+
+
+_GENERATOR_FLAGS = re.compile(r"--(model|backend|host)\b")
+_JUDGE_FLAGS = {"model": "--judge", "backend": "--judge-backend", "host": "--judge-host"}
+
+
+def _as_judge(exc: MagpieError) -> MagpieError:
+    """The error of the judge's backend, in the judge's flag names (``--judge``,
+    not the generator's ``--model``)."""
+
+    def judge_flags(text: str) -> str:
+        return _GENERATOR_FLAGS.sub(lambda m: _JUDGE_FLAGS[m.group(1)], text)
+
+    exc.message = "judge: " + judge_flags(exc.message)
+    if exc.fix:
+        exc.fix = judge_flags(exc.fix)
+    return exc
 
 
 async def open_judge_backend(config: RunConfig) -> Backend:
@@ -106,6 +127,9 @@ async def open_judge_backend(config: RunConfig) -> Backend:
     try:
         policy = config.retry.model_copy(update={"unreachable_budget": 0.0})
         await call_with_retry(backend.describe, policy)
+    except MagpieError as exc:
+        await backend.aclose()
+        raise _as_judge(exc) from None
     except BaseException:
         await backend.aclose()
         raise

@@ -28,8 +28,8 @@ class TemplateFamily(BaseModel):
     description: str = ""
     aliases: list[str] = Field(default_factory=list)
     bos: str = ""
-    pre_query: str
-    system_pre_query: str | None = None
+    pre_query: str = Field(min_length=1)
+    system_pre_query: str | None = Field(None, min_length=1)
     user_header: str | None = None
     after_user: str | None = None
     after_assistant: str | None = None
@@ -70,6 +70,17 @@ def _load() -> tuple[dict[str, TemplateFamily], tuple[str, ...]]:
 def families() -> dict[str, TemplateFamily]:
     """All known families by name, in registry order."""
     return dict(_load()[0])
+
+
+def known_special_tokens() -> list[str]:
+    """The special tokens of every family (for text whose template is unknown:
+    ``magpie filter`` refuses them in any message)."""
+    seen: dict[str, None] = {}
+    for fam in families().values():
+        for tok in [*fam.special_tokens, fam.bos]:
+            if tok:
+                seen[tok] = None
+    return list(seen)
 
 
 def detect_order() -> tuple[str, ...]:

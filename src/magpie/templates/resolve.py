@@ -3,6 +3,7 @@ pre-query text and stop strings of a run."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -93,8 +94,18 @@ def drop_bos(text: str, bos: str = "") -> str:
     return text
 
 
+_ROLE_SLOT = re.compile(r"\{\{-?\s*\.Role\s*-?\}\}")
+
+
 def detect_family(template_text: str) -> TemplateFamily | None:
-    """Pick the registry family whose markers all appear in a chat template."""
+    """Pick the registry family whose markers all appear in a chat template.
+
+    A Go template that writes each role through a slot (Ollama's stock phi-3:
+    ``<|{{ .Role }}|>``) is read with the slot filled in as well."""
+    if _ROLE_SLOT.search(template_text):
+        template_text += "\n" + "\n".join(
+            _ROLE_SLOT.sub(role, template_text) for role in ("user", "assistant", "system")
+        )
     fams = families()
     for name in detect_order():
         fam = fams[name]

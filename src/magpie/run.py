@@ -1,4 +1,7 @@
-"""``generate``: the library function behind ``magpie generate``.
+"""A generation run: ``generate`` and ``agenerate``, the library behind ``magpie generate``.
+
+(The module is ``magpie.run``, not ``magpie.generate``, so that ``from magpie
+import generate`` is the function.)
 
 >>> from magpie import RunConfig, generate
 >>> result = generate(RunConfig(num=10, output="data.jsonl"))   # doctest: +SKIP
@@ -9,7 +12,7 @@ codes.
 
 A run on a file output:
 
-1. takes ``<output>.lock`` (a second run on the same output fails at once, exit 4);
+1. locks the output file (a second run on it, by any name, fails at once, exit 4);
 2. reads the output: valid records count toward ``num``; generation continues
    with the file's seed at the next index (top-up);
 3. refuses to mix another model or template into the file (``allow_mixed``);
@@ -38,12 +41,21 @@ from magpie.errors import ExitStatus, MagpieError, UsageError
 from magpie.filters import build_filters
 from magpie.judge import Judge
 from magpie.lock import OutputLock
-from magpie.manifest import Manifest, RunEntry, file_sha256, read_manifest, write_manifest
+from magpie.manifest import (
+    Manifest,
+    RunEntry,
+    file_sha256,
+    read_manifest,
+    set_aside_corrupt,
+    settle_crashed,
+    write_manifest,
+)
 from magpie.output import (
     ExistingOutput,
     JsonlWriter,
     RejectsWriter,
     check_output_path,
+    check_rejects_path,
     scan_output,
 )
 from magpie.pipeline import Pipeline, PipelineSettings, SystemChoice, check_samples_per_request
@@ -167,7 +179,14 @@ def validate_config(config: RunConfig) -> Path | None:
             fam.render(
                 config.effective_system or "x"
             )  # a family without a system slot refuses here
-    return check_output_path(config.output)
+    build_filters(config.filters)  # an unknown --language fails here, before a model loads
+    if config.judge is None and config.judge_backend != "auto":
+        raise UsageError(
+            f"--judge-backend {config.judge_backend} needs --judge MODEL (or --judge same)"
+        )
+    path = check_output_path(config.output)
+    check_rejects_path(config.rejects, [("output", path)])
+    return path
 
 
 async def prepare(config: RunConfig, on_retry: Callable[[str], None] | None = None) -> Prepared:
@@ -373,6 +392,7 @@ async def _agenerate(
 ) -> RunResult:
     fresh = path is None or config.overwrite
     existing = ExistingOutput(path) if fresh else scan_output(path)
+    corrupt = set_aside_corrupt(path) if path is not None else None
     previous = None if fresh or path is None else read_manifest(path)
     stats = stats or RunStats()
     stats.existing = existing.count
@@ -390,6 +410,11 @@ async def _agenerate(
                 start_index = max(start_index, run.next_index)
                 break
     result = RunResult(stats=stats, output=path, seed=seed, next_index=start_index)
+    if corrupt is not None:
+        result.warnings.append(f"the manifest was unreadable: moved to {corrupt} and started anew")
+    settled = previous is not None and settle_crashed(previous, existing.count, existing.next_index)
+    if settled and target == 0:  # the killed run had finished its records: say so now
+        write_manifest(path, previous)  # type: ignore[arg-type]
     if target == 0:
         result.notes.append(
             f"{path} already holds {existing.count} records (asked for {config.num}): nothing to do"
@@ -452,9 +477,6 @@ async def _agenerate(
             if not config.allow_mixed:
                 _check_mixed(path, existing, previous, prep, digest, config.shard)
             runs = list(previous.runs) if previous is not None else []
-            for old in runs:
-                if old.status == "running":
-                    old.status = "crashed"  # killed before it could say so
             entry = RunEntry(
                 started_at=_now(),
                 pid=os.getpid(),
@@ -519,14 +541,16 @@ async def _agenerate(
         result.exit_status = ExitStatus.ERROR
         raise
     finally:
+        # Every step runs whatever the one before did (a full disk must not
+        # leave the backend's connections open or the manifest behind).
         pairs_per_host = getattr(backend, "pairs", None)
         if pairs_per_host:
             stats.per_host = dict(pairs_per_host)
         writer.close()
         if rejects is not None:
-            rejects.close()
+            _best_effort(result, rejects.close, "the rejects file")
         if dedup is not None and path is not None and path.exists():
-            dedup.save(path)
+            _best_effort(result, lambda: dedup.save(path), "the dedup cache (rebuilt next run)")
         if embedder is not None:
             await embedder.aclose()
         await backend.aclose()
@@ -546,8 +570,17 @@ async def _agenerate(
                 ExitStatus.TERMINATED: "terminated",
             }.get(result.exit_status, "failed")
             entry.error = str(result.error) if result.error is not None else None
-            write_manifest(path, manifest)  # type: ignore[arg-type]
+            _best_effort(result, lambda: write_manifest(path, manifest), "the manifest")
     return result
+
+
+def _best_effort(result: RunResult, step: Callable[[], object], what: str) -> None:
+    """Run a clean-up step; a system error becomes a warning, not a new error
+    that hides the run's own (a full disk fails every write at the end)."""
+    try:
+        step()
+    except OSError as exc:
+        result.warnings.append(f"could not write {what}: {exc.strerror or exc}")
 
 
 #: Reject reasons of an instruction that is no user request at all.
