@@ -282,6 +282,7 @@ class LlamaEngine:
                 gen.done_reason = "length"
                 return
             text: list[str] = []
+            llm.reset()  # no reused prefix: the same seed gives the same sample on any build
             for chunk in llm.create_completion(
                 tokens,
                 max_tokens=budget,

@@ -377,3 +377,17 @@ def test_a_generated_file_and_its_manifest(tmp_path: Path) -> None:
         {"ollama": 20},
     )
     assert s.judge.status == NOT_JUDGED and s.turns == {1: 20}
+
+
+def test_unreadable_manifest_and_bad_rejects_lines_are_said(data: Path, rejects: Path) -> None:
+    from magpie_cli import run_magpie
+
+    assert compute_stats(data, rejects=rejects).notes == [
+        f"1 lines of {rejects} are not magpie rejects: not counted"
+    ]
+    Path(f"{data}.manifest.json").write_text("{torn")
+    s = compute_stats(data)
+    assert s.manifest is None and "manifest data.jsonl.manifest.json is unreadable" in s.notes[0]
+    proc = run_magpie("stats", str(data), "--json")
+    assert proc.returncode == 0 and "magpie: note: its manifest" in proc.stderr
+    assert json.loads(proc.stdout)["records"] == 5  # stdout stays data

@@ -188,20 +188,22 @@ def generate(
         None, "--concurrency", "-c", help="Pairs in flight: a number or auto (default)."
     ),
     instruction_temperature: float | None = typer.Option(
-        None, "--instruction-temperature", help="Default 1.0."
+        None, "--instruction-temperature", help="Instruction sampling temperature (default 1.0)."
     ),
     instruction_top_p: float | None = typer.Option(
-        None, "--instruction-top-p", help="Default 1.0."
+        None, "--instruction-top-p", help="Instruction top-p (default 1.0)."
     ),
     instruction_max_tokens: int | None = typer.Option(
-        None, "--instruction-max-tokens", help="Default 512."
+        None, "--instruction-max-tokens", help="Instruction token limit (default 512)."
     ),
     response_temperature: float | None = typer.Option(
-        None, "--response-temperature", help="Default 0.0 (greedy)."
+        None, "--response-temperature", help="Response temperature (default 0.0: greedy)."
     ),
-    response_top_p: float | None = typer.Option(None, "--response-top-p", help="Default 1.0."),
+    response_top_p: float | None = typer.Option(
+        None, "--response-top-p", help="Response top-p (default 1.0)."
+    ),
     response_max_tokens: int | None = typer.Option(
-        None, "--response-max-tokens", help="Default 2048."
+        None, "--response-max-tokens", help="Response token limit (default 2048)."
     ),
     keep_truncated: bool | None = typer.Option(
         None,
@@ -278,7 +280,7 @@ def generate(
         None,
         "--samples-per-request",
         help="Instructions per pre-query request (the server's n, one prefill; --backend openai, "
-        "e.g. vLLM). Default 1.",
+        "e.g. vLLM; default 1).",
     ),
     system_preset: str | None = typer.Option(
         None, "--system-preset", help="Task-control system prompt: math, code or translation."
@@ -778,6 +780,8 @@ def stats(
             write_html(data, html)
     except (MagpieError, Exception) as exc:  # noqa: BLE001
         raise fail(exc, debug) from None
+    for note in data.notes:
+        err(f"magpie: note: {note}")
     if as_json:
         out(to_json(data))
     else:

@@ -215,6 +215,9 @@ class DataStats(BaseModel):
     models: dict[str, int] = Field(default_factory=dict)
     templates: dict[str, int] = Field(default_factory=dict)
     backends: dict[str, int] = Field(default_factory=dict)
+    #: What the numbers cannot include, said on stderr by ``magpie stats``
+    #: (an unreadable manifest, lines of the rejects file that are no rejects).
+    notes: list[str] = Field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -670,7 +673,15 @@ def compute_stats(path: Path, *, rejects: Path | None = None) -> DataStats:
     path = Path(path)
     recs = _read_records(path)
     manifest = None if str(path) == "-" else read_manifest(path)
+    notes = []
+    if manifest is None and str(path) != "-" and manifest_path(path).exists():
+        notes.append(
+            f"its manifest {manifest_path(path).name} is unreadable: run settings, "
+            "throughput and the manifest's reject counts are left out"
+        )
     rej = _read_rejects(Path(rejects)) if rejects is not None else None
+    if rej is not None and rej.invalid:
+        notes.append(f"{rej.invalid} lines of {rejects} are not magpie rejects: not counted")
     from_manifest = _manifest_rejected(manifest) if manifest is not None else None
     from_file = dict(rej.reasons) if rej is not None else None
     rejected = _merge_rejected(from_manifest, from_file)
@@ -688,6 +699,7 @@ def compute_stats(path: Path, *, rejects: Path | None = None) -> DataStats:
         rejected_manifest=from_manifest,
         rejected_file=from_file,
         rejects_invalid_lines=rej.invalid if rej is not None else 0,
+        notes=notes,
         keep_rate=_ratio(recs.count, recs.count + rejected_total),
         unique_instructions=len(recs.instructions),
         unique_share=_ratio(len(recs.instructions), recs.count),

@@ -167,6 +167,9 @@ class Judge:
         self._system_instruction = load_system_prompt(system_prompt, with_response=False)
         self.calls = 0
         self.invalid = 0
+        #: Replies that failed validation and were asked again (also reported
+        #: to ``on_retry`` as ``judge_reask``: the run's retries by cause).
+        self.reasks = 0
 
     @property
     def model(self) -> str:
@@ -201,6 +204,9 @@ class Judge:
                 if attempt == 1:
                     self.invalid += 1
                     raise JudgeInvalid(_short_errors(exc), reply) from None
+                self.reasks += 1
+                if self.on_retry is not None:
+                    self.on_retry("judge_reask")
                 messages = [
                     *messages,
                     {"role": "assistant", "content": reply},

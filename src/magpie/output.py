@@ -52,6 +52,7 @@ class ExistingOutput:
 def check_output_path(output: str) -> Path | None:
     """Validate ``--output`` before any work starts (exit 2 on a bad path)."""
     if output == STDOUT:
+        stdout_bytes()  # a closed stdout fails now, not after the model loaded
         return None
     p = check_target(output, "output", append=True)
     _probe_writable(p, "output")

@@ -668,6 +668,12 @@ class Pipeline:
             return await self._judge(result, inst)
         return result
 
+    def _keep_rate(self, kept: int) -> float:
+        """Share of attempts that became records so far, at least 0.1: 1 until
+        an attempt is rejected (a run that keeps everything makes exactly N
+        attempts)."""
+        return max(0.1, (kept + 1) / (self.stats.attempts + 1))
+
     async def run(
         self,
         target: int,
@@ -713,8 +719,16 @@ class Pipeline:
                         return
                     deadline = loop.time() + grace
                 if deadline is None:
+                    # Near the end, start as many attempts as are expected to
+                    # be needed (each keeps a pair at the run's keep rate so
+                    # far), so that the slots stay busy while some fail: the
+                    # output is the same (first N by index), surplus attempts
+                    # are cancelled when N is reached.
+                    rate = self._keep_rate(kept)
                     potential = (
-                        kept + len(pending) + sum(isinstance(r, Record) for r in done.values())
+                        kept
+                        + len(pending) * rate
+                        + sum(isinstance(r, Record) for r in done.values())
                     )
                     while (
                         len(pending) < k
@@ -725,7 +739,7 @@ class Pipeline:
                             self._attempt_or_failure(next_index)
                         )
                         next_index += stride
-                        potential += 1
+                        potential += rate
                 waits: list[asyncio.Future[object]] = list(pending.values())  # type: ignore[arg-type]
                 if stop_wait is not None and deadline is None:
                     waits.append(stop_wait)

@@ -167,6 +167,11 @@ class EmbeddedBackend(Backend):
         with self._lock:
             if self._cancelled:
                 raise asyncio.CancelledError
+            # No KV prefix reused from the last request: a prompt evaluated in
+            # one batch gives the same logits, hence the same sample for a
+            # seed, whatever ran before (llama.cpp's AVX-512/AMX kernels round
+            # a one-token batch differently from a long one).
+            llm.reset()
             return fn(llm, *args, **kwargs)
 
     @staticmethod

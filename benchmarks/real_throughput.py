@@ -24,9 +24,9 @@ Part 2 (``--embedded``): magpie's embedded backend (our batch engine over
 llama.cpp, ``--concurrency K``) against ``llama-server --parallel K`` driven by a
 bare async client (httpx) on the same GGUF, sampling and token limits.
 
-    python benchmarks/real_servers.py                       # P = 1 2 4, 8 pairs, 2 rounds
-    python benchmarks/real_servers.py --parallel 2 --pairs 12 --rounds 3
-    python benchmarks/real_servers.py --embedded --k 4
+    python benchmarks/real_throughput.py                       # P = 1 2 4, 8 pairs, 2 rounds
+    python benchmarks/real_throughput.py --parallel 2 --pairs 12 --rounds 3
+    python benchmarks/real_throughput.py --embedded --k 4
 """
 
 from __future__ import annotations
