@@ -77,8 +77,9 @@ def test_generate_through_ollama_test_server(smollm2_double) -> None:  # type: i
     assert {r.template for r in recs} == {"smollm2"}
     assert "backend ollama" in proc.stderr
 
-    gens = smollm2_double.requests_to("/api/generate")
-    chats = smollm2_double.requests_to("/api/chat")
+    # (a request cancelled at the end of the run may have sent no body)
+    gens = [r for r in smollm2_double.requests_to("/api/generate") if r.body is not None]
+    chats = [r for r in smollm2_double.requests_to("/api/chat") if r.body is not None]
     assert smollm2_double.requests_to("/api/show")
     assert len(chats) >= 5 and len(gens) >= 5  # (a surplus attempt near the end: cancelled)
     seeds = set()
@@ -95,8 +96,9 @@ def test_generate_through_ollama_test_server(smollm2_double) -> None:  # type: i
         seeds.add(opts["seed"])
     assert len(seeds) == len(gens)  # no two requests share a seed
     # Pairs run concurrently: compare the chats as a set.
-    asked = sorted(json.dumps(req.body["messages"]) for req in chats)
-    assert asked == sorted(json.dumps([{"role": "user", "content": r.instruction}]) for r in recs)
+    # (plus, maybe, the answer of a surplus attempt cancelled at the end).
+    asked = {json.dumps(req.body["messages"]) for req in chats}
+    assert {json.dumps([{"role": "user", "content": r.instruction}]) for r in recs} <= asked
     for req in chats:
         body = req.body
         assert not SAMPLING_KEYS & set(body)

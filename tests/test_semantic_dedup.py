@@ -218,7 +218,8 @@ def test_generate_rejects_a_reordered_paraphrase_as_semantic(tmp_path: Path) -> 
     kept = {words(r.instruction) for r in recs}
     assert all(words(r["instruction"]) in kept for r in semantic)
     assert len({words(r.instruction) for r in read_records(plain)}) < 4
-    assert embeds and all(r.body["model"] == EMBED for r in embeds)
+    # (a request cancelled at the end of the run may have sent no body)
+    assert embeds and all(r.body["model"] == EMBED for r in embeds if r.body is not None)
     settings = manifest_of(out).settings
     assert settings["semantic_model"] == EMBED and settings["semantic_threshold"] == 0.95
     with np.load(cache_path(out)) as data:
@@ -261,7 +262,8 @@ def test_generate_semantic_through_the_openai_backend(tmp_path: Path) -> None:
     recs = assert_exact(out, 4)
     assert len({words(r.instruction) for r in recs}) == 4
     assert semantic_rejects(rej)
-    assert embeds and all(r.body["model"] == EMBED for r in embeds)
+    # (a request cancelled at the end of the run may have sent no body)
+    assert embeds and all(r.body["model"] == EMBED for r in embeds if r.body is not None)
 
 
 def test_index_is_rebuilt_when_the_embedding_model_changes(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ A run on a file output:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import time
@@ -506,30 +507,34 @@ async def _agenerate(
         stop = control.stop if control is not None else None
         since_manifest = 0
         last_manifest = time.monotonic()
-        async for item in pipeline.run(target, start_index, stop=stop, grace=config.grace_period):
-            if isinstance(item, Record):
-                try:
-                    writer.write(item)
-                except BaseException:
-                    if dedup is not None:
-                        dedup.discard(item.id)  # never remember a record the file lacks
-                    raise
-                stats.written += 1
-                stats.add_instruction(item.instruction)
-            elif rejects is not None:
-                rejects.write(item, model=backend.model, seed=seed)
-            if on_result is not None:
-                on_result(item, stats)
-            since_manifest += 1
-            age = time.monotonic() - last_manifest
-            if (
-                manifest is not None
-                and (since_manifest >= MANIFEST_EVERY or age > MANIFEST_MAX_AGE)
-                and age >= MANIFEST_MIN_INTERVAL
-            ):
-                _update(manifest, entry, stats, pipeline, existing)
-                write_manifest(path, manifest)  # type: ignore[arg-type]
-                since_manifest, last_manifest = 0, time.monotonic()
+        # Closed before the clean-up below, whatever ends the loop: its attempts
+        # in flight are cancelled while the backend is still open.
+        results = pipeline.run(target, start_index, stop=stop, grace=config.grace_period)
+        async with contextlib.aclosing(results):
+            async for item in results:
+                if isinstance(item, Record):
+                    try:
+                        writer.write(item)
+                    except BaseException:
+                        if dedup is not None:
+                            dedup.discard(item.id)  # never remember a record the file lacks
+                        raise
+                    stats.written += 1
+                    stats.add_instruction(item.instruction)
+                elif rejects is not None:
+                    rejects.write(item, model=backend.model, seed=seed)
+                if on_result is not None:
+                    on_result(item, stats)
+                since_manifest += 1
+                age = time.monotonic() - last_manifest
+                if (
+                    manifest is not None
+                    and (since_manifest >= MANIFEST_EVERY or age > MANIFEST_MAX_AGE)
+                    and age >= MANIFEST_MIN_INTERVAL
+                ):
+                    _update(manifest, entry, stats, pipeline, existing)
+                    write_manifest(path, manifest)  # type: ignore[arg-type]
+                    since_manifest, last_manifest = 0, time.monotonic()
         if control is not None and control.stopped:
             result.exit_status = control.stop_status
     except MagpieError as exc:
