@@ -233,25 +233,17 @@ class JsonlWriter:
         try:
             if self._fd is None:
                 self._open()
-            assert self._fd is not None
-            before = os.fstat(self._fd).st_size
         except OSError as exc:
             raise WriteFailed.from_os_error(exc, self.path) from None
-        view = memoryview(data)
-        try:
-            while view:
-                n = os.write(self._fd, view)
-                view = view[n:]
-            self._since_sync += 1
-            if self._since_sync >= self.fsync_every:
+        assert self._fd is not None
+        _append_line(self._fd, data, self.path)
+        self._since_sync += 1
+        if self._since_sync >= self.fsync_every:
+            try:
                 os.fsync(self._fd)
-                self._since_sync = 0
-        except OSError as exc:
-            # Disk full mid-line: take the partial line back, so the file ends
-            # with its last whole record (a rerun resumes from it).
-            with contextlib.suppress(OSError):  # else left torn: the next run sets it aside
-                os.ftruncate(self._fd, before)
-            raise WriteFailed.from_os_error(exc, self.path) from None
+            except OSError as exc:
+                raise WriteFailed.from_os_error(exc, self.path) from None
+            self._since_sync = 0
         self.written += 1
 
     def close(self) -> None:
@@ -269,6 +261,24 @@ class JsonlWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _append_line(fd: int, data: bytes, path: Path) -> None:
+    """Append one whole line to ``fd`` (opened O_APPEND), or nothing: a write
+    the system refuses half-way (a full disk) is taken back, so the file ends
+    with its last whole line (a rerun resumes from it); WriteFailed then."""
+    try:
+        before = os.fstat(fd).st_size
+    except OSError as exc:
+        raise WriteFailed.from_os_error(exc, path) from None
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # else left torn: the next run sets it aside
+            os.ftruncate(fd, before)
+        raise WriteFailed.from_os_error(exc, path) from None
 
 
 def _size(fd: int) -> int:
@@ -309,17 +319,9 @@ class RejectsWriter:
         try:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            before = os.fstat(self._fd).st_size
         except OSError as exc:
             raise WriteFailed.from_os_error(exc, self.path) from None
-        view = memoryview(line)
-        try:
-            while view:
-                view = view[os.write(self._fd, view) :]
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, before)  # never half a line
-            raise WriteFailed.from_os_error(exc, self.path) from None
+        _append_line(self._fd, line, self.path)
 
     def close(self) -> None:
         if self._fd is not None:
