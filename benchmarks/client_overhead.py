@@ -12,7 +12,7 @@ requests, in rotating order), each on the same server process:
 
 * bare: K asyncio workers on one ``ollama.AsyncClient``, streaming, the same two
   requests per pair with the options magpie sends (benchmarks/common.py);
-* magpie: ``magpie.run.agenerate(RunConfig(concurrency=K, ...))`` writing to
+* magpie: ``magpie.commands.generate.agenerate(RunConfig(concurrency=K, ...))`` writing to
   a temporary file: pipeline, dedup, writer, manifest; its time is the whole
   call (backend probe, template, manifest and dedup cache included).  By
   default the two requests of a pair go as NDJSON over aiohttp (magpie's

@@ -355,8 +355,8 @@ def _cpu() -> float:
 
 async def pre_query_of(url: str) -> tuple[str, list[str]]:
     """The pre-query text and stop strings magpie resolves for the served model."""
-    from magpie.config import RunConfig
-    from magpie.run import prepare
+    from magpie.commands.generate import prepare
+    from magpie.settings import RunConfig
 
     prep = await prepare(RunConfig(backend="ollama", model=MODEL, host=url))
     await prep.backend.aclose()
@@ -442,7 +442,7 @@ async def magpie_run(
     official_client: bool = False,
     **config: Any,
 ) -> Measure:
-    """``magpie.run.agenerate(RunConfig(...))`` to a fresh temporary file:
+    """``magpie.commands.generate.agenerate(RunConfig(...))`` to a fresh temporary file:
     the whole path (pipeline, dedup, writer, manifest), as ``magpie generate``.
 
     Seconds and CPU cover the whole call (backend probe, template, manifest,
@@ -450,8 +450,8 @@ async def magpie_run(
     ``on_result``, ``control``); the RunResult is in ``extra["result"]``.
     ``official_client``: /api/generate and /api/chat through ``ollama.AsyncClient``
     (httpx's default transport) instead of magpie's direct NDJSON path over aiohttp."""
-    from magpie.config import RunConfig
-    from magpie.run import agenerate
+    from magpie.commands.generate import agenerate
+    from magpie.settings import RunConfig
 
     with tempfile.TemporaryDirectory(prefix="magpie-bench-") as tmp:
         out = output or Path(tmp) / "out.jsonl"
@@ -502,11 +502,11 @@ async def magpie_run(
 
 
 async def official_prepared(url: str, timeout: float = 300.0) -> Any:
-    """A :class:`magpie.run.Prepared` whose Ollama backend sends /api/generate
+    """A :class:`magpie.commands.generate.Prepared` whose Ollama backend sends /api/generate
     and /api/chat through ``ollama.AsyncClient`` (``direct_stream=False``)."""
     from magpie.backends.ollama import OllamaBackend
-    from magpie.config import RunConfig
-    from magpie.run import prepare
+    from magpie.commands.generate import prepare
+    from magpie.settings import RunConfig
 
     prep = await prepare(RunConfig(backend="ollama", model=MODEL, host=url))
     await prep.backend.aclose()
@@ -515,11 +515,11 @@ async def official_prepared(url: str, timeout: float = 300.0) -> Any:
 
 
 async def null_prepared(url: str) -> Any:
-    """A :class:`magpie.run.Prepared` whose backend answers in memory (no
+    """A :class:`magpie.commands.generate.Prepared` whose backend answers in memory (no
     HTTP), with the model description and pre-query of the server at ``url``."""
     from magpie.backends.base import Backend, Completion
-    from magpie.config import RunConfig
-    from magpie.run import Prepared, prepare
+    from magpie.commands.generate import Prepared, prepare
+    from magpie.settings import RunConfig
 
     real = await prepare(RunConfig(backend="ollama", model=MODEL, host=url))
     await real.backend.aclose()

@@ -1,4 +1,4 @@
-"""Near-duplicate dedup benchmark: synthetic instructions through ``magpie.dedup``.
+"""Near-duplicate dedup benchmark: synthetic instructions through ``magpie.pipeline.stages.dedup.index``.
 
     python benchmarks/dedup_bench.py            # 10k, 50k, 100k; exits 1 if 100k takes > 20 s
     python benchmarks/dedup_bench.py --sizes 20000 --no-file --limit 5
@@ -162,7 +162,7 @@ def rss_mb(field: str) -> float:
 
 
 def jaccard(a: str, b: str, k: int) -> float:
-    from magpie.dedup import normalize
+    from magpie.pipeline.stages.dedup.index import normalize
 
     def shingles(t: str) -> set[str]:
         t = normalize(t)
@@ -173,7 +173,7 @@ def jaccard(a: str, b: str, k: int) -> float:
 
 
 def child(n: int, seed: int, mode: str) -> dict:
-    from magpie.dedup import DedupIndex
+    from magpie.pipeline.stages.dedup.index import DedupIndex
 
     texts, kinds, sources = synthesize(n, seed)
     items = [(f"r{i}", t) for i, t in enumerate(texts)]
@@ -217,7 +217,7 @@ def child(n: int, seed: int, mode: str) -> dict:
 
 
 def file_child(n: int, seed: int) -> dict:
-    from magpie.dedup import DedupIndex, dedup_file
+    from magpie.pipeline.stages.dedup.index import DedupIndex, dedup_file
     from magpie.records import Message, Record, StageInfo
 
     texts, _, _ = synthesize(n, seed)

@@ -4,8 +4,8 @@
     default threads; per pair one ``create_completion`` of the pre-query, then
     one ``create_chat_completion`` of the instruction, 128 max tokens each,
     temperature 1.0 (top_p 1.0 for the instruction).
-(b) magpie's :class:`~magpie.pipeline.Pipeline` on
-    :class:`~magpie.backends.embedded_batch.BatchedEmbeddedBackend` (``max_batch
+(b) magpie's :class:`~magpie.pipeline.scheduler.Pipeline` on
+    :class:`~magpie.backends.llamacpp.batch.BatchedEmbeddedBackend` (``max_batch
     = K``, pipeline concurrency K), same model, same sampling (both stages
     temperature 1.0, top_p 1.0, 128 max tokens), for each K asked for.
 
@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from magpie.backends.base import Sampling
-from magpie.backends.embedded import default_model_path
-from magpie.backends.embedded_batch import BatchedEmbeddedBackend
-from magpie.pipeline import Pipeline, PipelineSettings
+from magpie.backends.llamacpp.batch import BatchedEmbeddedBackend
+from magpie.backends.llamacpp.model import default_model_path
+from magpie.pipeline.scheduler import Pipeline, PipelineSettings
 from magpie.records import Record
 from magpie.templates import resolve_pre_query
 

@@ -68,11 +68,11 @@ def child(url: str, pairs: int, dedup: bool, k: int) -> dict[str, Any]:
     import httpx  # noqa: F401
     import ollama  # noqa: F401
 
-    import magpie.config  # noqa: F401
-    import magpie.run  # noqa: F401
+    import magpie.commands.generate  # noqa: F401
+    import magpie.settings  # noqa: F401
 
     if dedup:
-        import magpie.dedup  # noqa: F401
+        import magpie.pipeline.stages.dedup.index  # noqa: F401
 
     before = rss_mb()
     with tempfile.TemporaryDirectory(prefix="magpie-mem-") as tmp:
@@ -101,7 +101,7 @@ def child(url: str, pairs: int, dedup: bool, k: int) -> dict[str, Any]:
 def index_child(pairs: int) -> dict[str, Any]:
     """A bare DedupIndex fed ``pairs`` instructions, then saved as a run saves it
     at its end: the index's own memory, including the save's transient copies."""
-    from magpie.dedup import DedupIndex
+    from magpie.pipeline.stages.dedup.index import DedupIndex
 
     index = DedupIndex()
     index.check_and_add("warm-up", instruction_text(-1))

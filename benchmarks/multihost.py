@@ -63,8 +63,8 @@ def start_servers(latency: float, per_host: int) -> list[Any]:
 async def run(
     args: argparse.Namespace,
 ) -> tuple[list[list[Any]], list[tuple[str, bool]], dict[str, Any]]:
-    from magpie.config import RunConfig
-    from magpie.run import agenerate
+    from magpie.commands.generate import agenerate
+    from magpie.settings import RunConfig
 
     a, b = start_servers(args.latency, args.per_host)
     loop = asyncio.get_running_loop()

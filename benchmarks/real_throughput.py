@@ -90,10 +90,10 @@ async def bare_ollama(url: str, n: int, k: int, seed: int, cfg: dict[str, Any]) 
     import ollama
 
     from magpie.backends.base import Completion
-    from magpie.clean import clean_instruction
-    from magpie.config import RunConfig
+    from magpie.commands.generate import prepare
+    from magpie.pipeline.stages.clean import clean_instruction
     from magpie.records import derive_seed
-    from magpie.run import prepare
+    from magpie.settings import RunConfig
 
     prep = await prepare(RunConfig(backend="ollama", model=MODEL, host=url))
     await prep.backend.aclose()
@@ -169,8 +169,8 @@ async def magpie_ollama(
     backend: str = "ollama",
     model: str | None = MODEL,
 ) -> dict[str, Any]:
-    from magpie.config import RunConfig
-    from magpie.run import agenerate
+    from magpie.commands.generate import agenerate
+    from magpie.settings import RunConfig
 
     with tempfile.TemporaryDirectory(prefix="magpie-bench-") as tmp:
         rc = RunConfig(
@@ -274,7 +274,7 @@ async def bare_llama_server(
     import httpx
 
     from magpie.backends.base import Completion
-    from magpie.clean import clean_instruction
+    from magpie.pipeline.stages.clean import clean_instruction
     from magpie.records import derive_seed
 
     tally = Tally()
@@ -340,7 +340,7 @@ async def bare_llama_server(
 
 async def bare_on(url: str, n: int, k: int, seed: int, cfg: dict[str, Any]) -> dict[str, Any]:
     """The bare loop with the pre-query magpie resolves on that server."""
-    from magpie.backends.openai_compat import OpenAIBackend
+    from magpie.backends.openai import OpenAIBackend
     from magpie.templates.rendered import aresolve_pre_query
 
     async with OpenAIBackend(None, url) as b:
@@ -349,8 +349,8 @@ async def bare_on(url: str, n: int, k: int, seed: int, cfg: dict[str, Any]) -> d
 
 
 async def embedded_run(n: int, k: int, seed: int, cfg: dict[str, Any]) -> dict[str, Any]:
-    from magpie.config import RunConfig
-    from magpie.run import agenerate
+    from magpie.commands.generate import agenerate
+    from magpie.settings import RunConfig
 
     with tempfile.TemporaryDirectory(prefix="magpie-bench-") as tmp:
         rc = RunConfig(

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from magpie.manifest import Manifest, manifest_path
 from magpie.records import Record
+from magpie.store.manifest import Manifest, manifest_path
 from ollama_server import OllamaTestServer, ScriptedEngine, build_models
 
 MODEL = "llama3.1:8b"

@@ -49,14 +49,14 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[No
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
-    from magpie.backends.embedded import default_model_path
+    from magpie.backends.llamacpp.model import default_model_path
 
     return default_model_path()
 
 
 @pytest.fixture(scope="session")
 def smollm2_info(smollm2_path: Path):  # type: ignore[no-untyped-def]
-    from magpie.backends.embedded import EmbeddedBackend
+    from magpie.backends.llamacpp.model import EmbeddedBackend
 
     backend = EmbeddedBackend(smollm2_path, n_ctx=1024)
 

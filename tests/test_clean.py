@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from magpie.backends.base import Completion
-from magpie.clean import clean_instruction
+from magpie.pipeline.stages.clean import clean_instruction
 from magpie.templates import get_family
 
 FORBIDDEN = get_family("llama3").forbidden_tokens
@@ -63,7 +63,7 @@ COUNTED_LOOP = "\n".join(
     ],
 )
 def test_loops_the_streaming_guard_misses(text: str, is_loop: bool) -> None:
-    from magpie.repetition import looped
+    from magpie.pipeline.repetition import looped
 
     assert looped(text) is is_loop
     reason = clean_instruction(Completion(text=text, finish_reason="stop"), [])[1]

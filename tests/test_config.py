@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from magpie.config import build_config
 from magpie.errors import UsageError
+from magpie.settings import build_config
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -129,7 +129,7 @@ def test_host_credentials_are_sent_and_api_paths_refused(tmp_path: Path) -> None
 
 
 def test_config_file_json_and_bad_values(tmp_path: Path) -> None:
-    from magpie.config import RunConfig, load_config_file
+    from magpie.settings import RunConfig, load_config_file
 
     cfg = tmp_path / "c.json"
     cfg.write_text('{"num": 3, "model": "llama3.1:8b"}')

@@ -1,4 +1,4 @@
-"""``magpie.datastats``: a known file, manifest and rejects file give the known numbers;
+"""``magpie.commands.stats``: a known file, manifest and rejects file give the known numbers;
 the JSON, Rich and HTML renderers show them."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from magpie.datastats import (
+from magpie.commands.stats import (
     NOT_JUDGED,
     DataStats,
     compute_stats,
@@ -27,7 +27,7 @@ from magpie.datastats import (
     write_html,
 )
 from magpie.errors import UsageError
-from magpie.manifest import Manifest, RunEntry, write_manifest
+from magpie.store.manifest import Manifest, RunEntry, write_manifest
 from test_output import make_record
 
 #: (instruction, response): lengths in chars/words are asserted literally below.
@@ -351,8 +351,8 @@ def test_percentile_and_histogram_agree_with_a_sorted_list(values: list[int]) ->
 
 def test_a_generated_file_and_its_manifest(tmp_path: Path) -> None:
     """Stats of what ``generate`` really writes: two runs (a top-up) on one file."""
-    from magpie.config import RunConfig
-    from magpie.run import generate
+    from magpie.commands.generate import generate
+    from magpie.settings import RunConfig
     from ollama_server import OllamaTestServer, ScriptedEngine, build_models
 
     out = tmp_path / "gen.jsonl"

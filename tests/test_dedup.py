@@ -18,8 +18,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magpie import dedup as dedup_mod
-from magpie.dedup import (
+from magpie.errors import MagpieError, UsageError
+from magpie.pipeline.stages.dedup import index as dedup_mod
+from magpie.pipeline.stages.dedup.index import (
     DedupCounts,
     DedupIndex,
     Duplicate,
@@ -29,8 +30,7 @@ from magpie.dedup import (
     lsh_params,
     normalize,
 )
-from magpie.errors import MagpieError, UsageError
-from magpie.output import JsonlWriter
+from magpie.store.jsonl import JsonlWriter
 from test_output import make_record
 
 # 20 words; LONG_CHANGED swaps one of them.

@@ -1,4 +1,4 @@
-"""``magpie.doctor``: against a running and a stopped Ollama test server, a missing
+"""``magpie.commands.doctor``: against a running and a stopped Ollama test server, a missing
 model, an undetectable template, bad settings, and the embedded model."""
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from magpie.config import RunConfig
-from magpie.doctor import (
+from magpie.commands.doctor import (
     CHECKS,
     SMOKE_ATTEMPTS,
     SMOKE_INSTRUCTION_TOKENS,
@@ -25,6 +24,7 @@ from magpie.doctor import (
     run_doctor,
 )
 from magpie.errors import ExitStatus
+from magpie.settings import RunConfig
 from magpie.templates import family_names
 from ollama_server import OllamaTestServer, ScriptedEngine, build_models
 

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from magpie.backends.base import Completion, Sampling
-from magpie.backends.embedded import EmbeddedBackend
-from magpie.backends.embedded_batch import BatchedEmbeddedBackend, common_prefix, render_chat
+from magpie.backends.llamacpp.batch import BatchedEmbeddedBackend, common_prefix, render_chat
+from magpie.backends.llamacpp.model import EmbeddedBackend
 from magpie.errors import BackendError
-from magpie.pipeline import Pipeline, PipelineSettings
+from magpie.pipeline.scheduler import Pipeline, PipelineSettings
 from magpie.records import Record
 from magpie.templates import PreQuery, resolve_pre_query
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from magpie.commands.export import export_file
 from magpie.errors import UsageError
-from magpie.export import export_file
 from test_output import make_record
 
 

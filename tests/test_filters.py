@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from magpie.filters import FilterSettings, build_filters, detect_language, repeated_ngrams
+from magpie.pipeline.stages.filters import (
+    FilterSettings,
+    build_filters,
+    detect_language,
+    repeated_ngrams,
+)
 
 
 def first_reason(text: str, **settings: object) -> str | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from batch_helpers import gen_args, json_lines, read_records
-from magpie.clean import template_reason
+from magpie.pipeline.stages.clean import template_reason
 from magpie.records import Message
 from magpie_cli import run_magpie
 from ollama_server import OllamaTestServer, ScriptedEngine, build_models

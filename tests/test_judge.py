@@ -14,7 +14,7 @@ import pytest
 from batch_helpers import json_lines
 from magpie.backends.ollama import OllamaBackend
 from magpie.errors import UsageError
-from magpie.judge import (
+from magpie.pipeline.stages.judge import (
     CATEGORIES,
     Judge,
     JudgeInvalid,
@@ -115,7 +115,7 @@ def test_shipped_prompt_copy_in_configs_matches_package() -> None:
 
 
 def test_real_embedded_judge_returns_schema_valid_tags() -> None:
-    from magpie.backends.embedded import EmbeddedBackend
+    from magpie.backends.llamacpp.model import EmbeddedBackend
 
     async def main():  # type: ignore[no-untyped-def]
         backend = EmbeddedBackend(n_ctx=2048)

@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batch_helpers import MODEL, gen_args, read_records, scripted_server
+from magpie.commands.merge import merge_files
 from magpie.errors import ExitStatus, UsageError
-from magpie.lock import OutputLock, OutputLocked
-from magpie.manifest import Manifest, manifest_path, read_manifest, write_manifest
-from magpie.merge import merge_files
-from magpie.output import JsonlWriter
 from magpie.records import Record
+from magpie.store.jsonl import JsonlWriter
+from magpie.store.lock import OutputLock, OutputLocked
+from magpie.store.manifest import Manifest, manifest_path, read_manifest, write_manifest
 from magpie_cli import run_magpie
 from ollama_server import OllamaTestServer, ScriptedEngine, build_models
 from test_dedup import LONG, LONG_CHANGED, SAME_TEMPLATE, UNRELATED
@@ -134,7 +134,7 @@ def test_shards_of_real_runs_merge_into_the_union(tmp_path: Path) -> None:
 
 
 def test_stats_reads_the_merged_manifest(tmp_path: Path) -> None:
-    from magpie.datastats import compute_stats
+    from magpie.commands.stats import compute_stats
 
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     write_records(a, recs(0, [LONG, UNRELATED[0]]))

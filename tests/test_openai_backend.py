@@ -17,13 +17,14 @@ import pytest
 
 from conftest import free_port
 from magpie.backends.base import Completion, Sampling
-from magpie.backends.openai_compat import (
+from magpie.backends.openai import (
     OpenAIBackend,
     error_message,
     normalize_host,
     resolve_host,
     sampling_fields,
 )
+from magpie.backends.retry import RetryPolicy, call_with_retry
 from magpie.errors import (
     BackendError,
     BackendUnavailable,
@@ -31,9 +32,8 @@ from magpie.errors import (
     TemplateError,
     UsageError,
 )
-from magpie.pipeline import Pipeline, PipelineSettings
+from magpie.pipeline.scheduler import Pipeline, PipelineSettings
 from magpie.records import Record
-from magpie.retry import RetryPolicy, call_with_retry
 from magpie.templates import jinja, resolve_pre_query
 from ollama_server import SMOLLM2_SYSTEM
 from openai_server import (

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from magpie.errors import UsageError
-from magpie.output import JsonlWriter, check_output_path, scan_output
 from magpie.records import Message, Record, StageInfo, derive_seed, record_id, utcnow
+from magpie.store.jsonl import JsonlWriter, check_output_path, scan_output
 
 
 def make_record(index: int, seed: int = 1, instruction: str = "Q?", response: str = "A.") -> Record:

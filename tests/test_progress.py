@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import time
 
-from magpie.progress import Progress
-from magpie.stats import RunStats
+from magpie.cli.progress import Progress
+from magpie.pipeline.counters import RunStats
 from test_output import make_record
 
 

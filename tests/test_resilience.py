@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from batch_helpers import assert_exact, gen_args, manifest_of, scripted_server, wait_for_lines
-from magpie.lock import OutputLock, OutputLocked
+from magpie.store.lock import OutputLock, OutputLocked
 from magpie_cli import popen_magpie, run_magpie
 from ollama_server import BUSY, Delay, DropConnection, EmptyResponse, HttpError, MidStreamError
 
@@ -288,7 +288,7 @@ def test_interrupt_in_process_keeps_count_exact(tmp_path: Path) -> None:
     import asyncio
 
     from magpie import RunConfig
-    from magpie.run import RunControl, agenerate
+    from magpie.commands.generate import RunControl, agenerate
 
     out = tmp_path / "d.jsonl"
     with scripted_server(latency=0.05) as srv:

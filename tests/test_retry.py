@@ -1,4 +1,4 @@
-"""magpie.retry: the one retry policy, counted by kind."""
+"""magpie.backends.retry: the one retry policy, counted by kind."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
+from magpie.backends.retry import RetryPolicy, call_with_retry
 from magpie.errors import BackendError, BackendUnavailable
-from magpie.retry import RetryPolicy, call_with_retry
 
 FAST = RetryPolicy(max_retries=2, backoff_base=0.0, unreachable_budget=60.0)
 
@@ -65,7 +65,7 @@ def test_non_retryable_errors_are_not_retried() -> None:
 
 
 def test_run_config_passes_every_backoff_setting() -> None:
-    from magpie.config import RunConfig
+    from magpie.settings import RunConfig
 
     policy = RunConfig(
         max_retries=7, backoff_base=0.05, backoff_max=0.2, unreachable_budget=9.0

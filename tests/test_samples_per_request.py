@@ -21,10 +21,10 @@ import pytest
 from batch_helpers import assert_exact, manifest_of, read_records, wait_for_lines
 from magpie.backends.base import ModelInfo
 from magpie.backends.ollama import OllamaBackend
-from magpie.backends.openai_compat import OpenAIBackend
+from magpie.backends.openai import OpenAIBackend
 from magpie.backends.pool import HostPool
 from magpie.errors import UsageError
-from magpie.pipeline import Pipeline, PipelineSettings, SystemChoice
+from magpie.pipeline.scheduler import Pipeline, PipelineSettings, SystemChoice
 from magpie.records import Record, Rejection, derive_seed
 from magpie.templates import resolve_pre_query
 from magpie_cli import popen_magpie, run_magpie

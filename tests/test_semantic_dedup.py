@@ -1,5 +1,5 @@
 """Semantic dedup from the command line (``--semantic-model``): the backends'
-embedding calls, :mod:`magpie.embeddings`, and ``generate``, ``dedup`` and
+embedding calls, :mod:`magpie.pipeline.stages.dedup.embeddings`, and ``generate``, ``dedup`` and
 ``merge`` end to end, through real HTTP and the real clients against the test
 servers, whose embeddings are a bag of words (tests/ollama_server.py): the same
 words in another order are a semantic duplicate that exact and near dedup miss.
@@ -18,18 +18,18 @@ import pytest
 from batch_helpers import MODEL, assert_exact, gen_args, json_lines, manifest_of, read_records
 from conftest import CLOSED_PORT
 from magpie.backends.ollama import OllamaBackend
-from magpie.backends.openai_compat import OpenAIBackend
+from magpie.backends.openai import OpenAIBackend
 from magpie.backends.pool import HostPool
-from magpie.config import build_config
-from magpie.dedup import DedupIndex, cache_path
-from magpie.embeddings import BackendEmbedder, semantic_target
+from magpie.backends.retry import RetryPolicy
+from magpie.commands.generate import agenerate, prepare
+from magpie.commands.merge import merge_files
 from magpie.errors import ModelNotFound
-from magpie.merge import merge_files
-from magpie.output import JsonlWriter
-from magpie.pipeline import Pipeline, PipelineSettings
+from magpie.pipeline.scheduler import Pipeline, PipelineSettings
+from magpie.pipeline.stages.dedup.embeddings import BackendEmbedder
+from magpie.pipeline.stages.dedup.index import DedupIndex, cache_path
 from magpie.records import Record, Rejection
-from magpie.retry import RetryPolicy
-from magpie.run import agenerate, prepare
+from magpie.settings import build_config
+from magpie.store.jsonl import JsonlWriter
 from magpie_cli import run_magpie
 from ollama_server import (
     Delay,
@@ -187,14 +187,14 @@ def test_openai_embeddings_sorted_by_index_and_pool() -> None:
 
 def test_semantic_target_defaults() -> None:
     cfg = build_config({"semantic_model": EMBED, "host": "http://gen:11434"}, environ={})
-    assert semantic_target(cfg, "ollama") == ("ollama", "http://gen:11434")
-    assert semantic_target(cfg, "embedded") == ("ollama", None)  # Ollama's default host
+    assert cfg.semantic_target("ollama") == ("ollama", "http://gen:11434")
+    assert cfg.semantic_target("embedded") == ("ollama", None)  # Ollama's default host
     cfg = build_config({"backend": "openai", "host": "http://vllm:8000"}, environ={})
-    assert semantic_target(cfg, "openai") == ("openai", "http://vllm:8000")
+    assert cfg.semantic_target("openai") == ("openai", "http://vllm:8000")
     cfg = build_config({"semantic_backend": "ollama", "backend": "openai"}, environ={})
-    assert semantic_target(cfg, "openai") == ("ollama", None)
+    assert cfg.semantic_target("openai") == ("ollama", None)
     cfg = build_config({"semantic_host": "http://emb:11434"}, environ={})
-    assert semantic_target(cfg) == ("ollama", "http://emb:11434")
+    assert cfg.semantic_target() == ("ollama", "http://emb:11434")
 
 
 # -- magpie generate ----------------------------------------------------------------

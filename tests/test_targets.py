@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from magpie.errors import UsageError
-from magpie.targets import check_target, kind_of, refuse_same, same_file
+from magpie.store.targets import check_target, kind_of, refuse_same, same_file
 from magpie_cli import run_magpie
 from test_output import make_record
 

@@ -1,3 +1,3 @@
-from magpie.cli import main
+from magpie.cli.app import main
 
 main()

@@ -13,7 +13,7 @@ import pytest
 
 from magpie.backends.base import Sampling
 from magpie.backends.ollama import OllamaBackend
-from magpie.clean import clean_instruction
+from magpie.pipeline.stages.clean import clean_instruction
 from magpie.templates.rendered import render_pre_query
 from real_servers import RealOllama
 

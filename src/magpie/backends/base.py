@@ -19,13 +19,13 @@ for all of them) says so with ``supports_complete_n()`` and implements
 same way a backend whose server has an embedding endpoint (Ollama
 ``/api/embed``, OpenAI-compatible ``/v1/embeddings``) says so with
 ``supports_embed()`` and implements ``embed``: semantic dedup
-(:mod:`magpie.embeddings`) uses it, with an embedding model as the backend's
+(:mod:`magpie.pipeline.stages.dedup.embeddings`) uses it, with an embedding model as the backend's
 model.
 
 Backends raise :class:`magpie.errors.BackendUnavailable` (server down),
 :class:`magpie.errors.ModelNotFound` (model missing) and
 :class:`magpie.errors.BackendError` (a failed request, ``retryable`` when a retry
-may help).  Retrying is not a backend's job: :mod:`magpie.retry` does it once for
+may help).  Retrying is not a backend's job: :mod:`magpie.backends.retry` does it once for
 all backends.
 """
 
@@ -105,6 +105,8 @@ class Backend(abc.ABC):
     name: str = "backend"
     #: How :meth:`render_chat` renders (the pre-query's ``source`` in records).
     render_source: str = "server-render"
+    #: Requests in flight that ``--concurrency auto`` keeps on this backend.
+    auto_concurrency: int = 1
 
     @property
     @abc.abstractmethod

@@ -171,6 +171,9 @@ class OllamaBackend(Backend):
     """
 
     name = "ollama"
+    #: A server queues what it cannot run in parallel; a few requests in flight
+    #: hide the client's own latency.
+    auto_concurrency = 4
 
     def __init__(
         self,

@@ -59,6 +59,7 @@ class HostPool(Backend):
             raise ValueError("HostPool needs at least one backend")
         self._hosts = [_Host(b) for b in backends]
         self.name = backends[0].name
+        self.auto_concurrency = sum(b.auto_concurrency for b in backends)
         self.per_host = max(1, per_host)
         self._cond: asyncio.Condition | None = None
         #: Answered chats (pairs) per host.

@@ -42,7 +42,7 @@ class OutputLock:
         self._created = False
 
     def acquire(self) -> None:
-        from magpie.targets import kind_of
+        from magpie.store.targets import kind_of
 
         if kind_of(self.path) is not None:
             return  # a directory, FIFO or device: nothing to lock (its check refuses it)

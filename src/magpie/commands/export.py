@@ -22,10 +22,10 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from magpie.atomic import AtomicFile
 from magpie.errors import UsageError
 from magpie.records import Record
-from magpie.targets import check_target, same_file, stdin_bytes, stdout_bytes
+from magpie.store.atomic import AtomicFile
+from magpie.store.targets import check_target, same_file, stdin_bytes, stdout_bytes
 
 Format = Literal["openai", "sharegpt", "alpaca", "dpo"]
 FORMATS: tuple[str, ...] = ("openai", "sharegpt", "alpaca", "dpo")

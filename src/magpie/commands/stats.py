@@ -1,6 +1,6 @@
 """Statistics of a magpie JSONL file: the library behind ``magpie stats``.
 
->>> from magpie.datastats import compute_stats, render_rich, to_json, write_html
+>>> from magpie.commands.stats import compute_stats, render_rich, to_json, write_html
 >>> stats = compute_stats(Path("data.jsonl"), rejects=Path("data.rejects.jsonl"))  # doctest: +SKIP
 
 :func:`compute_stats` streams the file line by line (it never holds the records:
@@ -45,11 +45,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydantic import BaseModel, Field
 
-from magpie.atomic import AtomicFile
 from magpie.errors import UsageError
-from magpie.judge import CATEGORIES, DIFFICULTY_ORDER, QUALITY_ORDER
-from magpie.manifest import Manifest, RunEntry, manifest_path, read_manifest
-from magpie.targets import check_target, same_file, stdin_bytes
+from magpie.pipeline.stages.judge import CATEGORIES, DIFFICULTY_ORDER, QUALITY_ORDER
+from magpie.store.atomic import AtomicFile
+from magpie.store.manifest import Manifest, RunEntry, manifest_path, read_manifest
+from magpie.store.targets import check_target, same_file, stdin_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console

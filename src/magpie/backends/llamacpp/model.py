@@ -72,6 +72,8 @@ class EmbeddedBackend(Backend):
     """llama-cpp-python in process.  Requests run in a worker thread, one at a time."""
 
     name = "embedded"
+    #: The batched engine decodes that many sequences together.
+    auto_concurrency = 16
 
     def __init__(
         self,

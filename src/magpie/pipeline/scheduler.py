@@ -27,10 +27,13 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from magpie.backends.base import Backend, Completion, Sampling
-from magpie.clean import clean_instruction, cut_in_a_loop, template_reason
-from magpie.dedup import DedupIndex, Duplicate
+from magpie.backends.retry import RetryPolicy, call_with_retry
 from magpie.errors import BackendError, MagpieError, UsageError
-from magpie.judge import InstructionVerdict, Judge, JudgeInvalid, Thresholds
+from magpie.pipeline.counters import RunStats
+from magpie.pipeline.repetition import RepetitionGuard, looped
+from magpie.pipeline.stages.clean import clean_instruction, cut_in_a_loop, template_reason
+from magpie.pipeline.stages.dedup.index import DedupIndex, Duplicate
+from magpie.pipeline.stages.judge import InstructionVerdict, Judge, JudgeInvalid, Thresholds
 from magpie.records import (
     Message,
     Record,
@@ -41,9 +44,6 @@ from magpie.records import (
     record_id,
     utcnow,
 )
-from magpie.repetition import RepetitionGuard, looped
-from magpie.retry import RetryPolicy, call_with_retry
-from magpie.stats import RunStats
 from magpie.templates import PreQuery
 
 #: Reject reasons of pairs whose request failed after its retries: failed_<cause>.
@@ -443,7 +443,7 @@ class Pipeline:
     async def _ensure_embedding(self, text: str) -> None:
         """Give the dedup index the embedding of ``text`` unless it has it:
         awaited through the embed function's ``aembed`` when it has one
-        (:class:`magpie.embeddings.BackendEmbedder`), else the plain function
+        (:class:`magpie.pipeline.stages.dedup.embeddings.BackendEmbedder`), else the plain function
         runs on a worker thread of its own, one call at a time."""
         dedup = self.dedup
         if dedup is None or dedup.embed is None or dedup.has_embedding(text):

@@ -6,7 +6,7 @@
   exit 2, naming the file and line; nothing is written);
 * a record whose ``id`` was already read is the same record again (overlapping
   copies of a shard): it is skipped and counted as an id collision;
-* the others go through one :class:`~magpie.dedup.DedupIndex` over all inputs,
+* the others go through one :class:`~magpie.pipeline.stages.dedup.index.DedupIndex` over all inputs,
   with the defaults of ``magpie dedup``: the first record of each group of
   exact or near-duplicate instructions is kept (and of semantic duplicates,
   with an ``embed`` function: ``magpie merge --semantic-model``);
@@ -29,7 +29,7 @@ or by their records' ``model`` and ``template``) are refused unless
 ``allow_mixed``; the error names the input that differs.
 
 The merged manifest, ``<output>.manifest.json``, is a
-:class:`~magpie.manifest.Manifest` (so ``magpie stats`` and a later top-up read
+:class:`~magpie.store.manifest.Manifest` (so ``magpie stats`` and a later top-up read
 it) with ``"kind": "merge"``:
 
 * the generation fields (``backend``, ``host``, ``model``, ``model_digest``,
@@ -65,7 +65,8 @@ from typing import IO, Any
 from pydantic import ValidationError
 
 from magpie import __version__
-from magpie.dedup import (
+from magpie.errors import MagpieError, OutputClosed, UsageError
+from magpie.pipeline.stages.dedup.index import (
     DEFAULT_SEMANTIC_THRESHOLD,
     DEFAULT_THRESHOLD,
     STDIO,
@@ -77,11 +78,10 @@ from magpie.dedup import (
     record_error_detail,
     write_verdict,
 )
-from magpie.errors import MagpieError, OutputClosed, UsageError
-from magpie.lock import OutputLock, OutputLocked
-from magpie.manifest import Manifest, RunEntry, manifest_path, read_manifest, write_manifest
 from magpie.records import Record
-from magpie.targets import refuse_same, same_file
+from magpie.store.lock import OutputLock, OutputLocked
+from magpie.store.manifest import Manifest, RunEntry, manifest_path, read_manifest, write_manifest
+from magpie.store.targets import refuse_same, same_file
 
 _BATCH = 1024  # records handed to the dedup index at once
 
@@ -200,7 +200,7 @@ def merge_files(
     Raises :class:`UsageError` (exit 2) for bad paths, an existing output without
     ``overwrite``, an input that is the output, a line that is not a record, or
     inputs of another model or template without ``allow_mixed``;
-    :class:`~magpie.lock.OutputLocked` (exit 4) when another run holds the
+    :class:`~magpie.store.lock.OutputLocked` (exit 4) when another run holds the
     output's or an input's lock; :class:`~magpie.errors.OutputClosed` when the
     reader of stdout went away.
     """

@@ -1,6 +1,6 @@
 """A generation run: ``generate`` and ``agenerate``, the library behind ``magpie generate``.
 
-(The module is ``magpie.run``, not ``magpie.generate``, so that ``from magpie
+(The module is ``magpie.commands.generate``, not ``magpie.generate``, so that ``from magpie
 import generate`` is the function.)
 
 >>> from magpie import RunConfig, generate
@@ -36,13 +36,30 @@ from typing import Any
 
 from magpie import __version__
 from magpie.backends.base import Backend, ModelInfo
-from magpie.backends.select import choose_backend
-from magpie.config import RunConfig
+from magpie.backends.registry import choose_backend
+from magpie.backends.retry import call_with_retry
 from magpie.errors import ExitStatus, MagpieError, UsageError
-from magpie.filters import build_filters
-from magpie.judge import Judge
-from magpie.lock import OutputLock
-from magpie.manifest import (
+from magpie.pipeline.counters import RunStats
+from magpie.pipeline.scheduler import (
+    Pipeline,
+    PipelineSettings,
+    SystemChoice,
+    check_samples_per_request,
+)
+from magpie.pipeline.stages.filters import build_filters
+from magpie.pipeline.stages.judge import Judge
+from magpie.records import Record, Rejection
+from magpie.settings import RunConfig
+from magpie.store.jsonl import (
+    ExistingOutput,
+    JsonlWriter,
+    RejectsWriter,
+    check_output_path,
+    check_rejects_path,
+    scan_output,
+)
+from magpie.store.lock import OutputLock
+from magpie.store.manifest import (
     Manifest,
     RunEntry,
     file_sha256,
@@ -51,25 +68,9 @@ from magpie.manifest import (
     settle_crashed,
     write_manifest,
 )
-from magpie.output import (
-    ExistingOutput,
-    JsonlWriter,
-    RejectsWriter,
-    check_output_path,
-    check_rejects_path,
-    scan_output,
-)
-from magpie.pipeline import Pipeline, PipelineSettings, SystemChoice, check_samples_per_request
-from magpie.records import Record, Rejection
-from magpie.retry import call_with_retry
-from magpie.stats import RunStats
 from magpie.templates import PreQuery
 from magpie.templates.rendered import aresolve_pre_query
 
-#: Concurrency ``auto`` picks: the embedded backend decodes that many sequences
-#: together; an Ollama server queues what it cannot run in parallel, and a few
-#: requests in flight hide the client's own latency.
-AUTO_CONCURRENCY = {"embedded": 16, "ollama": 4, "openai": 16}
 #: Rewrite the manifest after this many results (records or rejections), or
 #: after ``MANIFEST_MAX_AGE`` seconds, but never twice within
 #: ``MANIFEST_MIN_INTERVAL`` seconds (a fast run would otherwise spend its event
@@ -129,15 +130,15 @@ class Prepared:
 
 def concurrency_for(config: RunConfig, backend: Backend) -> int:
     if config.concurrency == "auto":
-        return AUTO_CONCURRENCY.get(backend.name, 1) * len(config.hosts)
+        return backend.auto_concurrency
     return int(config.concurrency)
 
 
 def validate_config(config: RunConfig) -> Path | None:
     """Every check that needs no backend (exit 2), before any work starts."""
-    from magpie.backends.embedded import check_gguf
+    from magpie.backends.llamacpp.model import check_gguf
     from magpie.backends.ollama import validate_host
-    from magpie.backends.select import looks_like_gguf
+    from magpie.backends.registry import looks_like_gguf
     from magpie.templates import get_family, load_family_file
 
     for host in config.hosts:
@@ -162,9 +163,7 @@ def validate_config(config: RunConfig) -> Path | None:
         )
     if config.system_preset is not None and config.system is not None:
         raise UsageError("pass --system or --system-preset, not both")
-    from magpie.embeddings import validate_semantic
-
-    validate_semantic(config)
+    config.validate_semantic()
     if config.systems and (config.system is not None or config.system_preset is not None):
         raise UsageError("a weighted [systems] set replaces --system / --system-preset")
     for spec in (config.systems or {}).values():
@@ -195,7 +194,7 @@ async def prepare(config: RunConfig, on_retry: Callable[[str], None] | None = No
 
     Raises BackendUnavailable / ModelNotFound (exit 3) or UsageError (exit 2).
     """
-    choice = await choose_backend(config)
+    choice = await choose_backend(config.generator_spec)
     try:
         # 5xx / timeouts at start are retried like any request; a refused
         # connection is not: the server is down, say so at once (exit 3).
@@ -236,10 +235,10 @@ async def _open_judge(
     if config.judge.strip().lower() == "same":
         judge_backend = backend
     else:
-        from magpie.backends.select import open_judge_backend
+        from magpie.backends.registry import open_judge_backend
 
         try:
-            judge_backend = await open_judge_backend(config)
+            judge_backend = await open_judge_backend(config.judge_spec, config.retry)
         except BaseException:
             await backend.aclose()
             raise
@@ -258,19 +257,19 @@ async def _open_dedup(
     """The dedup index of a run (the output's own, when topping up) and, with
     ``semantic_model``, the embedder behind it (probed: exit 3 at once when
     its server is down or lacks the model)."""
-    from magpie.dedup import DedupIndex
+    from magpie.pipeline.stages.dedup.index import DedupIndex
 
     opts: dict[str, Any] = {"threshold": config.dedup_threshold}
     embedder = None
     if config.semantic_model:
-        from magpie.embeddings import aopen_embedder
+        from magpie.pipeline.stages.dedup.embeddings import aopen_embedder
 
         loop = asyncio.get_running_loop()
 
         def on_retry(cause: str) -> None:  # called on the embedder's thread
             loop.call_soon_threadsafe(stats.retries.update, [f"embed_{cause}"])
 
-        embedder = await aopen_embedder(config, generator, on_retry)
+        embedder = await aopen_embedder(config.semantic_spec(generator), config.retry, on_retry)
         opts |= {
             "embed": embedder,
             "embed_name": config.semantic_model,

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from magpie.backends.base import Backend
-from magpie.config import RunConfig
+from magpie.backends.retry import RetryPolicy
+from magpie.backends.spec import BackendSpec
 from magpie.errors import BackendUnavailable, MagpieError, UsageError
 
 #: The Ollama model ``auto`` uses when none is named and the server has it.
@@ -32,69 +33,61 @@ def looks_like_gguf(model: str | None) -> bool:
 EMBEDDED_AUTO_BATCH = 16
 
 
-def _embedded(config: RunConfig) -> Backend:
+def _embedded(spec: BackendSpec) -> Backend:
     """The batched llama.cpp backend: ``--concurrency`` sequences decoded together
     (16 under ``auto``: 2.5-3.6x a plain sequential loop on 2 cores, see
     benchmarks/README.md); its KV caches take (K + 2) x n_ctx tokens of memory."""
-    from magpie.backends.embedded_batch import BatchedEmbeddedBackend
+    from magpie.backends.llamacpp.batch import BatchedEmbeddedBackend
 
-    k = config.concurrency if isinstance(config.concurrency, int) else EMBEDDED_AUTO_BATCH
+    k = spec.concurrency if isinstance(spec.concurrency, int) else EMBEDDED_AUTO_BATCH
     return BatchedEmbeddedBackend(
-        config.model, n_ctx=config.n_ctx, n_threads=config.threads, max_batch=max(1, k)
+        spec.model, n_ctx=spec.n_ctx, n_threads=spec.threads, max_batch=max(1, k)
     )
 
 
-def _ollama(config: RunConfig, model: str) -> Backend:
+def _ollama(spec: BackendSpec, model: str) -> Backend:
     from magpie.backends.ollama import OllamaBackend
 
     backends: list[Backend] = [
-        OllamaBackend(model, host, timeout=config.timeout, keep_alive=config.keep_alive)
-        for host in config.hosts
+        OllamaBackend(model, host, timeout=spec.timeout, keep_alive=spec.keep_alive)
+        for host in spec.hosts
     ]
     if len(backends) == 1:
         return backends[0]
     from magpie.backends.pool import HostPool
 
-    per_host = config.per_host or (config.concurrency if isinstance(config.concurrency, int) else 4)
+    per_host = spec.per_host or (spec.concurrency if isinstance(spec.concurrency, int) else 4)
     return HostPool(backends, per_host=per_host)
 
 
-def _openai(config: RunConfig) -> Backend:
-    from magpie.backends.openai_compat import OpenAIBackend, resolve_host
+def _openai(spec: BackendSpec) -> Backend:
+    from magpie.backends.openai import OpenAIBackend, resolve_host
 
     backends: list[Backend] = [
-        OpenAIBackend(config.model, resolve_host(host), timeout=config.timeout)
-        for host in config.hosts
+        OpenAIBackend(spec.model, resolve_host(host), timeout=spec.timeout) for host in spec.hosts
     ]
     if len(backends) == 1:
         return backends[0]
     from magpie.backends.pool import HostPool
 
-    per_host = config.per_host or (config.concurrency if isinstance(config.concurrency, int) else 4)
+    per_host = spec.per_host or (spec.concurrency if isinstance(spec.concurrency, int) else 4)
     return HostPool(backends, per_host=per_host)
 
 
-def open_backend(config: RunConfig) -> Backend:
-    """The ``ollama`` or ``openai`` backend named by ``config.backend``, for
-    ``config.model`` on its hosts (a HostPool over several), not yet contacted."""
-    if config.backend == "openai":
-        return _openai(config)
-    return _ollama(config, config.model or DEFAULT_OLLAMA_MODEL)
+def open_backend(spec: BackendSpec) -> Backend:
+    """The ``ollama`` or ``openai`` backend named by ``spec.backend``, for
+    ``spec.model`` on its hosts (a HostPool over several), not yet contacted."""
+    if spec.backend == "openai":
+        return _openai(spec)
+    return _ollama(spec, spec.model or DEFAULT_OLLAMA_MODEL)
 
 
-async def choose_judge_backend(config: RunConfig) -> BackendChoice:
-    """The judge's backend: ``--judge MODEL`` on ``--judge-backend``/``--judge-host``
-    (defaults: the generator's host).  ``--judge same`` is handled by the caller."""
-    assert config.judge is not None
-    judge_config = config.model_copy(
-        update={
-            "backend": config.judge_backend,
-            "model": config.judge,
-            "host": config.judge_host or config.host,
-        }
-    )
+async def choose_judge_backend(spec: BackendSpec) -> BackendChoice:
+    """The judge's backend (``RunConfig.judge_spec``: ``--judge MODEL`` on
+    ``--judge-backend``/``--judge-host``, by default the generator's host), its
+    errors in the judge's flag names.  ``--judge same`` is handled by the caller."""
     try:
-        choice = await choose_backend(judge_config)
+        choice = await choose_backend(spec)
     except MagpieError as exc:
         raise _as_judge(exc) from None
     return BackendChoice(choice.backend, "judge " + choice.reason)
@@ -117,15 +110,15 @@ def _as_judge(exc: MagpieError) -> MagpieError:
     return exc
 
 
-async def open_judge_backend(config: RunConfig) -> Backend:
+async def open_judge_backend(spec: BackendSpec, retry: RetryPolicy) -> Backend:
     """The judge's backend (:func:`choose_judge_backend`), its model checked with
     ``describe()``: 5xx and timeouts are retried, a refused connection fails at
     once (exit 3), and the backend is closed when the check fails."""
-    from magpie.retry import call_with_retry
+    from magpie.backends.retry import call_with_retry
 
-    backend = (await choose_judge_backend(config)).backend
+    backend = (await choose_judge_backend(spec)).backend
     try:
-        policy = config.retry.model_copy(update={"unreachable_budget": 0.0})
+        policy = retry.model_copy(update={"unreachable_budget": 0.0})
         await call_with_retry(backend.describe, policy)
     except MagpieError as exc:
         await backend.aclose()
@@ -143,41 +136,41 @@ def _pick_default(names: list[str]) -> str | None:
     return matches[0] if matches else None
 
 
-async def choose_backend(config: RunConfig) -> BackendChoice:
-    """Open the backend the config asks for (``auto``: Ollama if it is up)."""
-    if config.backend == "embedded":
-        if config.model and not looks_like_gguf(config.model):
+async def choose_backend(spec: BackendSpec) -> BackendChoice:
+    """Open the backend the spec asks for (``auto``: Ollama if it is up)."""
+    if spec.backend == "embedded":
+        if spec.model and not looks_like_gguf(spec.model):
             raise UsageError(
-                f"--backend embedded needs a .gguf file as --model, not {config.model!r}"
+                f"--backend embedded needs a .gguf file as --model, not {spec.model!r}"
             )
-        b = _embedded(config)
+        b = _embedded(spec)
         return BackendChoice(b, f"backend embedded: {b.model} (llama.cpp, in process)")
-    if config.backend == "openai":
-        b = _openai(config)
+    if spec.backend == "openai":
+        b = _openai(spec)
         where = b.host
         return BackendChoice(
-            b, f"backend openai: {config.model or 'the first model served'} at {where}"
+            b, f"backend openai: {spec.model or 'the first model served'} at {where}"
         )
-    if config.backend == "ollama":
-        if looks_like_gguf(config.model):
+    if spec.backend == "ollama":
+        if looks_like_gguf(spec.model):
             raise UsageError(
-                f"--backend ollama takes an Ollama model name, not a file: {config.model!r} "
+                f"--backend ollama takes an Ollama model name, not a file: {spec.model!r} "
                 "(use --backend embedded for a .gguf file)"
             )
-        b = _ollama(config, config.model or DEFAULT_OLLAMA_MODEL)
+        b = _ollama(spec, spec.model or DEFAULT_OLLAMA_MODEL)
         return BackendChoice(b, f"backend ollama: {b.model} at {b.host}")
     # auto
-    if looks_like_gguf(config.model):
-        b = _embedded(config)
+    if looks_like_gguf(spec.model):
+        b = _embedded(spec)
         return BackendChoice(b, f"backend embedded: {b.model} (--model is a GGUF file)")
-    if config.model:
-        b = _ollama(config, config.model)
+    if spec.model:
+        b = _ollama(spec, spec.model)
         return BackendChoice(
             b, f"backend ollama: {b.model} at {b.host} (--model names an Ollama model)"
         )
     from magpie.backends.ollama import OllamaBackend
 
-    probe = OllamaBackend(DEFAULT_OLLAMA_MODEL, config.hosts[0], timeout=PROBE_TIMEOUT)
+    probe = OllamaBackend(DEFAULT_OLLAMA_MODEL, spec.hosts[0], timeout=PROBE_TIMEOUT)
     try:
         try:
             names = [
@@ -188,7 +181,7 @@ async def choose_backend(config: RunConfig) -> BackendChoice:
         else:
             chosen = _pick_default(names)
             if chosen:
-                b = _ollama(config, chosen)
+                b = _ollama(spec, chosen)
                 return BackendChoice(b, f"backend ollama: {chosen} at {b.host} (Ollama is running)")
             why = (
                 f"Ollama at {probe.host} has no {DEFAULT_OLLAMA_MODEL} "
@@ -196,5 +189,5 @@ async def choose_backend(config: RunConfig) -> BackendChoice:
             )
     finally:
         await probe.aclose()
-    b = _embedded(config)
+    b = _embedded(spec)
     return BackendChoice(b, f"backend embedded: {b.model}, because {why}")

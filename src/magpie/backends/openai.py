@@ -205,10 +205,12 @@ class OpenAIBackend(Backend):
     ``model`` None means the server's only (or first) model, looked up once in
     ``GET /v1/models``.  ``api_key`` defaults to ``OPENAI_API_KEY``; the
     ``Authorization`` header is sent only when a key is set.  Retries are not
-    done here (:mod:`magpie.retry`).
+    done here (:mod:`magpie.backends.retry`).
     """
 
     name = "openai"
+    #: vLLM and SGLang batch what they get; llama-server queues it.
+    auto_concurrency = 16
 
     def __init__(
         self,

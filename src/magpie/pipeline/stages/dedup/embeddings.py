@@ -3,7 +3,7 @@
 :class:`BackendEmbedder` turns a backend with an embedding endpoint
 (:meth:`~magpie.backends.base.Backend.embed`: Ollama ``/api/embed``,
 OpenAI-compatible ``/v1/embeddings``) into the synchronous ``embed`` function
-that :class:`~magpie.dedup.DedupIndex` takes, usable from any thread and from
+that :class:`~magpie.pipeline.stages.dedup.index.DedupIndex` takes, usable from any thread and from
 inside a running event loop:
 
 * the backend lives on a dedicated event loop in a thread of its own
@@ -14,10 +14,10 @@ inside a running event loop:
 * ``await embedder.aembed(texts)`` does the same without blocking the caller's
   event loop: ``magpie generate``'s pipeline awaits the embedding of each new
   instruction and hands it to the index
-  (:meth:`~magpie.dedup.DedupIndex.remember_embedding`), so its generation
+  (:meth:`~magpie.pipeline.stages.dedup.index.DedupIndex.remember_embedding`), so its generation
   requests never wait behind an embedding call on the event loop thread;
 * texts go to the server ``batch_size`` (64) per request, each request retried
-  with :mod:`magpie.retry` (backends never retry themselves);
+  with :mod:`magpie.backends.retry` (backends never retry themselves);
 * :meth:`BackendEmbedder.close` cancels what is left, closes the backend on its
   loop and ends the thread.
 
@@ -37,12 +37,12 @@ import threading
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from magpie.backends.retry import RetryPolicy, call_with_retry
 from magpie.errors import BackendError, MagpieError, UsageError
-from magpie.retry import RetryPolicy, call_with_retry
 
 if TYPE_CHECKING:
     from magpie.backends.base import Backend
-    from magpie.config import RunConfig
+    from magpie.backends.spec import BackendSpec
 
 T = TypeVar("T")
 
@@ -55,7 +55,7 @@ PROBE_TEXT = "magpie semantic dedup probe"
 
 
 class BackendEmbedder:
-    """The ``embed`` function of a :class:`~magpie.dedup.DedupIndex`, over a backend.
+    """The ``embed`` function of a :class:`~magpie.pipeline.stages.dedup.index.DedupIndex`, over a backend.
 
     ``factory`` makes the backend; it is called on the embedder's own event
     loop thread, where every request of the backend then runs.  ``retry`` is
@@ -228,100 +228,35 @@ class BackendEmbedder:
         self.close()
 
 
-# -- from the run settings ------------------------------------------------------
-
-
-def semantic_target(config: RunConfig, generator: str | None = None) -> tuple[str, str | None]:
-    """The backend (``ollama`` or ``openai``) and host of the embedding model.
-
-    ``semantic_backend`` and ``semantic_host`` when set.  Otherwise the
-    generator's backend (``generator``: the one a run resolved, else
-    ``config.backend``) when it is ollama or openai, with its first host; for
-    the embedded generator (and ``magpie dedup``/``merge``, which have none),
-    Ollama at its default host (``$OLLAMA_HOST`` or http://127.0.0.1:11434).
-    A host of None means the backend's default.
-    """
-    gen = generator or config.backend
-    name = config.semantic_backend or (gen if gen in ("ollama", "openai") else "ollama")
-    host = config.semantic_host
-    if host is None and name == gen:
-        host = config.hosts[0]
-    return name, host
-
-
-def validate_semantic(config: RunConfig) -> None:
-    """The checks of the semantic settings that need no server (exit 2)."""
-    if not config.semantic_model:
-        return
-    if not config.dedup:
-        raise UsageError(
-            "--semantic-model needs dedup on: drop --no-dedup (or the setting dedup = false)"
-        )
-    from magpie.backends.select import looks_like_gguf
-
-    name, host = semantic_target(config)
-    # llama-server names its model by the GGUF path it loaded (`/v1/models`):
-    # on an OpenAI-compatible server a path is a served model's id.
-    if name != "openai" and looks_like_gguf(config.semantic_model):
-        raise UsageError(
-            f"--semantic-model {config.semantic_model!r} is a file: name an embedding model "
-            "on an Ollama or OpenAI-compatible server, e.g. nomic-embed-text"
-        )
-    if config.semantic_host is None or host is None:
-        return
-    try:
-        if name == "openai":
-            from magpie.backends.openai_compat import normalize_host
-
-            normalize_host(host)
-        else:
-            from magpie.backends.ollama import validate_host
-
-            validate_host(host)
-    except UsageError:
-        raise UsageError(
-            f"--semantic-host {host!r} is not a URL: use e.g. http://127.0.0.1:11434"
-        ) from None
-
-
-def _factory(config: RunConfig, name: str, host: str | None) -> Callable[[], Backend]:
-    target = config.model_copy(
-        update={"backend": name, "model": config.semantic_model or "", "host": host}
-    )
-
-    def make() -> Backend:
-        from magpie.backends.select import open_backend
-
-        return open_backend(target)
-
-    return make
+# -- opening one -----------------------------------------------------------------
 
 
 def make_embedder(
-    config: RunConfig,
-    generator: str | None = None,
+    spec: BackendSpec,
+    retry: RetryPolicy,
     on_retry: Callable[[str], None] | None = None,
 ) -> BackendEmbedder:
-    """The embedder of ``config.semantic_model`` (see :func:`semantic_target`),
-    not yet probed."""
-    if not config.semantic_model:
+    """The embedder of the embedding model ``spec`` names (``RunConfig.semantic_spec``),
+    not yet probed; its backend opens on the embedder's own loop."""
+    if not spec.model:
         raise UsageError("semantic dedup needs --semantic-model")
-    name, host = semantic_target(config, generator)
-    return BackendEmbedder(
-        _factory(config, name, host),
-        retry=config.retry,
-        on_retry=on_retry,
-    )
+
+    def make() -> Backend:
+        from magpie.backends.registry import open_backend
+
+        return open_backend(spec)
+
+    return BackendEmbedder(make, retry=retry, on_retry=on_retry)
 
 
 def open_embedder(
-    config: RunConfig,
-    generator: str | None = None,
+    spec: BackendSpec,
+    retry: RetryPolicy,
     on_retry: Callable[[str], None] | None = None,
 ) -> BackendEmbedder:
     """:func:`make_embedder`, probed (exit 3 at once when the server is down or
     lacks the model; the embedder is closed then)."""
-    embedder = make_embedder(config, generator, on_retry)
+    embedder = make_embedder(spec, retry, on_retry)
     try:
         embedder.probe()
     except BaseException:
@@ -331,30 +266,15 @@ def open_embedder(
 
 
 async def aopen_embedder(
-    config: RunConfig,
-    generator: str | None = None,
+    spec: BackendSpec,
+    retry: RetryPolicy,
     on_retry: Callable[[str], None] | None = None,
 ) -> BackendEmbedder:
     """:func:`open_embedder` for coroutines (the caller's loop runs on meanwhile)."""
-    embedder = await asyncio.to_thread(make_embedder, config, generator, on_retry)
+    embedder = await asyncio.to_thread(make_embedder, spec, retry, on_retry)
     try:
         await embedder.aprobe()
     except BaseException:
         await embedder.aclose()
         raise
     return embedder
-
-
-def semantic_config(flags: dict[str, Any]) -> RunConfig:
-    """The semantic settings of ``magpie dedup`` and ``magpie merge``: their
-    flags over the ``MAGPIE_SEMANTIC_*`` variables, validated (exit 2).
-    Without a generator, the embedding model is on Ollama at its default host
-    unless ``--semantic-backend``/``--semantic-host`` say otherwise."""
-    import os
-
-    from magpie.config import build_config
-
-    environ = {k: v for k, v in os.environ.items() if k.startswith("MAGPIE_SEMANTIC_")}
-    config = build_config(flags, environ=environ)
-    validate_semantic(config)
-    return config

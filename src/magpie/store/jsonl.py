@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from magpie.errors import OutputClosed, UsageError, WriteFailed
 from magpie.records import Record, Rejection
-from magpie.targets import check_target, refuse_same, stdout_bytes
+from magpie.store.targets import check_target, refuse_same, stdout_bytes
 
 STDOUT = "-"
 #: How every record line starts (``schema_version`` is Record's first field):

@@ -18,7 +18,7 @@ Three checks, in this order, each against the records already kept:
   a `usearch <https://github.com/unum-cloud/usearch>`_ HNSW index when that
   package is installed, else exact numpy search (fine up to some 50,000
   records).  The CLI's ``--semantic-model`` gives an embedding model on a
-  server (:mod:`magpie.embeddings`); an asynchronous caller (the pipeline)
+  server (:mod:`magpie.pipeline.stages.dedup.embeddings`); an asynchronous caller (the pipeline)
   awaits a text's embedding itself and hands it over with
   :meth:`DedupIndex.remember_embedding`, so that ``check``/``add`` need not
   call ``embed``.
@@ -58,10 +58,10 @@ from typing import IO, Any, Literal, NamedTuple, Protocol
 import numpy as np
 from pydantic import ValidationError
 
-from magpie.atomic import AtomicFile
 from magpie.errors import MagpieError, UsageError
 from magpie.records import Record
-from magpie.targets import check_target, refuse_same, same_file, stdin_bytes, stdout_bytes
+from magpie.store.atomic import AtomicFile
+from magpie.store.targets import check_target, refuse_same, same_file, stdin_bytes, stdout_bytes
 
 #: Defaults, chosen and measured in benchmarks/README.md.
 DEFAULT_THRESHOLD = 0.7

@@ -23,28 +23,17 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from magpie.backends.base import Backend, Sampling
+from magpie.backends.retry import RetryPolicy, call_with_retry
 from magpie.errors import UsageError
-from magpie.retry import RetryPolicy, call_with_retry
-
-Quality = Literal["very poor", "poor", "average", "good", "excellent"]
-Difficulty = Literal["very easy", "easy", "medium", "hard", "very hard"]
-Category = Literal[
-    "Information seeking",
-    "Reasoning",
-    "Planning",
-    "Editing",
-    "Coding & Debugging",
-    "Math",
-    "Role playing",
-    "Data analysis",
-    "Creative writing",
-    "Advice seeking",
-    "Brainstorming",
-    "Others",
-]
-QUALITY_ORDER: tuple[str, ...] = ("very poor", "poor", "average", "good", "excellent")
-DIFFICULTY_ORDER: tuple[str, ...] = ("very easy", "easy", "medium", "hard", "very hard")
-CATEGORIES: tuple[str, ...] = Category.__args__  # type: ignore[attr-defined]
+from magpie.records import (
+    CATEGORIES,
+    DIFFICULTY_ORDER,
+    QUALITY_ORDER,
+    Category,
+    Difficulty,
+    JudgeTags,
+    Quality,
+)
 
 
 class InstructionVerdict(BaseModel):
@@ -75,26 +64,6 @@ class ResponseVerdict(BaseModel):
 
 class PairVerdict(InstructionVerdict, ResponseVerdict):
     """Instruction and response, judged in one call."""
-
-
-class JudgeTags(BaseModel):
-    """The tags stored in a record's ``judge`` field."""
-
-    model_config = ConfigDict(extra="allow")
-
-    input_quality: Quality | None = None
-    input_quality_explanation: str | None = None
-    difficulty: Difficulty | None = None
-    intent: str | None = None
-    knowledge: str | None = None
-    task_category: Category | None = None
-    other_categories: list[Category] = Field(default_factory=list)
-    safety: Literal["safe", "unsafe"] | None = None
-    safety_reason: str | None = None
-    language: str | None = None
-    response_score: int | None = None
-    response_reason: str | None = None
-    judge_model: str
 
 
 class JudgeInvalid(Exception):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from magpie.backends.base import Completion
-from magpie.repetition import looped
+from magpie.pipeline.repetition import looped
 
 #: Reject reasons an instruction can get here (counted in the run summary).
 EMPTY = "empty"

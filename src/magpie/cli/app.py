@@ -364,7 +364,7 @@ def generate(
     }
     if quiet:
         flags["quiet"] = True
-    from magpie.report import Reporter
+    from magpie.cli.report import Reporter
 
     try:
         reporter = Reporter(quiet=quiet, log_file=log_file, fmt=log_format)  # type: ignore[arg-type]
@@ -380,9 +380,9 @@ def generate(
 def _generate(
     flags: dict[str, Any], config_file: Path | None, reporter: Any, debug: bool
 ) -> ExitStatus:
-    from magpie.config import build_config
-    from magpie.progress import Progress
-    from magpie.run import RunControl, agenerate
+    from magpie.cli.progress import Progress
+    from magpie.commands.generate import RunControl, agenerate
+    from magpie.settings import build_config
 
     try:
         flags["categories"] = _categories(flags.get("categories"))
@@ -468,7 +468,7 @@ def _generate(
 def _categories(text: str | None) -> list[str] | None:
     if not text:
         return None
-    from magpie.judge import parse_categories
+    from magpie.pipeline.stages.judge import parse_categories
 
     return parse_categories(text)
 
@@ -553,7 +553,7 @@ def filter_cmd(
     debug: Debug = False,
 ) -> None:
     """Judge and rule-filter an existing magpie JSONL (streaming, resumable)."""
-    from magpie.report import Reporter
+    from magpie.cli.report import Reporter
 
     reporter = Reporter(quiet=quiet)
     flags: dict[str, Any] = {
@@ -575,9 +575,9 @@ def filter_cmd(
     }
     try:
         flags["categories"] = _categories(categories)
-        from magpie.config import build_config
-        from magpie.filtering import afilter
-        from magpie.run import RunControl
+        from magpie.commands.filter import afilter
+        from magpie.commands.generate import RunControl
+        from magpie.settings import build_config
 
         cfg = build_config(flags, config_file=config)
 
@@ -629,7 +629,7 @@ def dedup(
     """Drop exact and near-duplicate instructions (keeps the first of each group)."""
     embedder = None
     try:
-        from magpie.dedup import DedupIndex, dedup_file
+        from magpie.pipeline.stages.dedup.index import DedupIndex, dedup_file
 
         opts, embedder = _semantic_options(
             semantic_model, semantic_threshold, semantic_backend, semantic_host, dedup=True
@@ -662,7 +662,8 @@ def _semantic_options(
     """The DedupIndex options of semantic dedup for ``dedup`` and ``merge``
     (flags over MAGPIE_SEMANTIC_*), and the embedder behind them (None: off).
     Bad settings fail here (exit 2); the server is reached at the first embedding."""
-    from magpie.embeddings import make_embedder, semantic_config
+    from magpie.pipeline.stages.dedup.embeddings import make_embedder
+    from magpie.settings import semantic_config
 
     cfg = semantic_config(
         {
@@ -675,7 +676,7 @@ def _semantic_options(
     )
     if not cfg.semantic_model:
         return {}, None
-    embedder = make_embedder(cfg)
+    embedder = make_embedder(cfg.semantic_spec(), cfg.retry)
     opts = {
         "embed": embedder,
         "embed_name": cfg.semantic_model,
@@ -719,7 +720,7 @@ def merge(
     """Combine several outputs (shards) into one, with global dedup and a merged manifest."""
     embedder = None
     try:
-        from magpie.merge import merge_files
+        from magpie.commands.merge import merge_files
 
         opts, embedder = _semantic_options(
             semantic_model, semantic_threshold, semantic_backend, semantic_host, dedup=not no_dedup
@@ -765,7 +766,7 @@ def stats(
 ) -> None:
     """Counts, reject reasons, judge tags, lengths, tokens per pair and throughput."""
     try:
-        from magpie.datastats import (
+        from magpie.commands.stats import (
             check_html_target,
             compute_stats,
             render_rich,
@@ -812,8 +813,13 @@ def doctor(
     settings or template; 1: the smoke generation failed).
     """
     try:
-        from magpie.config import build_config
-        from magpie.doctor import checks_to_json, doctor_exit_status, render_checks, run_doctor
+        from magpie.commands.doctor import (
+            checks_to_json,
+            doctor_exit_status,
+            render_checks,
+            run_doctor,
+        )
+        from magpie.settings import build_config
 
         flags = {
             "host": host,
@@ -911,7 +917,7 @@ def export(
 ) -> None:
     """Convert a magpie JSONL to the formats Axolotl, LLaMA-Factory and TRL read."""
     try:
-        from magpie.export import export_file
+        from magpie.commands.export import export_file
 
         count = export_file(input, format, output, overwrite=overwrite)
     except (MagpieError, Exception) as exc:  # noqa: BLE001

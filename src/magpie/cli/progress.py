@@ -6,8 +6,8 @@ import sys
 import threading
 from typing import Any, TextIO
 
+from magpie.pipeline.counters import RunStats
 from magpie.records import Record, Rejection
-from magpie.stats import RunStats
 
 
 class Progress:

@@ -18,23 +18,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from magpie.clean import template_reason
-from magpie.config import RunConfig
+from magpie.commands.generate import RunControl
 from magpie.errors import UsageError
-from magpie.filters import build_filters
-from magpie.judge import Judge, JudgeInvalid
-from magpie.lock import OutputLock
-from magpie.output import (
+from magpie.pipeline.counters import RunStats
+from magpie.pipeline.stages.clean import template_reason
+from magpie.pipeline.stages.filters import build_filters
+from magpie.pipeline.stages.judge import Judge, JudgeInvalid
+from magpie.records import Record
+from magpie.settings import RunConfig
+from magpie.store.jsonl import (
     JsonlWriter,
     RejectsWriter,
     check_output_path,
     check_rejects_path,
     scan_output,
 )
-from magpie.records import Record
-from magpie.run import RunControl
-from magpie.stats import RunStats
-from magpie.targets import same_file
+from magpie.store.lock import OutputLock
+from magpie.store.targets import same_file
 from magpie.templates.registry import known_special_tokens
 
 
@@ -113,9 +113,9 @@ async def afilter(
         judge = None
         judge_backend = None
         if config.judge:
-            from magpie.backends.select import open_judge_backend
+            from magpie.backends.registry import open_judge_backend
 
-            judge_backend = await open_judge_backend(config)
+            judge_backend = await open_judge_backend(config.judge_spec, config.retry)
             judge = Judge(
                 judge_backend,
                 system_prompt=config.judge_prompt,

@@ -1,7 +1,7 @@
 """The batched embedded backend: many sequences decoded at once by llama.cpp.
 
 :class:`BatchedEmbeddedBackend` serves the same GGUF model as
-:class:`~magpie.backends.embedded.EmbeddedBackend`, but concurrent ``complete()``
+:class:`~magpie.backends.llamacpp.model.EmbeddedBackend`, but concurrent ``complete()``
 and ``chat()`` calls (the pipeline keeps ``concurrency`` attempts in flight) are
 queued to worker threads ("engines") that run *continuous batching* with
 llama.cpp's low-level API, as llama.cpp's own ``batched`` example and
@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 from magpie.backends.base import AbortCheck, Completion, FinishReason, Sampling
-from magpie.backends.embedded import EmbeddedBackend, _llama_cpp
+from magpie.backends.llamacpp.model import EmbeddedBackend, _llama_cpp
 from magpie.errors import BackendError, UsageError
 
 #: Default number of sequences decoded together.

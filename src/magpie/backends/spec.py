@@ -1,0 +1,37 @@
+"""Which backend to open, for what model, where: one :class:`BackendSpec`
+section for the generator, the judge and the embedder alike."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+BackendName = Literal["auto", "ollama", "embedded", "openai"]
+
+
+class BackendSpec(BaseModel):
+    """The settings :func:`magpie.backends.registry.choose_backend` opens a
+    backend from.  ``RunConfig`` derives one per role (``generator_spec``,
+    ``judge_spec``, ``semantic_spec``), so a setting lives in one place."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: BackendName = "auto"
+    model: str | None = None
+    #: One URL, several (a HostPool over them), or None for the default host.
+    host: str | list[str] | None = None
+    #: Requests in flight per host when there are several.
+    per_host: int | None = None
+    concurrency: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    timeout: float = 300.0
+    keep_alive: str | None = None
+    #: llama.cpp in process only.
+    n_ctx: int = 4096
+    threads: int | None = None
+
+    @property
+    def hosts(self) -> list[str | None]:
+        if isinstance(self.host, list):
+            return list(self.host)
+        return [self.host]
