@@ -162,7 +162,7 @@ def rss_mb(field: str) -> float:
 
 
 def jaccard(a: str, b: str, k: int) -> float:
-    from magpie.pipeline.stages.dedup.index import normalize
+    from magpie.pipeline.stages.dedup.minhash import normalize
 
     def shingles(t: str) -> set[str]:
         t = normalize(t)
@@ -217,7 +217,8 @@ def child(n: int, seed: int, mode: str) -> dict:
 
 
 def file_child(n: int, seed: int) -> dict:
-    from magpie.pipeline.stages.dedup.index import DedupIndex, dedup_file
+    from magpie.commands.dedup import dedup_file
+    from magpie.pipeline.stages.dedup.index import DedupIndex
     from magpie.records import Message, Record, StageInfo
 
     texts, _, _ = synthesize(n, seed)

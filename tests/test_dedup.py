@@ -18,18 +18,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from magpie.commands.dedup import dedup_file
 from magpie.errors import MagpieError, UsageError
-from magpie.pipeline.stages.dedup import index as dedup_mod
-from magpie.pipeline.stages.dedup.index import (
-    DedupCounts,
-    DedupIndex,
-    Duplicate,
-    MinHasher,
-    cache_path,
-    dedup_file,
-    lsh_params,
-    normalize,
-)
+from magpie.pipeline.stages.dedup.cache import cache_path
+from magpie.pipeline.stages.dedup.index import DedupCounts, DedupIndex, Duplicate
+from magpie.pipeline.stages.dedup.minhash import BATCH, MinHasher, lsh_params, normalize
 from magpie.store.jsonl import JsonlWriter
 from test_output import make_record
 
@@ -496,7 +489,7 @@ def test_dedup_file_stdin_stdout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 def test_dedup_file_large_batch(tmp_path: Path) -> None:
     """More records than one hashing batch: decisions cross batch borders."""
-    n = dedup_mod._BATCH + 50
+    n = BATCH + 50
     rng = random.Random(5)
     words = ["".join(rng.choices(string.ascii_lowercase, k=7)) for _ in range(4000)]
     texts = [" ".join(rng.choices(words, k=12)) + "?" for _ in range(n)]

@@ -25,8 +25,9 @@ from magpie.commands.generate import agenerate, prepare
 from magpie.commands.merge import merge_files
 from magpie.errors import ModelNotFound
 from magpie.pipeline.scheduler import Pipeline, PipelineSettings
+from magpie.pipeline.stages.dedup.cache import cache_path
 from magpie.pipeline.stages.dedup.embeddings import BackendEmbedder
-from magpie.pipeline.stages.dedup.index import DedupIndex, cache_path
+from magpie.pipeline.stages.dedup.index import DedupIndex
 from magpie.records import Record, Rejection
 from magpie.settings import build_config
 from magpie.store.jsonl import JsonlWriter

@@ -20,6 +20,7 @@ import typer
 
 from magpie import __version__
 from magpie.errors import ExitStatus, MagpieError, OutputClosed, os_error_line
+from magpie.store.targets import STDIO
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -629,14 +630,15 @@ def dedup(
     """Drop exact and near-duplicate instructions (keeps the first of each group)."""
     embedder = None
     try:
-        from magpie.pipeline.stages.dedup.index import DedupIndex, dedup_file
+        from magpie.commands.dedup import dedup_file
+        from magpie.pipeline.stages.dedup.index import DedupIndex
 
         opts, embedder = _semantic_options(
             semantic_model, semantic_threshold, semantic_backend, semantic_host, dedup=True
         )
         index = DedupIndex(threshold=threshold, **opts)
         counts = dedup_file(input, output, rejects=rejects, index=index, overwrite=overwrite)
-        if output != "-":
+        if output != STDIO:
             index.save(output)  # a later top-up of this file starts from this index
     except (MagpieError, Exception) as exc:  # noqa: BLE001
         raise fail(exc, debug) from None
@@ -930,7 +932,7 @@ def export(
     if not quiet:
         err(
             f"magpie: exported {count} records as {format}"
-            + (f" to {output}" if output != "-" else "")
+            + (f" to {output}" if output != STDIO else "")
             + (f" ({why})" if why else "")
         )
 

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from magpie.errors import UsageError
 from magpie.records import Record
 from magpie.store.atomic import AtomicFile
-from magpie.store.targets import check_target, same_file, stdin_bytes, stdout_bytes
+from magpie.store.targets import STDIO, check_target, same_file, stdin_bytes, stdout_bytes
 
 Format = Literal["openai", "sharegpt", "alpaca", "dpo"]
 FORMATS: tuple[str, ...] = ("openai", "sharegpt", "alpaca", "dpo")
@@ -138,7 +138,7 @@ def export_file(src: str, fmt: str, dst: str, *, overwrite: bool = False) -> int
     """
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; pick one of: {', '.join(FORMATS)}")
-    out_path = None if dst == "-" else Path(dst).expanduser()
+    out_path = None if dst == STDIO else Path(dst).expanduser()
     if out_path is not None:
         if same_file(out_path, src):
             raise UsageError(
@@ -146,7 +146,7 @@ def export_file(src: str, fmt: str, dst: str, *, overwrite: bool = False) -> int
                 "pick another --output"
             )
         check_target(out_path, "output", overwrite=overwrite)
-    if src == "-":
+    if src == STDIO:
         fh = stdin_bytes()
         name = "stdin"
     else:
@@ -182,5 +182,5 @@ def export_file(src: str, fmt: str, dst: str, *, overwrite: bool = False) -> int
                     out.write(line)
         return ExportCount(count, skipped)
     finally:
-        if src != "-":
+        if src != STDIO:
             fh.close()

@@ -65,23 +65,21 @@ from typing import IO, Any
 from pydantic import ValidationError
 
 from magpie import __version__
+from magpie.commands.dedup import duplicate_reject_line, write_verdict
 from magpie.errors import MagpieError, OutputClosed, UsageError
 from magpie.pipeline.stages.dedup.index import (
     DEFAULT_SEMANTIC_THRESHOLD,
     DEFAULT_THRESHOLD,
-    STDIO,
-    AtomicOutput,
     DedupIndex,
     Duplicate,
     EmbedFn,
-    duplicate_reject_line,
-    record_error_detail,
-    write_verdict,
 )
 from magpie.records import Record
+from magpie.store.atomic import AtomicOutput
+from magpie.store.jsonl import record_error_detail
 from magpie.store.lock import OutputLock, OutputLocked
 from magpie.store.manifest import Manifest, RunEntry, manifest_path, read_manifest, write_manifest
-from magpie.store.targets import refuse_same, same_file
+from magpie.store.targets import STDIO, refuse_same, same_file
 
 _BATCH = 1024  # records handed to the dedup index at once
 

@@ -49,7 +49,7 @@ from magpie.errors import UsageError
 from magpie.pipeline.stages.judge import CATEGORIES, DIFFICULTY_ORDER, QUALITY_ORDER
 from magpie.store.atomic import AtomicFile
 from magpie.store.manifest import Manifest, RunEntry, manifest_path, read_manifest
-from magpie.store.targets import check_target, same_file, stdin_bytes
+from magpie.store.targets import STDIO, check_target, same_file, stdin_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
@@ -343,7 +343,7 @@ def _parse_time(text: str | None) -> datetime | None:
 
 def _lines(path: Path) -> Iterator[bytes]:
     """The lines of ``path`` (``-``: stdin), one at a time."""
-    if str(path) == "-":
+    if str(path) == STDIO:
         yield from stdin_bytes()
         return
     try:
@@ -672,9 +672,9 @@ def compute_stats(path: Path, *, rejects: Path | None = None) -> DataStats:
     """
     path = Path(path)
     recs = _read_records(path)
-    manifest = None if str(path) == "-" else read_manifest(path)
+    manifest = None if str(path) == STDIO else read_manifest(path)
     notes = []
-    if manifest is None and str(path) != "-" and manifest_path(path).exists():
+    if manifest is None and str(path) != STDIO and manifest_path(path).exists():
         notes.append(
             f"its manifest {manifest_path(path).name} is unreadable: run settings, "
             "throughput and the manifest's reject counts are left out"

@@ -15,6 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any
 
+from magpie.errors import UsageError
+from magpie.store.targets import STDIO, check_target, stdout_bytes
+
 
 def fsync_dir(path: Path) -> None:
     """Persist a rename in directory ``path`` (best effort: some systems refuse)."""
@@ -122,3 +125,43 @@ class AtomicFile:
                 raise
         else:
             self.abort()
+
+
+class AtomicOutput:
+    """A file written under a temporary name and renamed into place on commit."""
+
+    def __init__(self, target: Path | str, overwrite: bool, what: str) -> None:
+        self.what = what
+        self.path: Path | None = None if str(target) == STDIO else Path(target).expanduser()
+        self._file: AtomicFile | None = None
+        self._fh: IO[bytes] | None = None
+        if self.path is None:
+            return
+        check_target(self.path, what, overwrite=overwrite)
+
+    def open(self) -> None:
+        if self.path is None:
+            self._fh = stdout_bytes()
+            return
+        try:
+            # 0644, as JsonlWriter's files (mkstemp makes 0600).
+            self._file = AtomicFile(self.path, mode=0o644)
+        except OSError as exc:
+            raise UsageError(f"{self.what} {self.path} is not writable ({exc.strerror})") from None
+        self._fh = self._file.fh
+
+    def write(self, data: bytes) -> None:
+        assert self._fh is not None
+        self._fh.write(data)
+
+    def commit(self) -> None:
+        assert self._fh is not None
+        if self._file is None:
+            self._fh.flush()
+            return
+        self._file.commit()
+
+    def abort(self) -> None:
+        """Remove the temporary file if :meth:`commit` did not run."""
+        if self._file is not None:
+            self._file.abort()

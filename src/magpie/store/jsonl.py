@@ -23,9 +23,8 @@ from pydantic import ValidationError
 
 from magpie.errors import OutputClosed, UsageError, WriteFailed
 from magpie.records import Record, Rejection
-from magpie.store.targets import check_target, refuse_same, stdout_bytes
+from magpie.store.targets import STDIO, check_target, refuse_same, stdout_bytes
 
-STDOUT = "-"
 #: How every record line starts (``schema_version`` is Record's first field):
 #: a torn first line that does not start so is not a torn record.
 _RECORD_START = b'{"schema_version":'
@@ -51,7 +50,7 @@ class ExistingOutput:
 
 def check_output_path(output: str) -> Path | None:
     """Validate ``--output`` before any work starts (exit 2 on a bad path)."""
-    if output == STDOUT:
+    if output == STDIO:
         stdout_bytes()  # a closed stdout fails now, not after the model loaded
         return None
     p = check_target(output, "output", append=True)
@@ -327,3 +326,11 @@ class RejectsWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def record_error_detail(exc: Exception) -> str:
+    """Why a line is not a record, in a few words (the first validation error)."""
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        return f"{'.'.join(str(x) for x in err['loc']) or 'record'}: {err['msg']}"
+    return str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__

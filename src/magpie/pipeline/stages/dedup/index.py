@@ -45,207 +45,41 @@ decision.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
-from pydantic import ValidationError
 
 from magpie.errors import MagpieError, UsageError
-from magpie.records import Record
+from magpie.pipeline.stages.dedup.cache import (
+    CACHE_FORMAT,
+    cache_path,
+    fingerprint,
+    read_cache,
+    read_instructions,
+)
+from magpie.pipeline.stages.dedup.minhash import (
+    BATCH,
+    DEFAULT_NUM_PERM,
+    DEFAULT_SHINGLE_SIZE,
+    MINHASH_SEED,
+    MinHasher,
+    lsh_params,
+    normalize,
+    text_hash,
+)
 from magpie.store.atomic import AtomicFile
-from magpie.store.targets import check_target, refuse_same, same_file, stdin_bytes, stdout_bytes
 
 #: Defaults, chosen and measured in benchmarks/README.md.
 DEFAULT_THRESHOLD = 0.7
-DEFAULT_NUM_PERM = 128
-DEFAULT_SHINGLE_SIZE = 5
 DEFAULT_SEMANTIC_THRESHOLD = 0.95
-#: Seed of the MinHash permutations (datasketch's default).
-MINHASH_SEED = 1
-#: LSH band parameters minimise ``0.2 * P(false candidate) + 0.8 * P(missed pair)``:
-#: candidates are confirmed with the MinHash estimate anyway, so a missed pair
-#: costs more than a false candidate.
-LSH_WEIGHTS = (0.2, 0.8)
 
-CACHE_SUFFIX = ".dedup.npz"
-#: Bump when normalization, shingle hashing or the cache layout change.
-CACHE_FORMAT = 1
-STDIO = "-"
-
-_BATCH = 1024  # texts hashed per numpy batch
-_CHARS = 1 << 20  # characters hashed per numpy call (bounds temporary arrays)
-_BLOCK = 1024  # shingles per numpy block: 512 KiB at 128 permutations, fits L2 caches
-_TAIL_BYTES = 65536  # bytes of the output hashed into the cache fingerprint
 _EMBED_CACHE = 1024  # embeddings kept between check() and add() of the same text
 _PREPARED_CACHE = 1024  # prepared texts kept between check() and add() of the same text
-
-_M1 = np.uint64(0x9E3779B97F4A7C15)
-_M2 = np.uint64(0xBF58476D1CE4E5B9)
-_FMIX = (np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35))
-
-
-def normalize(text: str) -> str:
-    """The form two instructions must share to be exact duplicates.
-
-    Unicode NFKC (full-width letters, ligatures), casefold, runs of whitespace
-    collapsed to one space, and punctuation and spaces stripped at both ends.
-    Punctuation inside the text is kept.
-    """
-    text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
-    text = " ".join(text.split())
-    start, end = 0, len(text)
-    while start < end and _is_edge(text[start]):
-        start += 1
-    while end > start and _is_edge(text[end - 1]):
-        end -= 1
-    return text[start:end]
-
-
-def _is_edge(ch: str) -> bool:
-    return ch == " " or unicodedata.category(ch).startswith("P")
-
-
-def text_hash(normalized: str) -> int:
-    """A stable 64-bit hash of a normalized text (the exact-duplicate key)."""
-    data = normalized.encode("utf-8", "surrogatepass")
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
-
-
-def lsh_params(
-    threshold: float, num_perm: int, weights: tuple[float, float] = LSH_WEIGHTS
-) -> tuple[int, int]:
-    """Bands ``b`` and rows per band ``r`` (``b * r <= num_perm``) for a threshold.
-
-    Minimises ``weights[0] * FP + weights[1] * FN`` where FP and FN are the
-    integrals of the LSH S-curve ``1 - (1 - s**r)**b`` below and above the
-    threshold: the criterion of ``datasketch.lsh._optimal_param``, integrated
-    numerically with numpy instead of scipy.
-    """
-    lo = np.linspace(0.0, threshold, 513)
-    hi = np.linspace(threshold, 1.0, 513)
-    best, best_err = (1, 1), float("inf")
-    for b in range(1, num_perm + 1):
-        r = np.arange(1, num_perm // b + 1, dtype=np.float64)[:, None]
-        fp = _trapezoid(1.0 - (1.0 - lo**r) ** b, lo)
-        fn = _trapezoid((1.0 - hi**r) ** b, hi)
-        err = weights[0] * fp + weights[1] * fn
-        i = int(np.argmin(err))
-        if err[i] < best_err:
-            best, best_err = (b, i + 1), float(err[i])
-    return best
-
-
-def _trapezoid(y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    return ((y[:, 1:] + y[:, :-1]) * np.diff(x)).sum(axis=1) / 2.0
-
-
-class MinHasher:
-    """MinHash signatures of character n-grams, many texts per numpy call."""
-
-    def __init__(
-        self,
-        num_perm: int = DEFAULT_NUM_PERM,
-        shingle_size: int = DEFAULT_SHINGLE_SIZE,
-        seed: int = MINHASH_SEED,
-    ) -> None:
-        self.num_perm = num_perm
-        self.shingle_size = shingle_size
-        self.seed = seed
-        # Exactly datasketch's affine32 permutations for this seed.
-        gen = np.random.RandomState(seed)
-        a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
-        b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
-        self.permutations = np.array([a, b])
-        self._a = np.ascontiguousarray(a)
-        self._b = np.ascontiguousarray(b)
-
-    def _pad(self, text: str) -> str:
-        k = self.shingle_size
-        return text if len(text) >= k else text + "\0" * (k - len(text))
-
-    def _hash_all(self, padded: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Hashes of all shingles, and the number of shingles per text."""
-        k = self.shingle_size
-        lens = np.fromiter(map(len, padded), dtype=np.int64, count=len(padded))
-        cps = np.frombuffer("".join(padded).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        cps = cps.astype(np.uint64)
-        n = len(cps) - k + 1
-        h = cps[:n] * _M1
-        for j in range(1, k):
-            h += cps[j : n + j]
-            h *= _M1
-        h ^= h >> np.uint64(29)
-        h *= _M2
-        h = (h >> np.uint64(32)).astype(np.uint32)
-        # Keep the shingles that lie inside one text.
-        counts = lens - k + 1
-        offsets = np.cumsum(lens) - lens
-        firsts = np.cumsum(counts) - counts
-        pos = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(offsets - firsts, counts)
-        return h[pos], counts
-
-    def shingle_hashes(self, normalized: str) -> np.ndarray:
-        """The 32-bit hashes of the character n-grams of one normalized text.
-
-        ``datasketch.MinHash(num_perm, seed, hashfunc=int, scheme="affine32")``
-        updated with these values holds the same signature as :meth:`signatures`.
-        """
-        return self._hash_all([self._pad(normalized)])[0]
-
-    def signatures(self, normalized: Sequence[str]) -> np.ndarray:
-        """MinHash signatures, shape ``(len(normalized), num_perm)``, uint32."""
-        out = np.empty((len(normalized), self.num_perm), dtype=np.uint32)
-        start, chars = 0, 0
-        for i, text in enumerate(normalized):  # bound the temporaries of long texts
-            chars += len(text)
-            if chars > _CHARS and i > start:
-                out[start:i] = self._signatures(normalized[start:i])
-                start, chars = i, len(text)
-        if start < len(normalized):
-            out[start:] = self._signatures(normalized[start:])
-        return out
-
-    def _signatures(self, normalized: Sequence[str]) -> np.ndarray:
-        out = np.empty((len(normalized), self.num_perm), dtype=np.uint32)
-        hv, counts = self._hash_all([self._pad(t) for t in normalized])
-        # datasketch's affine32: MurmurHash3 finalizer, then a * h + b mod 2**32.
-        hv ^= hv >> np.uint32(16)
-        hv *= _FMIX[0]
-        hv ^= hv >> np.uint32(13)
-        hv *= _FMIX[1]
-        hv ^= hv >> np.uint32(16)
-        ends = np.cumsum(counts)
-        starts = ends - counts
-        buf = np.empty((min(_BLOCK, len(hv)), self.num_perm), dtype=np.uint32)
-        i, n_docs = 0, len(normalized)
-        while i < n_docs:
-            j = max(i + 1, int(np.searchsorted(ends, starts[i] + _BLOCK, side="right")))
-            s0, s1 = int(starts[i]), int(ends[j - 1])
-            if s1 - s0 <= _BLOCK:
-                blk = self._permute(hv[s0:s1], buf)
-                out[i:j] = np.minimum.reduceat(blk, starts[i:j] - s0, axis=0)
-            else:  # one long text: a running minimum over blocks
-                acc = np.full(self.num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
-                for s in range(s0, s1, _BLOCK):
-                    blk = self._permute(hv[s : min(s1, s + _BLOCK)], buf)
-                    np.minimum(acc, blk.min(axis=0), out=acc)
-                out[i] = acc
-            i = j
-        return out
-
-    def _permute(self, hv: np.ndarray, buf: np.ndarray) -> np.ndarray:
-        blk = buf[: len(hv)]
-        np.multiply(hv[:, None], self._a, out=blk)
-        np.add(blk, self._b, out=blk)
-        return blk
 
 
 @dataclass
@@ -412,7 +246,7 @@ class DedupIndex:
         batch: list[tuple[str, str]] = []
         for pair in items:
             batch.append(pair)
-            if len(batch) >= _BATCH:
+            if len(batch) >= BATCH:
                 out.extend(self._check_and_add_batch(batch))
                 batch = []
         out.extend(self._check_and_add_batch(batch))
@@ -437,7 +271,7 @@ class DedupIndex:
         """
         index = cls(**kwargs)
         output = Path(output)
-        cache = _read_cache(cache_path(output))
+        cache = read_cache(cache_path(output))
         if cache is not None and not index._compatible(cache["meta"]):
             cache = None
         if not output.exists() or output.stat().st_size == 0:
@@ -446,7 +280,7 @@ class DedupIndex:
         if (
             cache is not None
             and not verify
-            and cache["meta"].get("fingerprint") == _fingerprint(output)
+            and cache["meta"].get("fingerprint") == fingerprint(output)
             and index._load_rows(cache)
         ):
             index.source = "cache"
@@ -460,7 +294,7 @@ class DedupIndex:
         output = Path(output)
         path = cache_path(output)
         live = [r for r in range(len(self._ids)) if r not in self._dead]
-        meta = self._params() | {"fingerprint": _fingerprint(output), "count": len(live)}
+        meta = self._params() | {"fingerprint": fingerprint(output), "count": len(live)}
         arrays: dict[str, np.ndarray] = {
             "ids": np.array([self._ids[r] for r in live], dtype=str),
             "digests": np.array([self._digests[r] for r in live], dtype=np.uint64),
@@ -656,10 +490,10 @@ class DedupIndex:
         if self.embed is not None and vecs is None and len(cache["ids"]):
             return False
         ids, digests, sigs = cache["ids"], cache["digests"], cache["sigs"]
-        for start in range(0, len(ids), _BATCH):
-            chunk = sigs[start : start + _BATCH]
+        for start in range(0, len(ids), BATCH):
+            chunk = sigs[start : start + BATCH]
             keys = self._band_keys(chunk)
-            for j, digest in enumerate(digests[start : start + _BATCH].tolist()):
+            for j, digest in enumerate(digests[start : start + BATCH].tolist()):
                 self._add(ids[start + j], _Item("", digest, chunk[j], keys[j]))
         if vecs is not None and len(vecs):
             index = self._vector_index(vecs.shape[1])
@@ -674,9 +508,9 @@ class DedupIndex:
             known = {d: i for i, d in enumerate(cache["digests"].tolist())}
             vecs = self._cached_vectors(cache)
         batch: list[tuple[str, str]] = []
-        for record_id, text in _read_instructions(output):
+        for record_id, text in read_instructions(output):
             batch.append((record_id, text))
-            if len(batch) >= _BATCH:
+            if len(batch) >= BATCH:
                 self._add_batch(batch, known, cache, vecs)
                 batch = []
         self._add_batch(batch, known, cache, vecs)
@@ -795,221 +629,3 @@ class _VectorIndex:
         if self._usearch is None:
             return None
         return np.frombuffer(bytes(self._usearch.save()), dtype=np.uint8)
-
-
-def cache_path(output: Path | str) -> Path:
-    """Where the dedup index of ``output`` lives: ``<output>.dedup.npz``."""
-    output = Path(output)
-    return output.with_name(output.name + CACHE_SUFFIX)
-
-
-def _fingerprint(output: Path) -> dict[str, Any]:
-    try:
-        st = output.stat()
-    except FileNotFoundError:
-        return {"size": 0}
-    with output.open("rb") as fh:
-        fh.seek(max(0, st.st_size - _TAIL_BYTES))
-        tail = hashlib.blake2b(fh.read(), digest_size=16).hexdigest()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "tail": tail}
-
-
-def _read_cache(path: Path) -> dict[str, Any] | None:
-    """The cached arrays, or None when missing or unreadable (then it is rebuilt)."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            cache: dict[str, Any] = {k: data[k] for k in data.files}
-        cache["meta"] = json.loads(cache["meta"].tobytes())
-        cache["ids"] = cache["ids"].tolist()
-        n = len(cache["ids"])
-        if len(cache["digests"]) != n or cache["sigs"].shape[0] != n:
-            return None
-        if "vectors" in cache and len(cache["vectors"]) != n:
-            del cache["vectors"]
-        return cache
-    except FileNotFoundError:
-        return None
-    except Exception:  # a damaged cache is rebuilt, never fatal
-        return None
-
-
-def _read_instructions(output: Path) -> Iterable[tuple[str, str]]:
-    """``(id, instruction)`` of each record of an output JSONL, streamed."""
-    with output.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-                record_id, text = obj["id"], obj["instruction"]
-                if not isinstance(record_id, str) or not isinstance(text, str):
-                    raise ValueError("id and instruction must be strings")
-            except (ValueError, TypeError, KeyError) as exc:
-                if not raw.endswith(b"\n"):
-                    return  # a torn last line: generate sets it aside
-                detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
-                raise UsageError(
-                    f"{output} is not a magpie JSONL (line {lineno}: {detail.splitlines()[0]}); "
-                    "cannot build its dedup index"
-                ) from None
-            yield record_id, text
-
-
-# -- dedup of a whole file ---------------------------------------------------
-
-
-def dedup_file(
-    src: Path | str,
-    dst: Path | str,
-    *,
-    rejects: Path | str | None = None,
-    index: DedupIndex | None = None,
-    overwrite: bool = False,
-) -> DedupCounts:
-    """Copy the records of ``src`` that are not duplicates to ``dst``.
-
-    Streams ``src`` (``-``: stdin); keeps each record's line byte for byte;
-    writes ``dst`` (``-``: stdout) and ``rejects`` through temporary files
-    renamed at the end, so a failed run leaves neither behind.  A rejected
-    record goes to ``rejects`` with ``reject_reason``, ``duplicate_of``,
-    ``duplicate_kind`` and ``similarity`` added.  ``index`` may already hold
-    records (of another file): those count as earlier records; kept records are
-    added to it.  An existing ``dst`` or ``rejects`` is replaced only with
-    ``overwrite``.
-    """
-    index = index if index is not None else DedupIndex()
-    src_name = str(src)
-    if src_name != STDIO and not Path(src_name).is_file():
-        raise UsageError(f"input {src_name} does not exist or is not a file")
-    refuse_same([("--rejects", rejects), ("input", src_name)])
-    refuse_same([("--rejects", rejects), ("output", dst)])
-    if not overwrite and same_file(dst, src_name):
-        raise UsageError(f"output {dst} is the input: pass --overwrite to dedup it in place")
-    out = AtomicOutput(dst, overwrite, "output")
-    rej = AtomicOutput(rejects, overwrite, "--rejects") if rejects is not None else None
-    counts = DedupCounts()
-    try:
-        out.open()
-        if rej is not None:
-            rej.open()
-        with contextlib.ExitStack() as stack:
-            fin: IO[bytes] = (
-                stdin_bytes() if src_name == STDIO else stack.enter_context(open(src_name, "rb"))
-            )
-            for batch in _record_batches(fin, src_name):
-                dups = index.check_and_add_many((rid, text) for _, rid, text in batch)
-                for (raw, _, _), dup in zip(batch, dups, strict=True):
-                    counts.total += 1
-                    write_verdict(raw, dup, counts, out, rej)
-        out.commit()
-        if rej is not None:
-            rej.commit()
-    finally:
-        out.abort()
-        if rej is not None:
-            rej.abort()
-    return counts
-
-
-def _record_batches(fin: IO[bytes], name: str) -> Iterable[list[tuple[bytes, str, str]]]:
-    batch: list[tuple[bytes, str, str]] = []
-    for lineno, raw in enumerate(fin, start=1):
-        if not raw.strip():
-            continue
-        try:
-            rec = Record.model_validate_json(raw)
-        except (ValidationError, ValueError) as exc:
-            raise UsageError(
-                f"{name} is not a magpie JSONL (line {lineno}: {record_error_detail(exc)}); nothing written"
-            ) from None
-        batch.append((raw, rec.id, rec.instruction))
-        if len(batch) >= _BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def record_error_detail(exc: Exception) -> str:
-    """Why a line is not a record, in a few words (the first validation error)."""
-    if isinstance(exc, ValidationError):
-        err = exc.errors()[0]
-        return f"{'.'.join(str(x) for x in err['loc']) or 'record'}: {err['msg']}"
-    return str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-
-
-class Tally(Protocol):
-    """Counts of kept records and of duplicates by kind."""
-
-    kept: int
-    exact: int
-    near: int
-    semantic: int
-
-
-def write_verdict(
-    raw: bytes,
-    dup: Duplicate | None,
-    counts: Tally,
-    out: AtomicOutput,
-    rej: AtomicOutput | None,
-) -> None:
-    """A record line to ``out`` when kept (``dup`` None), else to ``rej`` with
-    what it duplicates; counted in ``counts`` as kept or by the duplicate's kind."""
-    if dup is None:
-        counts.kept += 1
-        out.write(raw if raw.endswith(b"\n") else raw + b"\n")
-        return
-    setattr(counts, dup.kind, getattr(counts, dup.kind) + 1)
-    if rej is not None:
-        rej.write(duplicate_reject_line(raw, dup))
-
-
-def duplicate_reject_line(raw: bytes, dup: Duplicate) -> bytes:
-    """The rejects-file line of a dropped record: its JSON plus what it duplicates."""
-    obj = json.loads(raw)
-    obj["reject_reason"] = "duplicate"
-    obj["duplicate_of"] = dup.of_id
-    obj["duplicate_kind"] = dup.kind
-    obj["similarity"] = round(dup.similarity, 6)
-    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-
-
-class AtomicOutput:
-    """A file written under a temporary name and renamed into place on commit."""
-
-    def __init__(self, target: Path | str, overwrite: bool, what: str) -> None:
-        self.what = what
-        self.path: Path | None = None if str(target) == STDIO else Path(target).expanduser()
-        self._file: AtomicFile | None = None
-        self._fh: IO[bytes] | None = None
-        if self.path is None:
-            return
-        check_target(self.path, what, overwrite=overwrite)
-
-    def open(self) -> None:
-        if self.path is None:
-            self._fh = stdout_bytes()
-            return
-        try:
-            # 0644, as JsonlWriter's files (mkstemp makes 0600).
-            self._file = AtomicFile(self.path, mode=0o644)
-        except OSError as exc:
-            raise UsageError(f"{self.what} {self.path} is not writable ({exc.strerror})") from None
-        self._fh = self._file.fh
-
-    def write(self, data: bytes) -> None:
-        assert self._fh is not None
-        self._fh.write(data)
-
-    def commit(self) -> None:
-        assert self._fh is not None
-        if self._file is None:
-            self._fh.flush()
-            return
-        self._file.commit()
-
-    def abort(self) -> None:
-        """Remove the temporary file if :meth:`commit` did not run."""
-        if self._file is not None:
-            self._file.abort()

@@ -1,0 +1,129 @@
+"""``magpie dedup``: the records of a file that are not duplicates, and the
+line-level helpers ``magpie merge`` shares (:func:`write_verdict`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO, Protocol
+
+from pydantic import ValidationError
+
+from magpie.errors import UsageError
+from magpie.pipeline.stages.dedup.index import DedupCounts, DedupIndex, Duplicate
+from magpie.pipeline.stages.dedup.minhash import BATCH
+from magpie.records import Record
+from magpie.store.atomic import AtomicOutput
+from magpie.store.jsonl import record_error_detail
+from magpie.store.targets import STDIO, refuse_same, same_file, stdin_bytes
+
+
+def dedup_file(
+    src: Path | str,
+    dst: Path | str,
+    *,
+    rejects: Path | str | None = None,
+    index: DedupIndex | None = None,
+    overwrite: bool = False,
+) -> DedupCounts:
+    """Copy the records of ``src`` that are not duplicates to ``dst``.
+
+    Streams ``src`` (``-``: stdin); keeps each record's line byte for byte;
+    writes ``dst`` (``-``: stdout) and ``rejects`` through temporary files
+    renamed at the end, so a failed run leaves neither behind.  A rejected
+    record goes to ``rejects`` with ``reject_reason``, ``duplicate_of``,
+    ``duplicate_kind`` and ``similarity`` added.  ``index`` may already hold
+    records (of another file): those count as earlier records; kept records are
+    added to it.  An existing ``dst`` or ``rejects`` is replaced only with
+    ``overwrite``.
+    """
+    index = index if index is not None else DedupIndex()
+    src_name = str(src)
+    if src_name != STDIO and not Path(src_name).is_file():
+        raise UsageError(f"input {src_name} does not exist or is not a file")
+    refuse_same([("--rejects", rejects), ("input", src_name)])
+    refuse_same([("--rejects", rejects), ("output", dst)])
+    if not overwrite and same_file(dst, src_name):
+        raise UsageError(f"output {dst} is the input: pass --overwrite to dedup it in place")
+    out = AtomicOutput(dst, overwrite, "output")
+    rej = AtomicOutput(rejects, overwrite, "--rejects") if rejects is not None else None
+    counts = DedupCounts()
+    try:
+        out.open()
+        if rej is not None:
+            rej.open()
+        with contextlib.ExitStack() as stack:
+            fin: IO[bytes] = (
+                stdin_bytes() if src_name == STDIO else stack.enter_context(open(src_name, "rb"))
+            )
+            for batch in _record_batches(fin, src_name):
+                dups = index.check_and_add_many((rid, text) for _, rid, text in batch)
+                for (raw, _, _), dup in zip(batch, dups, strict=True):
+                    counts.total += 1
+                    write_verdict(raw, dup, counts, out, rej)
+        out.commit()
+        if rej is not None:
+            rej.commit()
+    finally:
+        out.abort()
+        if rej is not None:
+            rej.abort()
+    return counts
+
+
+def _record_batches(fin: IO[bytes], name: str) -> Iterable[list[tuple[bytes, str, str]]]:
+    batch: list[tuple[bytes, str, str]] = []
+    for lineno, raw in enumerate(fin, start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = Record.model_validate_json(raw)
+        except (ValidationError, ValueError) as exc:
+            raise UsageError(
+                f"{name} is not a magpie JSONL (line {lineno}: {record_error_detail(exc)}); nothing written"
+            ) from None
+        batch.append((raw, rec.id, rec.instruction))
+        if len(batch) >= BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class Tally(Protocol):
+    """Counts of kept records and of duplicates by kind."""
+
+    kept: int
+    exact: int
+    near: int
+    semantic: int
+
+
+def write_verdict(
+    raw: bytes,
+    dup: Duplicate | None,
+    counts: Tally,
+    out: AtomicOutput,
+    rej: AtomicOutput | None,
+) -> None:
+    """A record line to ``out`` when kept (``dup`` None), else to ``rej`` with
+    what it duplicates; counted in ``counts`` as kept or by the duplicate's kind."""
+    if dup is None:
+        counts.kept += 1
+        out.write(raw if raw.endswith(b"\n") else raw + b"\n")
+        return
+    setattr(counts, dup.kind, getattr(counts, dup.kind) + 1)
+    if rej is not None:
+        rej.write(duplicate_reject_line(raw, dup))
+
+
+def duplicate_reject_line(raw: bytes, dup: Duplicate) -> bytes:
+    """The rejects-file line of a dropped record: its JSON plus what it duplicates."""
+    obj = json.loads(raw)
+    obj["reject_reason"] = "duplicate"
+    obj["duplicate_of"] = dup.of_id
+    obj["duplicate_kind"] = dup.kind
+    obj["similarity"] = round(dup.similarity, 6)
+    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
