@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from magpie.errors import UsageError
+from magpie.errors import ExitStatus, MagpieError, UsageError
 
 LogFormat = Literal["text", "json"]
 
@@ -79,3 +80,34 @@ class Reporter:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def report_summary(result: Any, reporter: Any) -> None:
+    if result.torn_path is not None:
+        reporter.info(
+            f"a torn last line was moved to {result.torn_path}",
+            event="torn",
+            path=str(result.torn_path),
+        )
+    for note in result.notes:
+        reporter.info(note, event="note")
+    if not result.notes:
+        reporter.info(
+            result.stats.summary(),
+            event="summary",
+            exit_status=int(result.exit_status),
+            **result.stats.as_dict(),
+        )
+    for warning in getattr(result, "warnings", ()):
+        reporter.warn(warning)
+
+
+def report_error(exc: BaseException, reporter: Any, debug: bool) -> ExitStatus:
+    if debug:
+        traceback.print_exception(exc)
+    if isinstance(exc, MagpieError):
+        reporter.error(str(exc), exit_status=int(exc.exit_status))
+        return exc.exit_status
+    first = (str(exc).strip().splitlines() or [""])[0]
+    reporter.error(f"{exc.__class__.__name__}: {first} (run with --debug for a traceback)")
+    return ExitStatus.ERROR

@@ -7,12 +7,17 @@ import contextlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from pydantic import ValidationError
 
 from magpie.errors import UsageError
-from magpie.pipeline.stages.dedup.index import DedupCounts, DedupIndex, Duplicate
+from magpie.pipeline.stages.dedup.index import (
+    DEFAULT_THRESHOLD,
+    DedupCounts,
+    DedupIndex,
+    Duplicate,
+)
 from magpie.pipeline.stages.dedup.minhash import BATCH
 from magpie.records import Record
 from magpie.store.atomic import AtomicOutput
@@ -127,3 +132,63 @@ def duplicate_reject_line(raw: bytes, dup: Duplicate) -> bytes:
     obj["duplicate_kind"] = dup.kind
     obj["similarity"] = round(dup.similarity, 6)
     return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def semantic_options(
+    model: str | None,
+    threshold: float | None,
+    backend: str | None,
+    host: str | None,
+    *,
+    dedup: bool,
+) -> tuple[dict[str, Any], Any]:
+    """The DedupIndex options of semantic dedup for ``dedup`` and ``merge``
+    (flags over MAGPIE_SEMANTIC_*), and the embedder behind them (None: off).
+    Bad settings fail here (exit 2); the server is reached at the first embedding."""
+    from magpie.pipeline.stages.dedup.embeddings import make_embedder
+    from magpie.settings import semantic_config
+
+    cfg = semantic_config(
+        {
+            "semantic_model": model,
+            "semantic_threshold": threshold,
+            "semantic_backend": backend,
+            "semantic_host": host,
+            "dedup": dedup,
+        }
+    )
+    if not cfg.semantic_model:
+        return {}, None
+    embedder = make_embedder(cfg.semantic_spec(), cfg.retry)
+    opts = {
+        "embed": embedder,
+        "embed_name": cfg.semantic_model,
+        "semantic_threshold": cfg.semantic_threshold,
+    }
+    return opts, embedder
+
+
+def dedup_path(
+    src: Path | str,
+    dst: Path | str,
+    *,
+    rejects: Path | str | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    semantic: tuple[str | None, float | None, str | None, str | None] = (None, None, None, None),
+    overwrite: bool = False,
+) -> DedupCounts:
+    """``magpie dedup``: :func:`dedup_file` with a fresh index (semantic when
+    ``semantic``'s model is set: model, threshold, backend, host over
+    ``MAGPIE_SEMANTIC_*``), saved next to ``dst`` so that a later top-up of it
+    starts from this index."""
+    model, sem_threshold, backend, host = semantic
+    opts, embedder = semantic_options(model, sem_threshold, backend, host, dedup=True)
+    try:
+        index = DedupIndex(threshold=threshold, **opts)
+        counts = dedup_file(src, dst, rejects=rejects, index=index, overwrite=overwrite)
+        if str(dst) != STDIO:
+            index.save(dst)
+    finally:
+        if embedder is not None:
+            embedder.close()
+    return counts

@@ -1,0 +1,356 @@
+"""``magpie generate``: the flags, the progress bar, signals, the summary."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from magpie.cli.options import (
+    Debug,
+    Quiet,
+    SemanticBackend,
+    SemanticHost,
+    SemanticModel,
+    SemanticThreshold,
+    categories_flag,
+)
+from magpie.cli.report import report_error, report_summary
+from magpie.cli.terminal import fail
+from magpie.errors import ExitStatus, MagpieError, OutputClosed
+
+
+def generate(
+    num: int | None = typer.Option(
+        None,
+        "-n",
+        "--num",
+        help="Records the output should hold (default 100). An existing output is topped up to this count.",
+    ),
+    output: str | None = typer.Option(
+        None, "-o", "--output", help="Output JSONL file, or - for stdout (default -)."
+    ),
+    overwrite: bool | None = typer.Option(
+        None,
+        "--overwrite",
+        help="Start the output afresh instead of topping it up.",
+        show_default=False,
+    ),
+    allow_mixed: bool | None = typer.Option(
+        None,
+        "--allow-mixed",
+        help="Top up a file made with another model or template.",
+        show_default=False,
+    ),
+    backend: str | None = typer.Option(
+        None,
+        "--backend",
+        help="auto (Ollama if it is running, else embedded), ollama, embedded, or openai "
+        "(an OpenAI-compatible server: vLLM, SGLang, llama.cpp llama-server, LM Studio).",
+    ),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Ollama model name, or a .gguf file for the embedded backend."
+    ),
+    host: list[str] | None = typer.Option(
+        None,
+        "--host",
+        metavar="<url>",
+        help="Ollama URL (default $OLLAMA_HOST or http://127.0.0.1:11434); repeat it to spread the work over several servers.",
+    ),
+    template: str | None = typer.Option(
+        None,
+        "--template",
+        "-t",
+        help="Template family name, auto (default), or a template TOML file.",
+    ),
+    system: str | None = typer.Option(
+        None, "--system", help="System prompt rendered into the pre-query."
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Run seed (default: random, or the output's own when topping up)."
+    ),
+    concurrency: str | None = typer.Option(
+        None, "--concurrency", "-c", help="Pairs in flight: a number or auto (default)."
+    ),
+    instruction_temperature: float | None = typer.Option(
+        None, "--instruction-temperature", help="Instruction sampling temperature (default 1.0)."
+    ),
+    instruction_top_p: float | None = typer.Option(
+        None, "--instruction-top-p", help="Instruction top-p (default 1.0)."
+    ),
+    instruction_max_tokens: int | None = typer.Option(
+        None, "--instruction-max-tokens", help="Instruction token limit (default 512)."
+    ),
+    response_temperature: float | None = typer.Option(
+        None, "--response-temperature", help="Response temperature (default 0.0: greedy)."
+    ),
+    response_top_p: float | None = typer.Option(
+        None, "--response-top-p", help="Response top-p (default 1.0)."
+    ),
+    response_max_tokens: int | None = typer.Option(
+        None, "--response-max-tokens", help="Response token limit (default 2048)."
+    ),
+    keep_truncated: bool | None = typer.Option(
+        None,
+        "--keep-truncated",
+        help="Keep responses cut by --response-max-tokens.",
+        show_default=False,
+    ),
+    timeout: float | None = typer.Option(
+        None, "--timeout", help="Seconds of silence before a request is retried (default 300)."
+    ),
+    max_retries: int | None = typer.Option(
+        None, "--max-retries", help="Retries of a failed request (default 5)."
+    ),
+    unreachable_budget: float | None = typer.Option(
+        None,
+        "--unreachable-budget",
+        help="Seconds the backend may stay unreachable before the run stops with exit 3 (default 120).",
+    ),
+    backoff_base: float | None = typer.Option(
+        None,
+        "--backoff-base",
+        help="First retry delay in seconds, doubled per retry (default 0.5).",
+    ),
+    grace_period: float | None = typer.Option(
+        None,
+        "--grace-period",
+        help="Seconds pairs in flight get to finish after Ctrl-C/SIGTERM (default 10).",
+    ),
+    language: str | None = typer.Option(
+        None, "--language", help="Keep only instructions in this language (ISO 639-1, e.g. en)."
+    ),
+    judge: str | None = typer.Option(
+        None, "--judge", help="Judge model (Ollama name or .gguf), or 'same' for the generator."
+    ),
+    judge_backend: str | None = typer.Option(
+        None, "--judge-backend", help="auto, ollama, openai or embedded."
+    ),
+    judge_host: str | None = typer.Option(None, "--judge-host", help="Ollama URL of the judge."),
+    judge_prompt: Path | None = typer.Option(
+        None, "--judge-prompt", help="Judge system prompt file (see configs/judge/)."
+    ),
+    prejudge: bool | None = typer.Option(
+        None,
+        "--prejudge",
+        help="Judge each instruction before its response is generated (saves response tokens).",
+        show_default=False,
+    ),
+    min_quality: str | None = typer.Option(None, "--min-quality", help="very poor .. excellent"),
+    min_difficulty: str | None = typer.Option(
+        None, "--min-difficulty", help="very easy .. very hard"
+    ),
+    min_response_score: int | None = typer.Option(None, "--min-response-score", help="1-10"),
+    categories: str | None = typer.Option(
+        None,
+        "--categories",
+        help='Comma-separated task categories to keep, e.g. "Math,Coding & Debugging".',
+    ),
+    drop_unsafe: bool | None = typer.Option(
+        None, "--drop-unsafe", help="Reject pairs the judge calls unsafe.", show_default=False
+    ),
+    rejects: str | None = typer.Option(
+        None, "--rejects", help="Append rejected attempts to this JSONL."
+    ),
+    shard: str | None = typer.Option(
+        None, "--shard", help="i/N: this machine's disjoint share of a run split over N machines."
+    ),
+    turns: int | None = typer.Option(
+        None, "--turns", help="Conversations of T user turns (the model writes the follow-ups)."
+    ),
+    responses: int | None = typer.Option(
+        None, "--responses", help="Sample K answers per instruction; with --judge: chosen/rejected."
+    ),
+    samples_per_request: int | None = typer.Option(
+        None,
+        "--samples-per-request",
+        help="Instructions per pre-query request (the server's n, one prefill; --backend openai, "
+        "e.g. vLLM; default 1).",
+    ),
+    system_preset: str | None = typer.Option(
+        None, "--system-preset", help="Task-control system prompt: math, code or translation."
+    ),
+    no_dedup: bool = typer.Option(
+        False, "--no-dedup", help="Keep near-duplicate instructions (dedup is on by default)."
+    ),
+    dedup_threshold: float | None = typer.Option(
+        None, "--dedup-threshold", help="Jaccard from which instructions are near-duplicates (0.7)."
+    ),
+    semantic_model: SemanticModel = None,
+    semantic_threshold: SemanticThreshold = None,
+    semantic_backend: SemanticBackend = None,
+    semantic_host: SemanticHost = None,
+    config: Path | None = typer.Option(
+        None, "--config", help="TOML or YAML file with these settings."
+    ),
+    log_file: Path | None = typer.Option(
+        None,
+        "--log-file",
+        help="Append start, summary and errors to this file (always, even with --quiet).",
+    ),
+    log_format: str = typer.Option(
+        "text", "--log-format", help="text or json (stderr and --log-file)."
+    ),
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Generate instruction/response pairs and write them as JSONL."""
+    flags: dict[str, Any] = {
+        "num": num,
+        "output": output,
+        "overwrite": overwrite,
+        "allow_mixed": allow_mixed,
+        "backend": backend,
+        "model": model,
+        "host": host or None,
+        "template": template,
+        "system": system,
+        "seed": seed,
+        "concurrency": concurrency,
+        "keep_truncated": keep_truncated,
+        "timeout": timeout,
+        "max_retries": max_retries,
+        "unreachable_budget": unreachable_budget,
+        "grace_period": grace_period,
+        "backoff_base": backoff_base,
+        "judge": judge,
+        "judge_backend": judge_backend,
+        "judge_host": judge_host,
+        "judge_prompt": str(judge_prompt) if judge_prompt else None,
+        "prejudge": prejudge,
+        "min_quality": min_quality,
+        "min_difficulty": min_difficulty,
+        "min_response_score": min_response_score,
+        "categories": categories,
+        "drop_unsafe": drop_unsafe,
+        "rejects": rejects,
+        "shard": shard,
+        "turns": turns,
+        "responses": responses,
+        "samples_per_request": samples_per_request,
+        "system_preset": system_preset,
+        "dedup": False if no_dedup else None,
+        "dedup_threshold": dedup_threshold,
+        "semantic_model": semantic_model,
+        "semantic_threshold": semantic_threshold,
+        "semantic_backend": semantic_backend,
+        "semantic_host": semantic_host,
+        "filters": {"language": language},
+        "instruction": {
+            "temperature": instruction_temperature,
+            "top_p": instruction_top_p,
+            "max_tokens": instruction_max_tokens,
+        },
+        "response": {
+            "temperature": response_temperature,
+            "top_p": response_top_p,
+            "max_tokens": response_max_tokens,
+        },
+    }
+    if quiet:
+        flags["quiet"] = True
+    from magpie.cli.report import Reporter
+
+    try:
+        reporter = Reporter(quiet=quiet, log_file=log_file, fmt=log_format)  # type: ignore[arg-type]
+    except MagpieError as exc:
+        raise fail(exc, debug) from None
+    try:
+        status = _generate(flags, config, reporter, debug)
+    finally:
+        reporter.close()
+    raise typer.Exit(int(status))
+
+
+def _generate(
+    flags: dict[str, Any], config_file: Path | None, reporter: Any, debug: bool
+) -> ExitStatus:
+    from magpie.cli.progress import Progress
+    from magpie.commands.generate import RunControl, agenerate
+    from magpie.settings import build_config
+
+    try:
+        flags["categories"] = categories_flag(flags.get("categories"))
+        cfg = build_config(flags, config_file=config_file)
+    except MagpieError as exc:
+        return report_error(exc, reporter, debug)
+    if cfg.quiet:
+        reporter.quiet = True
+    progress = Progress(enabled=not cfg.quiet and reporter.fmt == "text")
+    interrupts: list[int] = []
+
+    def on_start(prep: Any, existing: Any, target: int) -> None:
+        reporter.info(
+            prep.reason, event="backend", backend=prep.backend.name, model=prep.backend.model
+        )
+        reporter.info(
+            f"template {prep.pre_query.name} ({prep.pre_query.source}): {json.dumps(prep.pre_query.text)}",
+            event="template",
+            template=prep.pre_query.name,
+        )
+        if existing.count:
+            reporter.info(
+                f"{cfg.output} holds {existing.count} records; generating {target} more",
+                event="top_up",
+                existing=existing.count,
+                target=target,
+            )
+        progress.start(total=existing.count + target, initial=existing.count)
+
+    async def run() -> Any:
+        loop = asyncio.get_running_loop()
+        control = RunControl()
+        statuses = {signal.SIGINT: ExitStatus.INTERRUPTED, signal.SIGTERM: ExitStatus.TERMINATED}
+
+        def on_signal(signum: int) -> None:
+            if interrupts:  # a second signal: leave now; every written line is whole
+                os._exit(128 + interrupts[0])
+            interrupts.append(signum)
+            control.request_stop(statuses[signal.Signals(signum)])
+            reporter.info(
+                f"stopping after the pairs in flight (up to {cfg.grace_period:g} s); "
+                "press Ctrl-C again to quit at once",
+                event="stopping",
+                signal=signal.Signals(signum).name,
+            )
+
+        for sig in statuses:
+            loop.add_signal_handler(sig, on_signal, int(sig))
+        try:
+            return await agenerate(
+                cfg, on_start=on_start, on_result=progress.update, control=control
+            )
+        finally:
+            for sig in statuses:
+                loop.remove_signal_handler(sig)
+
+    try:
+        result = asyncio.run(run())
+    except OutputClosed as exc:
+        # `magpie generate -o - | head`: the reader has what it wanted.
+        progress.close()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        partial = getattr(exc, "result", None)
+        if partial is not None:
+            report_summary(partial, reporter)
+        reporter.info("stdout was closed by its reader; stopped", event="stdout_closed")
+        return ExitStatus.OK
+    except MagpieError as exc:
+        progress.close()
+        partial = getattr(exc, "result", None)
+        if partial is not None:
+            report_summary(partial, reporter)
+        return report_error(exc, reporter, debug)
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, traceback with --debug
+        progress.close()
+        return report_error(exc, reporter, debug)
+    progress.close()
+    report_summary(result, reporter)
+    return result.exit_status

@@ -1,0 +1,96 @@
+"""One place for what a command meets at the terminal: one-line errors with
+their exit codes, data lines on stdout, a stdout whose reader went away, and
+SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Any
+
+import typer
+
+from magpie.errors import ExitStatus, MagpieError, OutputClosed, os_error_line
+
+
+def err(message: str) -> None:
+    """One line on stderr."""
+    sys.stderr.write(message.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
+def fail(exc: BaseException, debug: bool) -> typer.Exit:
+    """Report an error as one line (a traceback only with --debug)."""
+    if isinstance(exc, (BrokenPipeError, OutputClosed)):
+        # `magpie ... -o - | head`: the reader has what it wanted; not an error.
+        _silence_stdout()
+        return typer.Exit(int(ExitStatus.OK))
+    if debug:
+        traceback.print_exception(exc)
+    if isinstance(exc, MagpieError):
+        err(f"magpie: error: {exc}")
+        return typer.Exit(int(exc.exit_status))
+    if isinstance(exc, OSError) and exc.errno is not None:
+        line, status = os_error_line(exc)
+        err(f"magpie: error: {line}")
+        return typer.Exit(int(status))
+    first = (str(exc).strip().splitlines() or [""])[0]
+    err(f"magpie: error: {exc.__class__.__name__}: {first} (run with --debug for a traceback)")
+    return typer.Exit(int(ExitStatus.ERROR))
+
+
+def _flush_stdout() -> int | None:
+    """Flush what stdout still buffers; the exit status when that fails."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+    except OSError as exc:
+        line, status = os_error_line(exc)
+        err(f"magpie: error: cannot write to stdout: {line}")
+        _silence_stdout()
+        return int(status)
+    return None
+
+
+def _silence_stdout() -> None:
+    """The reader of stdout went away (``magpie stats | head``): send what is
+    still buffered to /dev/null, so that exiting does not fail on it."""
+    if sys.stdout is None:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def out(line: str) -> None:
+    """One line of data on stdout; a reader gone away ends the command, exit 0."""
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_stdout()
+        raise typer.Exit(int(ExitStatus.OK)) from None
+
+
+def _stdout_console(**kwargs: Any) -> Any:
+    """A Rich console on stdout that exits 0 when its reader goes away (Rich's
+    own exits 1)."""
+    from rich.console import Console
+
+    class StdoutConsole(Console):
+        def on_broken_pipe(self) -> None:
+            _silence_stdout()
+            raise typer.Exit(0)
+
+    return StdoutConsole(**kwargs)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is, so that its clean-up runs (the
+    temporary file of an output is removed) before exit 143."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
