@@ -16,16 +16,14 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from magpie.commands.stats import (
-    NOT_JUDGED,
     DataStats,
     compute_stats,
-    histogram,
-    percentile,
     render_html,
     render_rich,
     to_json,
     write_html,
 )
+from magpie.commands.stats.compute import NOT_JUDGED, histogram, percentile
 from magpie.errors import UsageError
 from magpie.store.manifest import Manifest, RunEntry, write_manifest
 from test_output import make_record

@@ -1,0 +1,312 @@
+"""``magpie stats --html``: one self-contained page with SVG charts."""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from magpie.errors import UsageError
+from magpie.store.atomic import AtomicFile
+from magpie.store.targets import check_target, same_file
+
+if TYPE_CHECKING:  # pragma: no cover
+    pass
+
+#: The judge's label sets, in their order (worst / easiest first).
+
+from magpie.commands.stats.compute import (
+    NOT_JUDGED,
+    DataStats,
+    Distribution,
+    Throughput,
+    fmt,
+    pct,
+)
+
+# ----------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
+max-width:1100px;padding:0 1rem;color:#1f2933;background:#fafbfc}
+h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin:2rem 0 .6rem}
+.sub{color:#616e7c;margin-top:0}.cards{display:flex;flex-wrap:wrap;gap:.8rem}
+.card{background:#fff;border:1px solid #e4e7eb;border-radius:8px;padding:.7rem 1rem;min-width:150px}
+.card .v{font-size:1.5rem;font-weight:600}.card .k{color:#616e7c;font-size:.85rem}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:1rem}
+.panel{background:#fff;border:1px solid #e4e7eb;border-radius:8px;padding:.8rem 1rem}
+.panel h3{font-size:1rem;margin:.1rem 0 .5rem}table{border-collapse:collapse;width:100%}
+td,th{padding:.25rem .5rem;border-bottom:1px solid #eef0f2;text-align:right}
+td:first-child,th:first-child{text-align:left}.muted{color:#9aa5b1}
+svg text{font:12px system-ui,sans-serif;fill:#323f4b}svg .n{fill:#616e7c}
+"""
+_COLORS = ("#3b82f6", "#10b981", "#f59e0b", "#ef4444", "#8b5cf6", "#06b6d4")
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _svg_hbars(items: list[tuple[str, int]], color: str = _COLORS[0], width: int = 500) -> str:
+    """Horizontal bars with labels and counts."""
+    if not items:
+        return '<p class="muted">nothing to show</p>'
+    label_w, row = 170, 22
+    top = max(n for _, n in items) or 1
+    bar_w = width - label_w - 60
+    height = row * len(items) + 4
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
+    for i, (label, n) in enumerate(items):
+        y = 2 + i * row
+        w = bar_w * n / top
+        parts.append(
+            f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">{_e(_clip(label))}'
+            f"<title>{_e(label)}</title></text>"
+            f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row - 6}" rx="3" '
+            f'fill="{color}"><title>{_e(label)}: {n}</title></rect>'
+            f'<text class="n" x="{label_w + w + 5:.1f}" y="{y + 15}">{n:,}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _text_width(text: str) -> float:
+    """Roughly how wide ``text`` is at 12 px (plus a little room), in pixels."""
+    return 7.0 * len(text) + 6
+
+
+def _clip(text: str, limit: int = 22) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _count_label(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _svg_columns(
+    items: list[tuple[str, float]],
+    color: str = _COLORS[0],
+    *,
+    fmt: Callable[[float], str] = _count_label,
+    width: int = 500,
+    height: int = 200,
+) -> str:
+    """Vertical bars (a histogram or ordered levels), labels below, values above."""
+    if not items:
+        return '<p class="muted">nothing to show</p>'
+    top = max(n for _, n in items) or 1
+    left, bottom, head = 8, 34, 16
+    slot = (width - 2 * left) / len(items)
+    plot_h = height - bottom - head
+    # Label every column whose label fits; else every 2nd, 3rd... column.
+    every = max(1, math.ceil(max(_text_width(label) for label, _ in items) / slot))
+    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
+    for i, (label, n) in enumerate(items):
+        h = plot_h * n / top
+        x = left + i * slot
+        parts.append(
+            f'<rect x="{x + 1:.1f}" y="{head + plot_h - h:.1f}" width="{max(1.0, slot - 2):.1f}" '
+            f'height="{h:.1f}" fill="{color}"><title>{_e(label)}: {fmt(n)}</title></rect>'
+        )
+        if n and _text_width(fmt(n)) <= slot:
+            parts.append(
+                f'<text class="n" x="{x + slot / 2:.1f}" y="{head + plot_h - h - 3:.1f}" '
+                f'text-anchor="middle">{fmt(n)}</text>'
+            )
+        if i % every == 0:
+            half = _text_width(label) / 2
+            cx = min(max(x + slot / 2, half), width - half)  # keep the label inside
+            parts.append(
+                f'<text x="{cx:.1f}" y="{height - bottom + 16}" '
+                f'text-anchor="middle">{_e(label)}</text>'
+            )
+    base = head + plot_h
+    parts.append(
+        f'<line x1="{left}" y1="{base}" x2="{width - left}" y2="{base}" stroke="#cbd2d9"/></svg>'
+    )
+    return "".join(parts)
+
+
+def _hist_items(d: Distribution) -> list[tuple[str, int]]:
+    return [(str(b.lo) if b.hi - b.lo == 1 else f"{b.lo}–{b.hi - 1}", b.count) for b in d.buckets]
+
+
+def _panel(title: str, body: str) -> str:
+    return f'<div class="panel"><h3>{_e(title)}</h3>{body}</div>'
+
+
+def _cards(stats: DataStats) -> str:
+    tp = stats.throughput
+    cards = [
+        ("records kept", fmt(stats.kept)),
+        ("rejected", fmt(stats.rejected_total)),
+        ("keep rate", pct(stats.keep_rate)),
+        ("unique instructions", pct(stats.unique_share)),
+        ("duplicates rejected", fmt(stats.duplicates_rejected)),
+        ("tokens / kept pair", fmt(stats.tokens.per_kept_pair, 1)),
+        ("records / s", fmt(tp.records_per_s, 3) if tp else "–"),
+    ]
+    return (
+        '<div class="cards">'
+        + "".join(
+            f'<div class="card"><div class="v">{_e(v)}</div><div class="k">{_e(k)}</div></div>'
+            for k, v in cards
+        )
+        + "</div>"
+    )
+
+
+def _length_html(stats: DataStats) -> str:
+    rows = []
+    for field, lengths in (
+        ("instruction", stats.instruction_length),
+        ("response", stats.response_length),
+    ):
+        for unit, d in (("chars", lengths.chars), ("words", lengths.words)):
+            cells = "".join(
+                f"<td>{_e(fmt(v, 1))}</td>" for v in (d.min, d.p50, d.p90, d.max, d.mean)
+            )
+            rows.append(f"<tr><td>{field} {unit}</td>{cells}</tr>")
+    table = (
+        "<table><tr><th></th><th>min</th><th>p50</th><th>p90</th><th>max</th><th>mean</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+    charts = [
+        _panel(
+            f"{field.capitalize()} length ({unit})",
+            _svg_columns(_hist_items(getattr(lengths, unit)), color),
+        )
+        for field, lengths, color in (
+            ("instruction", stats.instruction_length, _COLORS[0]),
+            ("response", stats.response_length, _COLORS[1]),
+        )
+        for unit in ("chars", "words")
+    ]
+    return _panel("Length percentiles", table) + '<div class="grid">' + "".join(charts) + "</div>"
+
+
+def _judge_html(stats: DataStats) -> str:
+    j = stats.judge
+    if not j.judged:
+        return f'<p class="muted">Task categories, input quality, difficulty, response score: {NOT_JUDGED}.</p>'
+    panels = [
+        _panel(
+            f"Task categories ({j.status})",
+            _svg_hbars(list(j.task_categories.items()), _COLORS[4]),
+        ),
+        _panel(
+            f"Input quality ({j.status})", _svg_columns(list(j.input_quality.items()), _COLORS[1])
+        ),
+        _panel(f"Difficulty ({j.status})", _svg_columns(list(j.difficulty.items()), _COLORS[2])),
+    ]
+    if j.response_scored:
+        title = f"Response score ({j.response_status}, mean {fmt(j.response_score_mean)})"
+        items = [(str(k), v) for k, v in j.response_scores.items()]
+        panels.append(_panel(title, _svg_columns(items, _COLORS[5])))
+    else:
+        panels.append(_panel("Response score", f'<p class="muted">{NOT_JUDGED}</p>'))
+    return '<div class="grid">' + "".join(panels) + "</div>"
+
+
+def _runs_html(tp: Throughput | None) -> str:
+    if tp is None or not tp.runs:
+        return '<p class="muted">no manifest next to the file: no run history.</p>'
+    when = [r.started_at[5:16].replace("T", " ") for r in tp.runs]  # MM-DD HH:MM
+    written = [(w, r.written) for w, r in zip(when, tp.runs, strict=True)]
+    rates = [(w, r.records_per_s or 0.0) for w, r in zip(when, tp.runs, strict=True)]
+    rows = "".join(
+        f"<tr><td>{_e(r.started_at)}</td><td>{_e(r.status)}</td><td>{r.written:,}</td>"
+        f"<td>{sum(r.rejected.values()):,}</td><td>{_e(fmt(r.wall_s, 0))}</td>"
+        f"<td>{_e(fmt(r.records_per_s, 3))}</td><td>{r.tokens:,}</td></tr>"
+        for r in tp.runs
+    )
+    table = (
+        "<table><tr><th>started</th><th>status</th><th>written</th><th>rejected</th>"
+        f"<th>wall s</th><th>records/s</th><th>tokens</th></tr>{rows}</table>"
+    )
+    return (
+        '<div class="grid">'
+        + _panel("Records written per run", _svg_columns(written, _COLORS[0]))
+        + _panel(
+            f"Records per second per run (overall {fmt(tp.records_per_s, 3)})",
+            _svg_columns(rates, _COLORS[2], fmt=_rate_label),
+        )
+        + "</div>"
+        + _panel("Runs", table)
+    )
+
+
+def _rate_label(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _counts_html(title: str, counts: Mapping[str, int]) -> str:
+    return _panel(title, _svg_hbars(list(counts.items()), _COLORS[3]))
+
+
+def render_html(stats: DataStats) -> str:
+    """The whole report as one HTML document: inline CSS and SVG, no scripts, no links."""
+    m = stats.manifest
+    sub = f"{stats.records:,} records"
+    if m is not None and m.model is not None:
+        sub += f" · {m.model} via {m.backend}" + (f" at {m.host}" if m.host else "")
+    rejected = (
+        _counts_html("Rejected by reason", stats.rejected)
+        if stats.rejected
+        else '<p class="muted">no rejections recorded.</p>'
+    )
+    body = [
+        f"<h1>magpie stats: {_e(Path(stats.path).name)}</h1>",
+        f'<p class="sub">{_e(sub)}</p>',
+        _cards(stats),
+        "<h2>Kept and rejected</h2>",
+        rejected,
+        "<h2>Lengths</h2>",
+        _length_html(stats),
+        "<h2>Judge</h2>",
+        _judge_html(stats),
+        "<h2>Runs over time</h2>",
+        _runs_html(stats.throughput),
+        "<h2>Models, templates, backends, turns</h2>",
+        '<div class="grid">',
+        _counts_html("Models", stats.models),
+        _counts_html("Templates", stats.templates),
+        _counts_html("Backends", stats.backends),
+        _counts_html("User turns per record", {str(k): v for k, v in stats.turns.items()}),
+        "</div>",
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>magpie stats: {_e(Path(stats.path).name)}</title><style>{_CSS}</style></head>"
+        "<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def check_html_target(
+    path: Path | str, inputs: list[Path | str | None], *, overwrite: bool = False
+) -> Path:
+    """Refuse an ``--html`` target that is one of the ``inputs``, not a regular
+    file, or exists without ``overwrite`` (exit 2)."""
+    for src in inputs:
+        if same_file(path, src):
+            raise UsageError(
+                f"--html {path} is the input {src}: give the report its own file, "
+                "such as report.html"
+            )
+    return check_target(path, "--html", overwrite=overwrite)
+
+
+def write_html(stats: DataStats, path: Path) -> None:
+    """Write the report to ``path`` atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    text = render_html(stats)
+    try:
+        out = AtomicFile(path, text=True, mode=0o644)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    with out as fh:
+        fh.write(text)
