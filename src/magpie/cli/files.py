@@ -159,7 +159,7 @@ def dedup(
     except (MagpieError, Exception) as exc:  # noqa: BLE001
         raise fail(exc, debug) from None
     if not quiet:
-        semantic = f", {counts.semantic} semantic" if semantic_model else ""
+        semantic = f", {counts.semantic} semantic" if counts.semantic_on else ""
         err(
             f"magpie: {counts.kept} kept, {counts.duplicates} duplicates dropped "
             f"({counts.exact} exact, {counts.near} near{semantic}) of {counts.total}"

@@ -186,6 +186,7 @@ def dedup_path(
     try:
         index = DedupIndex(threshold=threshold, **opts)
         counts = dedup_file(src, dst, rejects=rejects, index=index, overwrite=overwrite)
+        counts.semantic_on = embedder is not None
         if str(dst) != STDIO:
             index.save(dst)
     finally:

@@ -102,6 +102,8 @@ class DedupCounts:
     exact: int = 0
     near: int = 0
     semantic: int = 0
+    #: Whether semantic duplicates were looked for (an embedding model was set).
+    semantic_on: bool = False
 
     @property
     def duplicates(self) -> int:
