@@ -137,6 +137,10 @@ class Record(BaseModel):
     turn_generations: list[dict[str, StageInfo]] | None = None
     #: Which named system prompt (from a weighted set) made the pre-query.
     system_name: str | None = None
+    #: ``--personas`` / ``--topics``: the persona and the topic drawn for this
+    #: record (written into ``system`` through their templates).
+    persona: str | None = None
+    topic: str | None = None
     #: ``--responses K``: every sampled answer, and with a judge the best and
     #: worst one with their scores (``magpie export --format dpo``).
     responses: list[str] | None = None

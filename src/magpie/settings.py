@@ -32,6 +32,13 @@ from magpie.pipeline.scheduler import default_instruction_sampling, default_resp
 from magpie.pipeline.stages.dedup.index import DEFAULT_SEMANTIC_THRESHOLD
 from magpie.pipeline.stages.filters import FilterSettings
 from magpie.pipeline.stages.judge import Category, Difficulty, Quality, Thresholds
+from magpie.pipeline.steering import (
+    DEFAULT_TEMPLATES,
+    Steering,
+    SteerList,
+    check_template,
+    load_list,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -149,6 +156,14 @@ class RunConfig(BaseModel):
     #: A weighted set of system prompts, one drawn per record:
     #: {name: {prompt = "...", weight = 1.0}} or {name: {preset = "math", weight = 2}}.
     systems: dict[str, SystemSpec] | None = None
+    #: Personas (``--personas``): a built-in set's name or a file (one per line,
+    #: or JSONL with a "persona" field); one is drawn per record and written into
+    #: the system block through ``persona_template`` (default: DEFAULT_TEMPLATES).
+    personas: str | None = Field(None, min_length=1)
+    persona_template: str | None = Field(None, min_length=1)
+    #: Topics (``--topics``), the same way.
+    topics: str | None = Field(None, min_length=1)
+    topic_template: str | None = Field(None, min_length=1)
     #: "i/N": this machine's share of a run split over N machines (0 <= i < N).
     shard: str | None = Field(None, pattern=r"^\d+/\d+$")
     instruction: Sampling = Field(default_factory=default_instruction_sampling)
@@ -199,6 +214,25 @@ class RunConfig(BaseModel):
         if self.system_preset is not None:
             return preset_prompt(self.system_preset)
         return self.system
+
+    def steering(self) -> Steering | None:
+        """The persona and topic lists, loaded and checked (exit 2 on a bad one);
+        None when neither is asked for."""
+        if self.personas is None and self.topics is None:
+            for kind in ("persona", "topic"):
+                if getattr(self, f"{kind}_template") is not None:
+                    raise UsageError(f"--{kind}-template needs --{kind}s")
+            return None
+        templates = dict(DEFAULT_TEMPLATES)
+        lists: dict[str, SteerList | None] = {}
+        for kind in ("persona", "topic"):
+            spec, tpl = getattr(self, f"{kind}s"), getattr(self, f"{kind}_template")
+            if spec is None and tpl is not None:
+                raise UsageError(f"--{kind}-template needs --{kind}s")
+            lists[kind] = load_list(spec, kind) if spec is not None else None  # type: ignore[arg-type]
+            if tpl is not None:
+                templates[kind] = check_template(tpl, kind)  # type: ignore[index,arg-type]
+        return Steering(lists["persona"], lists["topic"], templates)  # type: ignore[arg-type]
 
     @property
     def shard_spec(self) -> tuple[int, int]:

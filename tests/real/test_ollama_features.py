@@ -241,3 +241,34 @@ def test_queued_requests_do_not_time_out(ollama: RealOllama, tmp_path: Path):
     check_records(out, 6)
     run = manifest(out)["runs"][-1]
     assert "timeout" not in run["retries"], run["retries"]
+
+
+def test_personas_and_topics_through_real_rendering(ollama: RealOllama, tmp_path: Path):
+    """Ollama's own rendering (``_debug_render_only``) of the persona system
+    block: the substitution check passes on the real server, Ollama's SYSTEM
+    (SmolLM's) is kept as the base, and the records carry what was drawn."""
+    out = tmp_path / "personas.jsonl"
+    res = generate(
+        ollama,
+        out,
+        "-n",
+        "3",
+        "--model",
+        "smollm2",
+        "--personas",
+        "everyday",
+        "--topics",
+        "general",
+        "--seed",
+        "13",
+        *SHORT,
+    )
+    assert res.returncode == 0, res.stderr
+    man = manifest(out)
+    assert man["template"]["source"] == "ollama-render"
+    assert man["settings"]["personas"]["source"] == "builtin:everyday"
+    for r in check_records(out, 3):
+        assert r["persona"] and r["topic"] and r["template_source"] == "ollama-render"
+        assert r["system"].startswith("You are a helpful AI assistant named SmolLM")
+        assert f"You are talking with {r['persona']}." in r["system"]
+        assert f"a question about {r['topic']}." in r["system"]

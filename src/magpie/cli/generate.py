@@ -176,6 +176,28 @@ def generate(
     system_preset: str | None = typer.Option(
         None, "--system-preset", help="Task-control system prompt: math, code or translation."
     ),
+    personas: str | None = typer.Option(
+        None,
+        "--personas",
+        help="Draw a persona per record: a built-in set (everyday) or a file, one per line "
+        "or JSONL with a persona field.",
+    ),
+    persona_template: str | None = typer.Option(
+        None,
+        "--persona-template",
+        help="How a persona enters the system prompt: text with {persona} and {system}.",
+    ),
+    topics: str | None = typer.Option(
+        None,
+        "--topics",
+        help="Draw a topic per record: a built-in set (general) or a file, one per line "
+        "or JSONL with a topic field.",
+    ),
+    topic_template: str | None = typer.Option(
+        None,
+        "--topic-template",
+        help="How a topic enters the system prompt: text with {topic} and {system}.",
+    ),
     no_dedup: bool = typer.Option(
         False, "--no-dedup", help="Keep near-duplicate instructions (dedup is on by default)."
     ),
@@ -235,6 +257,10 @@ def generate(
         "responses": responses,
         "samples_per_request": samples_per_request,
         "system_preset": system_preset,
+        "personas": personas,
+        "persona_template": persona_template,
+        "topics": topics,
+        "topic_template": topic_template,
         "dedup": False if no_dedup else None,
         "dedup_threshold": dedup_threshold,
         "semantic_model": semantic_model,

@@ -48,6 +48,7 @@ from magpie.pipeline.scheduler import (
 )
 from magpie.pipeline.stages.filters import build_filters
 from magpie.pipeline.stages.judge import Judge
+from magpie.pipeline.steering import Steering, render_bases
 from magpie.records import Record, Rejection
 from magpie.settings import RunConfig
 from magpie.store.jsonl import (
@@ -126,6 +127,7 @@ class Prepared:
     pre_query: PreQuery
     reason: str
     systems: list[SystemChoice] | None = None
+    steering: Steering | None = None
 
 
 def concurrency_for(config: RunConfig, backend: Backend) -> int:
@@ -168,6 +170,7 @@ def validate_config(config: RunConfig) -> Path | None:
         raise UsageError("a weighted [systems] set replaces --system / --system-preset")
     for spec in (config.systems or {}).values():
         spec.text()
+    steering = config.steering()  # a missing or empty --personas / --topics file fails here
     spec = config.template.strip()
     if spec.lower() != "auto":
         fam = (
@@ -175,7 +178,7 @@ def validate_config(config: RunConfig) -> Path | None:
             if spec.endswith((".toml", ".tml")) or "/" in spec or Path(spec).is_file()
             else get_family(spec)
         )
-        if config.effective_system is not None or config.systems:
+        if config.effective_system is not None or config.systems or steering is not None:
             fam.render(
                 config.effective_system or "x"
             )  # a family without a system slot refuses here
@@ -204,10 +207,20 @@ async def prepare(config: RunConfig, on_retry: Callable[[str], None] | None = No
             config.template, choice.backend, info, config.effective_system
         )
         systems = await _system_choices(config, choice.backend, info)
+        steering = config.steering()
+        if steering is not None:
+            bases = (
+                [(c.name, c.pre_query.system) for c in systems]
+                if systems
+                else [(None, config.effective_system)]
+            )
+            await render_bases(
+                steering, config.template, choice.backend, info, bases, pre_query.forbidden
+            )
     except BaseException:
         await choice.backend.aclose()
         raise
-    return Prepared(choice.backend, info, pre_query, choice.reason, systems)
+    return Prepared(choice.backend, info, pre_query, choice.reason, systems, steering)
 
 
 async def _system_choices(
@@ -314,6 +327,16 @@ def _check_mixed(
         old_text = (previous.template or {}).get("text")
         if old_text is not None and old_text != prep.pre_query.text and not problems:
             problems.append("a different pre-query text (system prompt or template)")
+    if previous is not None and existing.count:
+        now = prep.steering.describe() if prep.steering is not None else {}
+        for key in ("personas", "topics"):
+            old, new = previous.settings.get(key) or {}, now.get(key) or {}
+            if old.get("sha256") != new.get("sha256"):  # type: ignore[union-attr]
+                what = f"{old.get('source')} ({old.get('count')})" if old else "none"
+                problems.append(
+                    f"{key} {what} (this run: "
+                    + (f"{new.get('source')} ({new.get('count')}))" if new else "none)")  # type: ignore[union-attr]
+                )
     if previous is not None and existing.count and previous.settings.get("shard") != shard:
         problems.append(f"shard {previous.settings.get('shard')} (this run: {shard})")
     if problems:
@@ -333,8 +356,11 @@ def _model_digest(
     return prep.info.digest, None
 
 
-def _settings(config: RunConfig, settings: PipelineSettings) -> dict[str, Any]:
+def _settings(
+    config: RunConfig, settings: PipelineSettings, steering: Steering | None = None
+) -> dict[str, Any]:
     return {
+        **(steering.describe() if steering is not None else {}),
         "instruction": settings.instruction.model_dump(),
         "response": settings.response.model_dump(),
         "extra_stop": settings.extra_stop,
@@ -466,6 +492,7 @@ async def _agenerate(
         judge=judge,
         dedup=dedup,
         systems=prep.systems,
+        steering=prep.steering,
     )
     writer = JsonlWriter(path, overwrite=config.overwrite, existing=existing)
     rejects = RejectsWriter(Path(config.rejects)) if config.rejects else None
@@ -494,7 +521,7 @@ async def _agenerate(
                 model_digest=digest,
                 model_file=model_file,
                 template=pre_query.model_dump(),
-                settings=_settings(config, settings),
+                settings=_settings(config, settings, prep.steering),
                 seed=seed,
                 records=existing.count,
                 runs=[*runs, entry],

@@ -34,6 +34,7 @@ from magpie.pipeline.repetition import RepetitionGuard, looped
 from magpie.pipeline.stages.clean import clean_instruction, cut_in_a_loop, template_reason
 from magpie.pipeline.stages.dedup.index import DedupIndex, Duplicate
 from magpie.pipeline.stages.judge import InstructionVerdict, Judge, JudgeInvalid, Thresholds
+from magpie.pipeline.steering import Draw, Steering
 from magpie.records import (
     Message,
     Record,
@@ -217,6 +218,7 @@ class Pipeline:
         judge: Judge | None = None,
         dedup: DedupIndex | None = None,
         systems: list[SystemChoice] | None = None,
+        steering: Steering | None = None,
     ) -> None:
         self.backend = backend
         self.pre_query = pre_query
@@ -227,6 +229,8 @@ class Pipeline:
         self.filters = list(filters or [])
         self.judge = judge
         self.systems = list(systems or [])
+        #: Personas/topics drawn per record (bases rendered by the caller).
+        self.steering = steering if steering is not None and steering.kinds else None
         if self.settings.turns > 1:
             for pq in [pre_query, *(c.pre_query for c in self.systems)]:
                 pq.conversation(
@@ -268,19 +272,25 @@ class Pipeline:
         place = ((index - offset) // stride) % n
         return index - place * stride, place
 
-    def _pre_query_for(self, index: int) -> tuple[PreQuery, str | None]:
+    def _pre_query_for(self, index: int) -> Draw:
         """The pre-query of an attempt: the run's, or one of a weighted set of
-        system prompts, drawn reproducibly from the run seed and the index."""
-        if not self.systems:
-            return self.pre_query, None
-        total = sum(c.weight for c in self.systems)
-        h = hashlib.blake2b(f"{self.seed}:{index}:system".encode(), digest_size=8)
-        point = int.from_bytes(h.digest(), "big") / 2**64 * total
-        for choice in self.systems:
-            point -= choice.weight
-            if point < 0:
-                return choice.pre_query, choice.name
-        return self.systems[-1].pre_query, self.systems[-1].name
+        system prompts, drawn reproducibly from the run seed and the index; with
+        personas or topics, those drawn too and written into its system block."""
+        pre_query, name = self.pre_query, None
+        if self.systems:
+            total = sum(c.weight for c in self.systems)
+            h = hashlib.blake2b(f"{self.seed}:{index}:system".encode(), digest_size=8)
+            point = int.from_bytes(h.digest(), "big") / 2**64 * total
+            choice = self.systems[-1]
+            for c in self.systems:
+                point -= c.weight
+                if point < 0:
+                    choice = c
+                    break
+            pre_query, name = choice.pre_query, choice.name
+        if self.steering is not None:
+            return self.steering.draw(self.seed, index, name, name)
+        return Draw(pre_query, name)
 
     def _instruction_sampling(self, index: int) -> Sampling:
         """The instruction sampling of an attempt (a schedule cycles by index)."""
@@ -486,12 +496,11 @@ class Pipeline:
             return completion, f"response_{leak}"
         return completion, None
 
-    async def response(
-        self, inst: Instruction, pre_query: PreQuery | None = None, system_name: str | None = None
-    ) -> Record | Rejection:
+    async def response(self, inst: Instruction, draw: Draw | None = None) -> Record | Rejection:
         """Stage 4-5: answer the instruction with the model's chat template (or
         sample ``responses`` answers for a preference pair)."""
-        pre_query = pre_query or self.pre_query
+        draw = draw or Draw(self.pre_query)
+        pre_query = draw.pre_query
         sampling = self.settings.response
         messages = [{"role": "user", "content": inst.text}]
         k = self.settings.responses
@@ -532,7 +541,9 @@ class Pipeline:
             template=pre_query.name,
             template_source=pre_query.source,
             system=pre_query.system,
-            system_name=system_name,
+            system_name=draw.system_name,
+            persona=draw.persona,
+            topic=draw.topic,
             instruction_generation=_stage(
                 inst.sampling or self.settings.instruction,
                 inst.seed,
@@ -655,11 +666,12 @@ class Pipeline:
     async def attempt(self, index: int) -> Record | Rejection:
         """One full attempt: instruction, then (if kept) its response."""
         # With several samples per request the system is chosen per group.
-        pre_query, system_name = self._pre_query_for(self._group_of(index)[0])
+        draw = self._pre_query_for(self._group_of(index)[0])
+        pre_query = draw.pre_query
         inst = await self.instruction(index, pre_query)
         if isinstance(inst, Rejection):
             return inst
-        result = await self.response(inst, pre_query, system_name)
+        result = await self.response(inst, draw)
         if isinstance(result, Record) and self.settings.turns > 1:
             result = await self._more_turns(result, pre_query)
         if self.judge is not None and isinstance(result, Record):
