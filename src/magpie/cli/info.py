@@ -9,9 +9,7 @@ from pathlib import Path
 
 import typer
 
-from magpie.cli.options import (
-    Debug,
-)
+from magpie.cli.options import Debug, SemanticBackend, SemanticHost
 from magpie.cli.terminal import _stdout_console, err, fail, out
 from magpie.errors import MagpieError
 
@@ -24,9 +22,18 @@ def stats(
         None, "--html", help="Write a self-contained HTML report with charts."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --html file."),
+    semantic_model: str | None = typer.Option(
+        None,
+        "--semantic-model",
+        help="Embedding model (e.g. nomic-embed-text): add the mean pairwise cosine distance "
+        "of the instructions.",
+    ),
+    semantic_backend: SemanticBackend = None,
+    semantic_host: SemanticHost = None,
     debug: Debug = False,
 ) -> None:
-    """Counts, reject reasons, judge tags, lengths, tokens per pair and throughput."""
+    """Counts, reject reasons, judge tags, lengths, tokens per pair, throughput, diversity."""
+    embedder = None
     try:
         from magpie.commands.stats import (
             check_html_target,
@@ -38,11 +45,21 @@ def stats(
 
         if html is not None:
             check_html_target(html, [input, rejects], overwrite=overwrite)
-        data = compute_stats(Path(input), rejects=rejects)
+        from magpie.commands.dedup import semantic_options
+
+        opts, embedder = semantic_options(
+            semantic_model, None, semantic_backend, semantic_host, dedup=True
+        )
+        data = compute_stats(
+            Path(input), rejects=rejects, embed=embedder, embed_name=opts.get("embed_name")
+        )
         if html is not None:
             write_html(data, html)
     except (MagpieError, Exception) as exc:  # noqa: BLE001
         raise fail(exc, debug) from None
+    finally:
+        if embedder is not None:
+            embedder.close()
     for note in data.notes:
         err(f"magpie: note: {note}")
     if as_json:

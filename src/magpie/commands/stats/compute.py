@@ -7,13 +7,19 @@ import hashlib
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from pydantic import BaseModel, Field
 
+from magpie.commands.stats.diversity import (
+    EMBED_SAMPLE,
+    DiversityCounter,
+    DiversityStats,
+    mean_cosine_distance,
+)
 from magpie.errors import UsageError
 from magpie.pipeline.stages.judge import CATEGORIES, DIFFICULTY_ORDER, QUALITY_ORDER
 from magpie.store.manifest import Manifest, RunEntry, manifest_path, read_manifest
@@ -183,6 +189,7 @@ class DataStats(BaseModel):
     models: dict[str, int] = Field(default_factory=dict)
     templates: dict[str, int] = Field(default_factory=dict)
     backends: dict[str, int] = Field(default_factory=dict)
+    diversity: DiversityStats = Field(default_factory=DiversityStats)
     #: What the numbers cannot include, said on stderr by ``magpie stats``
     #: (an unreadable manifest, lines of the rejects file that are no rejects).
     notes: list[str] = Field(default_factory=list)
@@ -457,7 +464,7 @@ def _turns(obj: Mapping[str, Any]) -> int:
 class _Records:
     """Everything gathered in one pass over the records."""
 
-    def __init__(self) -> None:
+    def __init__(self, sample_size: int = 0) -> None:
         self.count = self.invalid = self.duplicate_ids = self.duplicate_instructions = 0
         self.ids: set[str] = set()
         self.instructions: set[bytes] = set()
@@ -468,6 +475,7 @@ class _Records:
         self.models: Counter[str] = Counter()
         self.templates: Counter[str] = Counter()
         self.backends: Counter[str] = Counter()
+        self.diversity = DiversityCounter(sample_size)
         self.prompt_tokens = self.completion_tokens = self.counted = 0
 
     def add(self, obj: dict[str, Any]) -> None:
@@ -485,6 +493,13 @@ class _Records:
         self.instructions.add(key)
         self.instruction.add(obj["instruction"])
         self.response.add(obj["response"])
+        judge = obj.get("judge")
+        self.diversity.add(
+            obj["instruction"],
+            category=judge.get("task_category") if isinstance(judge, dict) else None,
+            persona=obj.get("persona"),
+            topic=obj.get("topic"),
+        )
         self.judge.add(obj.get("judge"))
         self.turns[_turns(obj)] += 1
         for counter, field in (
@@ -501,8 +516,8 @@ class _Records:
         self.completion_tokens += completion
 
 
-def _read_records(path: Path) -> _Records:
-    acc = _Records()
+def _read_records(path: Path, sample_size: int = 0) -> _Records:
+    acc = _Records(sample_size)
     for obj in _objects(path):
         if _is_record(obj):
             acc.add(obj)  # type: ignore[arg-type]
@@ -632,14 +647,23 @@ def _token_stats(recs: _Records, manifest: Manifest | None, rejects: _Rejects | 
     )
 
 
-def compute_stats(path: Path, *, rejects: Path | None = None) -> DataStats:
+def compute_stats(
+    path: Path,
+    *,
+    rejects: Path | None = None,
+    embed: Callable[[list[str]], Sequence[Sequence[float]]] | None = None,
+    embed_name: str | None = None,
+) -> DataStats:
     """Statistics of the magpie JSONL ``path`` (``-``: stdin), its manifest and rejects.
+
+    ``embed`` (an embedding function, e.g. a ``BackendEmbedder``) adds the mean
+    pairwise cosine distance of (a sample of) the instructions, named ``embed_name``.
 
     Raises :class:`~magpie.errors.UsageError` (exit 2) when ``path`` or ``rejects``
     cannot be read, or when ``path`` holds lines but no record.
     """
     path = Path(path)
-    recs = _read_records(path)
+    recs = _read_records(path, EMBED_SAMPLE if embed is not None else 0)
     manifest = None if str(path) == STDIO else read_manifest(path)
     notes = []
     if manifest is None and str(path) != STDIO and manifest_path(path).exists():
@@ -682,7 +706,20 @@ def compute_stats(path: Path, *, rejects: Path | None = None) -> DataStats:
         models=_by_count(recs.models),
         templates=_by_count(recs.templates),
         backends=_by_count(recs.backends),
+        diversity=_diversity(recs, embed, embed_name),
     )
+
+
+def _diversity(
+    recs: _Records,
+    embed: Callable[[list[str]], Sequence[Sequence[float]]] | None,
+    name: str | None,
+) -> DiversityStats:
+    d = recs.diversity.result()
+    if embed is not None and len(recs.diversity.sample) >= 2:
+        d.mean_cosine_distance = mean_cosine_distance(recs.diversity.sample, embed)
+        d.embedding_model, d.embedded = name, len(recs.diversity.sample)
+    return d
 
 
 # ----------------------------------------------------------------------------- JSON

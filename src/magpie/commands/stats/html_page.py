@@ -25,6 +25,7 @@ from magpie.commands.stats.compute import (
     fmt,
     pct,
 )
+from magpie.commands.stats.diversity import diversity_rows
 
 # ----------------------------------------------------------------------------- HTML
 
@@ -247,6 +248,29 @@ def _counts_html(title: str, counts: Mapping[str, int]) -> str:
     return _panel(title, _svg_hbars(list(counts.items()), _COLORS[3]))
 
 
+def _diversity_html(stats: DataStats) -> str:
+    d = stats.diversity
+    if not d.instructions:
+        return '<p class="muted">no instructions.</p>'
+    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in diversity_rows(d))
+    panels = [
+        _panel("Diversity", f"<table>{rows}</table>"),
+        _panel(
+            "Most common openings (first 3 words)",
+            _svg_hbars([(s.value, s.count) for s in d.openings], _COLORS[2]),
+        ),
+    ]
+    for title, spread in (("Personas", d.personas), ("Topics", d.topics)):
+        if spread is not None:
+            panels.append(
+                _panel(
+                    f"{title} (top {len(spread.top)} of {spread.distinct:,})",
+                    _svg_hbars([(s.value, s.count) for s in spread.top], _COLORS[4]),
+                )
+            )
+    return '<div class="grid">' + "".join(panels) + "</div>"
+
+
 def render_html(stats: DataStats) -> str:
     """The whole report as one HTML document: inline CSS and SVG, no scripts, no links."""
     m = stats.manifest
@@ -277,6 +301,8 @@ def render_html(stats: DataStats) -> str:
         _counts_html("Backends", stats.backends),
         _counts_html("User turns per record", {str(k): v for k, v in stats.turns.items()}),
         "</div>",
+        "<h2>Diversity of instructions</h2>",
+        _diversity_html(stats),
     ]
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'

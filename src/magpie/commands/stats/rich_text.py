@@ -11,6 +11,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: The judge's label sets, in their order (worst / easiest first).
 
 from magpie.commands.stats.compute import NOT_JUDGED, DataStats, Throughput, fmt, pct, ratio
+from magpie.commands.stats.diversity import diversity_rows
 
 # ----------------------------------------------------------------------------- Rich
 
@@ -156,3 +157,36 @@ def render_rich(stats: DataStats, console: Console) -> None:
         console.print(_runs_table(stats.throughput))
     if stats.models or stats.templates or stats.backends:
         console.print(_origin_table(stats))
+    for table in _diversity_tables(stats):
+        console.print(table)
+
+
+def _diversity_tables(stats: DataStats) -> list[Any]:
+    from rich.table import Table
+
+    d = stats.diversity
+    if not d.instructions:
+        return []
+    table = Table(title="Diversity of instructions", title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for what, value in diversity_rows(d):
+        table.add_row(what, value)
+    tables = [
+        table,
+        _counts_table(
+            "Most common openings (first 3 words)",
+            {s.value: s.count for s in d.openings},
+            d.instructions,
+        ),
+    ]
+    for title, spread in (("Personas", d.personas), ("Topics", d.topics)):
+        if spread is not None:
+            tables.append(
+                _counts_table(
+                    f"{title} (top {len(spread.top)} of {spread.distinct:,})",
+                    {s.value: s.count for s in spread.top},
+                    spread.count,
+                )
+            )
+    return tables
