@@ -121,6 +121,12 @@ class RunConfig(BaseModel):
     min_response_score: int | None = Field(None, ge=1, le=10)
     categories: list[Category] | None = None
     drop_unsafe: bool = False
+    #: Keep the judge's task categories near an even spread over ``categories``
+    #: (or all twelve): each gets at most ceil(num / K * (1 + balance_tolerance))
+    #: records; use with ``prejudge`` so that over-quota instructions cost no
+    #: response.
+    balance: bool = False
+    balance_tolerance: float = Field(0.25, ge=0.0, le=10.0)
     #: Append rejected attempts (with their reasons) to this JSONL file.
     rejects: str | None = None
     #: Reject exact and near-duplicate instructions, also against the records

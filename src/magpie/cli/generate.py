@@ -176,6 +176,13 @@ def generate(
     system_preset: str | None = typer.Option(
         None, "--system-preset", help="Task-control system prompt: math, code or translation."
     ),
+    balance: bool | None = typer.Option(
+        None,
+        "--balance",
+        help="Keep the judge's task categories near an even spread (needs --judge; "
+        "with --prejudge over-quota instructions cost no response).",
+        show_default=False,
+    ),
     personas: str | None = typer.Option(
         None,
         "--personas",
@@ -257,6 +264,7 @@ def generate(
         "responses": responses,
         "samples_per_request": samples_per_request,
         "system_preset": system_preset,
+        "balance": balance,
         "personas": personas,
         "persona_template": persona_template,
         "topics": topics,

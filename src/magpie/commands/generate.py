@@ -46,6 +46,7 @@ from magpie.pipeline.scheduler import (
     SystemChoice,
     check_samples_per_request,
 )
+from magpie.pipeline.stages.balance import CategoryBalance
 from magpie.pipeline.stages.filters import build_filters
 from magpie.pipeline.stages.judge import Judge
 from magpie.pipeline.steering import Steering, render_bases
@@ -183,6 +184,8 @@ def validate_config(config: RunConfig) -> Path | None:
                 config.effective_system or "x"
             )  # a family without a system slot refuses here
     build_filters(config.filters)  # an unknown --language fails here, before a model loads
+    if config.balance and config.judge is None:
+        raise UsageError("--balance balances the judge's task categories: it needs --judge")
     if config.judge is None and config.judge_backend != "auto":
         raise UsageError(
             f"--judge-backend {config.judge_backend} needs --judge MODEL (or --judge same)"
@@ -361,6 +364,11 @@ def _settings(
 ) -> dict[str, Any]:
     return {
         **(steering.describe() if steering is not None else {}),
+        "balance": (
+            {"categories": config.categories, "tolerance": config.balance_tolerance}
+            if config.balance
+            else None
+        ),
         "instruction": settings.instruction.model_dump(),
         "response": settings.response.model_dump(),
         "extra_stop": settings.extra_stop,
@@ -493,6 +501,13 @@ async def _agenerate(
         dedup=dedup,
         systems=prep.systems,
         steering=prep.steering,
+        balance=(
+            CategoryBalance(
+                config.num, config.categories, config.balance_tolerance, existing.categories
+            )
+            if config.balance
+            else None
+        ),
     )
     writer = JsonlWriter(path, overwrite=config.overwrite, existing=existing)
     rejects = RejectsWriter(Path(config.rejects)) if config.rejects else None

@@ -31,6 +31,7 @@ from magpie.backends.retry import RetryPolicy, call_with_retry
 from magpie.errors import BackendError, MagpieError, UsageError
 from magpie.pipeline.counters import RunStats
 from magpie.pipeline.repetition import RepetitionGuard, looped
+from magpie.pipeline.stages.balance import CategoryBalance
 from magpie.pipeline.stages.clean import clean_instruction, cut_in_a_loop, template_reason
 from magpie.pipeline.stages.dedup.index import DedupIndex, Duplicate
 from magpie.pipeline.stages.judge import InstructionVerdict, Judge, JudgeInvalid, Thresholds
@@ -174,7 +175,7 @@ def _stage(
 _TEMPLATE_REASONS = {"empty", "truncated", "special_token", "role_leak", "repetition"}
 
 
-def _streak_message(streak: int, stats: RunStats) -> str:
+def _streak_message(streak: int, stats: RunStats, balance: CategoryBalance | None = None) -> str:
     reasons = ", ".join(f"{r} {n}" for r, n in stats.rejected.most_common())
     top = stats.rejected.most_common(1)[0][0] if stats.rejected else ""
     if top in _TEMPLATE_REASONS:
@@ -184,6 +185,12 @@ def _streak_message(streak: int, stats: RunStats) -> str:
         )
     elif top == "judge_invalid":
         hint = "the judge model does not answer with valid JSON; try a larger --judge model"
+    elif top == "over_quota":
+        hint = (
+            "the category caps of --balance are full for the categories this model writes; "
+            "name those with --categories, or raise balance_tolerance"
+            + (f" ({balance.describe()})" if balance is not None else "")
+        )
     elif top == "short_batch":
         hint = "the server returns fewer samples than asked for; use --samples-per-request 1"
     else:
@@ -219,6 +226,7 @@ class Pipeline:
         dedup: DedupIndex | None = None,
         systems: list[SystemChoice] | None = None,
         steering: Steering | None = None,
+        balance: CategoryBalance | None = None,
     ) -> None:
         self.backend = backend
         self.pre_query = pre_query
@@ -231,6 +239,8 @@ class Pipeline:
         self.systems = list(systems or [])
         #: Personas/topics drawn per record (bases rendered by the caller).
         self.steering = steering if steering is not None and steering.kinds else None
+        #: --balance: caps on the judge's task categories (needs a judge).
+        self.balance = balance
         if self.settings.turns > 1:
             for pq in [pre_query, *(c.pre_query for c in self.systems)]:
                 pq.conversation(
@@ -422,6 +432,8 @@ class Pipeline:
                     index=index, reason="judge_invalid", stage="judge", text=text, detail=str(exc)
                 )
             reason = self.settings.thresholds.instruction_reason(verdict)
+            if reason is None and self.balance is not None:
+                reason = self.balance.reserve(index, verdict.task_category)
         if reason is not None:
             self._count_saved()
             return Rejection(index=index, reason=reason, stage="instruction", text=text)
@@ -766,6 +778,8 @@ class Pipeline:
                 while self.next_index in done:
                     result = done.pop(self.next_index)
                     self.next_index += stride
+                    if self.balance is not None:
+                        result = self.balance.settle(result)
                     if isinstance(result, Record) and self.dedup is not None:
                         text = result.instruction
                         if (
@@ -783,6 +797,8 @@ class Pipeline:
                                 detail=f"{dup.kind} duplicate of {dup.of_id} ({dup.similarity:.2f})",
                                 record=result,
                             )
+                            if self.balance is not None:
+                                self.balance.unsettle(result.record)  # type: ignore[arg-type]
                     self.stats.attempts += 1
                     if isinstance(result, Record):
                         kept += 1
@@ -801,7 +817,7 @@ class Pipeline:
                             "rerun continues from here"
                         )
                     if streak >= self.settings.max_reject_streak:
-                        raise MagpieError(_streak_message(streak, self.stats))
+                        raise MagpieError(_streak_message(streak, self.stats, self.balance))
                 if deadline is not None and (not pending or loop.time() >= deadline):
                     return
         finally:

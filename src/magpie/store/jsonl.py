@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -46,6 +47,8 @@ class ExistingOutput:
     torn: bytes = b""
     ids: set[str] = field(default_factory=set)
     duplicates: int = 0
+    #: Records by the judge's task category (``--balance`` counts them).
+    categories: Counter[str] = field(default_factory=Counter)
 
 
 def check_output_path(output: str) -> Path | None:
@@ -161,6 +164,8 @@ def _count(result: ExistingOutput, rec: Record) -> None:
     result.count += 1
     result.next_index = max(result.next_index, rec.index + 1)
     result.seed, result.model, result.template = rec.seed, rec.model, rec.template
+    if rec.judge is not None and rec.judge.task_category is not None:
+        result.categories[rec.judge.task_category] += 1
 
 
 class JsonlWriter:
