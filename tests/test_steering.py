@@ -84,7 +84,7 @@ def test_system_text_places_each_item_after_the_base() -> None:
     text = s.system_text(
         "You are SmolLM, trained by Hugging Face", {"persona": "a pilot", "topic": "cooking"}
     )
-    assert text.startswith("You are SmolLM, trained by Hugging Face. You are talking with a pilot.")
+    assert text.startswith("You are SmolLM, trained by Hugging Face. The user is a pilot.")
     assert text.endswith("The user asks you a question about cooking.")
     assert s.system_text(None, {"persona": "a pilot", "topic": "x"}).startswith(DEFAULT_SYSTEM)
     s.templates["persona"] = "Speak as to {persona}; {system}"
@@ -214,4 +214,4 @@ def test_personas_on_the_embedded_model(tmp_path: Path) -> None:
     for r in read_records(out):
         assert r.persona and r.system
         assert r.system.startswith("You are a helpful AI assistant named SmolLM")
-        assert f"You are talking with {r.persona}." in r.system
+        assert f"The user is {r.persona}." in r.system

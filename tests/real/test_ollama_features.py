@@ -270,5 +270,5 @@ def test_personas_and_topics_through_real_rendering(ollama: RealOllama, tmp_path
     for r in check_records(out, 3):
         assert r["persona"] and r["topic"] and r["template_source"] == "ollama-render"
         assert r["system"].startswith("You are a helpful AI assistant named SmolLM")
-        assert f"You are talking with {r['persona']}." in r["system"]
+        assert f"The user is {r['persona']}." in r["system"]
         assert f"a question about {r['topic']}." in r["system"]

@@ -32,11 +32,13 @@ Kind = Literal["persona", "topic"]
 #: the model has no default one (Ollama SYSTEM).
 DEFAULT_SYSTEM = "You are a helpful AI assistant."
 
-#: Chosen by measurement on the embedded default (benchmarks/persona_templates.py,
-#: README "Diversity"): of the candidates, this one gave the highest distinct-2
-#: with the fewest instructions that were not a user's request.
+#: Chosen by measurement on the embedded default (``python benchmarks/diversity.py
+#: --num 80 --persona-templates``, README "Diversity"): of three candidates it
+#: kept the most attempts (79%) and, read by hand, wrote the most instructions
+#: that are a user's request (16 of the first 25, against 15 and 14), at a
+#: distinct-2 within noise of the best (0.838 against 0.815 and 0.847).
 DEFAULT_TEMPLATES: dict[Kind, str] = {
-    "persona": "{system} You are talking with {persona}. They ask you for help with something from their own life or work.",
+    "persona": "{system} The user is {persona}.",
     "topic": "{system} The user asks you a question about {topic}.",
 }
 
@@ -183,7 +185,7 @@ class Steering:
         appended after it (a persona and a topic both: persona first)."""
         text = (base or DEFAULT_SYSTEM).strip()
         if text and text[-1] not in ".!?:;":
-            text += "."  # "... trained by Hugging Face" + " You are talking with ..."
+            text += "."  # "... trained by Hugging Face" + " The user is ..."
         for kind in self.kinds:
             tpl = self.templates[kind]
             filled = tpl.replace("{" + kind + "}", values[kind])
