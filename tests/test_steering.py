@@ -215,3 +215,18 @@ def test_personas_on_the_embedded_model(tmp_path: Path) -> None:
         assert r.persona and r.system
         assert r.system.startswith("You are a helpful AI assistant named SmolLM")
         assert f"The user is {r.persona}." in r.system
+
+
+def test_shards_draw_what_the_whole_run_draws_at_their_indexes(tmp_path: Path) -> None:
+    whole, s0, s1 = tmp_path / "w.jsonl", tmp_path / "s0.jsonl", tmp_path / "s1.jsonl"
+    with scripted_server() as srv:
+        for out, extra in ((whole, []), (s0, ["--shard", "0/2"]), (s1, ["--shard", "1/2"])):
+            proc = run_magpie(
+                *gen_args(srv, out, 6, "--seed", "8", "--personas", "everyday", *extra)
+            )
+            assert proc.returncode == 0, proc.stderr
+    by_index = {r.index: r.persona for r in read_records(whole)}
+    shard_recs = read_records(s0) + read_records(s1)
+    assert {r.index % 2 for r in read_records(s1)} == {1}
+    common = [r for r in shard_recs if r.index in by_index]
+    assert len(common) >= 4 and all(r.persona == by_index[r.index] for r in common)
