@@ -8,7 +8,8 @@ spread of personas/topics.  Responses are capped (``--response-max-tokens``,
 kept when cut) because only the instructions are measured; the outputs stay
 in ``--out`` for reading.
 
-    python benchmarks/diversity.py --num 200                 # plain, personas, topics
+    python benchmarks/diversity.py --num 200                 # plain, personas, topics, both
+    python benchmarks/diversity.py --num 200 --only plain personas
     python benchmarks/diversity.py --num 80 --persona-templates   # the template candidates
 
 Run it alone: it loads a model (never two at once on 2 cores).
@@ -88,6 +89,7 @@ def main() -> int:
         action="store_true",
         help="compare the candidate persona templates instead",
     )
+    ap.add_argument("--only", nargs="+", help="run only these configurations")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if a.persona_templates:
@@ -100,7 +102,16 @@ def main() -> int:
             "plain": [],
             "personas": ["--personas", "everyday"],
             "topics": ["--topics", "general"],
+            "personas+topics": ["--personas", "everyday", "--topics", "general"],
+            "personas-helping": [
+                "--personas",
+                "everyday",
+                "--persona-template",
+                PERSONA_TEMPLATES["helping"],
+            ],
         }
+    if a.only:
+        configs = {k: v for k, v in configs.items() if k in a.only}
     rows = [run(k, v, a.num, a.seed, a.out, a.response_max_tokens) for k, v in configs.items()]
     print(
         "| config | records | keep rate | distinct-1 | distinct-2 | top opening | "
