@@ -6,16 +6,6 @@ import html
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from magpie.errors import UsageError
-from magpie.store.atomic import AtomicFile
-from magpie.store.targets import check_target, same_file
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
-
-#: The judge's label sets, in their order (worst / easiest first).
 
 from magpie.commands.stats.compute import (
     NOT_JUDGED,
@@ -26,6 +16,9 @@ from magpie.commands.stats.compute import (
     pct,
 )
 from magpie.commands.stats.diversity import diversity_rows
+from magpie.errors import UsageError
+from magpie.store.atomic import AtomicFile
+from magpie.store.targets import check_target, same_file
 
 # ----------------------------------------------------------------------------- HTML
 
