@@ -89,3 +89,59 @@ def test_datasette_serves_the_file_and_finds_a_record(
     found, page = asyncio.run(fetch())
     assert first["id"] in {r["id"] for r in found["rows"]}
     assert first["id"] in page
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_headless_chromium_finds_a_record_in_datasette(
+    run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The README's browse command, with Debian's Chromium as the browser."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium)")
+    pytest.importorskip("datasette")
+    data, rejects = run
+    db_path = tmp_path / "data.db"
+    assert _export(data, rejects, db_path).returncode == 0
+    first = json.loads(data.read_text().splitlines()[0])
+    word = max(first["instruction"].strip("?.").split(), key=len)
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "datasette", str(db_path), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(base + "/-/versions.json", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.2)
+        url = f"{base}/data/records?_search={word}"
+        proc = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", url],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    dom = proc.stdout
+    assert "<table" in dom and first["id"] in dom
+    assert first["instruction"].split()[0] in dom

@@ -100,9 +100,9 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def _counts(title: str, counts: Mapping[Any, int], total: int) -> str:
+def _counts(title: str, counts: Mapping[Any, int], total: int, what: str = "records") -> str:
     rows = [(k, f"{n:,}", pct(n / total if total else None)) for k, n in counts.items()]
-    return f"### {title}\n\n" + _table(("value", "records", "share"), rows)
+    return f"### {title}\n\n" + _table(("value", what, "share"), rows)
 
 
 def _dist(name: str, d: Distribution) -> list[object]:
@@ -114,6 +114,12 @@ def _sampling(stage: Mapping[str, Any] | None) -> str:
         return "not recorded"
     keys = ("temperature", "top_p", "top_k", "repeat_penalty", "max_tokens")
     return ", ".join(f"{k} {stage[k]}" for k in keys if stage.get(k) is not None)
+
+
+def _judge_name(judge: object) -> str:
+    if not judge:
+        return "none"
+    return "the generator itself (`same`)" if judge == "same" else f"`{judge}`"
 
 
 def _provenance(card: CardInput) -> str:
@@ -148,7 +154,7 @@ def _provenance(card: CardInput) -> str:
         ("response sampling", _sampling(s.get("response"))),
         ("turns", s.get("turns", 1)),
         ("answers per instruction", s.get("responses", 1)),
-        ("judge", f"`{judge}`" if judge else "none"),
+        ("judge", _judge_name(judge)),
         ("judge thresholds", ", ".join(f"{k} {v}" for k, v in thresholds.items()) or "none"),
         ("dedup", dedup),
         ("run seed", man.seed),
@@ -209,7 +215,7 @@ def render_card(card: CardInput) -> str:
         ),
     ]
     if st.rejected:
-        parts.append(_counts("Rejected by reason", st.rejected, total))
+        parts.append(_counts("Rejected by reason", st.rejected, total, "attempts"))
     parts.append(
         "### Lengths\n\n"
         + _table(

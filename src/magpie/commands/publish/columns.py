@@ -28,6 +28,8 @@ _STAGE = pa.struct(
         ("finish_reason", pa.string()),
         ("prompt_tokens", pa.int64()),
         ("completion_tokens", pa.int64()),
+        ("n", pa.int64()),
+        ("choice", pa.int64()),
     ]
 )
 _JUDGE_TYPES = {"other_categories": pa.list_(pa.string()), "response_score": pa.int64()}
