@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from magpie.records import Record
+from magpie.records import SEED_SLOTS, Record
 from magpie.store.manifest import Manifest, manifest_path
 from ollama_server import OllamaTestServer, ScriptedEngine, build_models
+from ollama_server import _instruction as scripted_instruction
 
 MODEL = "llama3.1:8b"
 FAST_RETRY = ["--backoff-base", "0.05"]
@@ -70,3 +72,37 @@ def wait_for_lines(path: Path, n: int, timeout: float = 60) -> None:
 
 def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def preference_engine():  # type: ignore[no-untyped-def]
+    """Answers that vary with the seed; the judge scores them by their variant."""
+
+    def text(source, options):  # type: ignore[no-untyped-def]
+        seed = options.get("seed", 0)
+        if isinstance(source, str):
+            return scripted_instruction(seed // SEED_SLOTS)
+        system = source[0]["content"] if source[0]["role"] == "system" else ""
+        if "data-quality judge" not in system:
+            return (
+                f"Answer variant {seed % 5}: some helpful text about {source[-1]['content'][:20]}"
+            )
+        found = re.search(r"Answer variant (\d)", source[-1]["content"])
+        score = 2 + 2 * int(found.group(1)) if found else 5
+        return json.dumps(
+            {
+                "input_quality": "good",
+                "input_quality_explanation": "ok",
+                "difficulty": "easy",
+                "intent": "i",
+                "knowledge": "k",
+                "task_category": "Creative writing",
+                "other_categories": [],
+                "safety": "safe",
+                "safety_reason": "",
+                "language": "en",
+                "response_score": score,
+                "response_reason": "r",
+            }
+        )
+
+    return ScriptedEngine(text_fn=text)

@@ -4,16 +4,20 @@ preference pairs (issue 6), through the real CLI."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 
-from batch_helpers import MODEL, gen_args, json_lines, read_records, scripted_server
-from magpie.records import SEED_SLOTS
+from batch_helpers import (
+    MODEL,
+    gen_args,
+    json_lines,
+    preference_engine,
+    read_records,
+    scripted_server,
+)
 from magpie_cli import run_magpie
 from ollama_server import OllamaTestServer, ScriptedEngine, build_models
-from ollama_server import _instruction as scripted_instruction
 
 
 @pytest.mark.parametrize(
@@ -153,40 +157,6 @@ def test_sampling_schedule_cycles(tmp_path: Path) -> None:
     assert "100% unique instructions" in proc.stderr.splitlines()[-1]
 
 
-def preference_engine():  # type: ignore[no-untyped-def]
-    """Answers that vary with the seed; the judge scores them by their variant."""
-
-    def text(source, options):  # type: ignore[no-untyped-def]
-        seed = options.get("seed", 0)
-        if isinstance(source, str):
-            return scripted_instruction(seed // SEED_SLOTS)
-        system = source[0]["content"] if source[0]["role"] == "system" else ""
-        if "data-quality judge" not in system:
-            return (
-                f"Answer variant {seed % 5}: some helpful text about {source[-1]['content'][:20]}"
-            )
-        found = re.search(r"Answer variant (\d)", source[-1]["content"])
-        score = 2 + 2 * int(found.group(1)) if found else 5
-        return json.dumps(
-            {
-                "input_quality": "good",
-                "input_quality_explanation": "ok",
-                "difficulty": "easy",
-                "intent": "i",
-                "knowledge": "k",
-                "task_category": "Creative writing",
-                "other_categories": [],
-                "safety": "safe",
-                "safety_reason": "",
-                "language": "en",
-                "response_score": score,
-                "response_reason": "r",
-            }
-        )
-
-    return ScriptedEngine(text_fn=text)
-
-
 def test_preference_pairs_and_dpo_export(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     out, dpo = tmp_path / "d.jsonl", tmp_path / "dpo.jsonl"
@@ -218,8 +188,10 @@ def test_preference_pairs_and_dpo_export(tmp_path: Path) -> None:
     recs = read_records(out)
     for rec in recs:
         assert rec.responses and len(rec.responses) == 4
-        assert rec.chosen and rec.rejected and rec.chosen.score >= rec.rejected.score
-        assert rec.response == rec.chosen.content and rec.judge.response_score == rec.chosen.score
+        pair = rec.preference()
+        assert pair is not None and pair.score_chosen >= pair.score_rejected
+        assert rec.response == pair.chosen and rec.judge.response_score == pair.score_chosen
+        assert rec.chosen == rec.messages and rec.rejected[0] == rec.messages[0]
     proc = run_magpie("export", str(out), "--format", "dpo", "-o", str(dpo))
     assert proc.returncode == 0, proc.stderr
     rows = json_lines(dpo.read_text())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from magpie.records import Record
+from magpie.records import SCHEMA_VERSION, Record
 from magpie_cli import run_magpie
 
 SMALL = ["--instruction-max-tokens", "96", "--response-max-tokens", "128", "--keep-truncated"]
@@ -23,7 +23,7 @@ def records_of(text: str) -> list[Record]:
     lines = text.splitlines()
     recs = [Record.model_validate_json(line) for line in lines]
     for line in lines:
-        assert json.loads(line)["schema_version"] == 1
+        assert json.loads(line)["schema_version"] == SCHEMA_VERSION
     return recs
 
 

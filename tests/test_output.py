@@ -11,7 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from magpie.errors import UsageError
-from magpie.records import Message, Record, StageInfo, derive_seed, record_id, utcnow
+from magpie.records import (
+    SCHEMA_VERSION,
+    Message,
+    Record,
+    StageInfo,
+    derive_seed,
+    record_id,
+    utcnow,
+)
 from magpie.store.jsonl import JsonlWriter, check_output_path, scan_output
 
 
@@ -43,7 +51,7 @@ def test_write_and_scan(tmp_path: Path) -> None:
         for i in (0, 2, 5):
             w.write(make_record(i, seed=9))
     lines = out.read_text().splitlines()
-    assert len(lines) == 3 and all(json.loads(x)["schema_version"] == 1 for x in lines)
+    assert len(lines) == 3 and all(json.loads(x)["schema_version"] == SCHEMA_VERSION for x in lines)
     ex = scan_output(out)
     assert (ex.count, ex.next_index, ex.seed, ex.torn) == (3, 6, 9, b"")
 

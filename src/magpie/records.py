@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 # The judge's labels (written by magpie.pipeline.stages.judge).
 Quality = Literal["very poor", "poor", "average", "good", "excellent"]
@@ -50,7 +57,16 @@ class JudgeTags(BaseModel):
     judge_model: str
 
 
-SCHEMA_VERSION = 1
+#: 2: ``chosen``/``rejected`` are conversations (TRL's implicit-prompt preference
+#: format) with ``score_chosen``/``score_rejected`` beside them, and absent without
+#: a pair.  1 held ``{"content", "score"}`` objects there (always, null without a
+#: pair): a key TRL reserves holding a non-conversation made its
+#: ``is_conversational`` depend on set order, i.e. on ``PYTHONHASHSEED``.
+#: Version 1 lines are still read (upgraded in ``Record``'s validator).
+SCHEMA_VERSION = 2
+
+#: The keys of a preference pair, left out of a record that has none.
+PAIR_FIELDS: tuple[str, ...] = ("chosen", "rejected", "score_chosen", "score_rejected")
 
 
 class Message(BaseModel):
@@ -94,11 +110,34 @@ class StageInfo(BaseModel):
         return data
 
 
-class Scored(BaseModel):
-    """One answer of a preference pair, with the judge's score."""
+class Preference(NamedTuple):
+    """A record's preference pair: the best and the worst answer, their scores."""
 
-    content: str
-    score: int | None = None
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+    score_chosen: int | None
+    score_rejected: int | None
+
+
+def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version 1 record's ``{"content", "score"}`` pair as version 2 fields."""
+    data = dict(data)
+    chosen, rejected = data.pop("chosen", None), data.pop("rejected", None)
+    if isinstance(chosen, dict) and isinstance(rejected, dict):
+        messages = list(data.get("messages") or [])
+        prompt = messages[:-1] if messages and _role(messages[-1]) == "assistant" else messages
+        if not prompt:
+            prompt = [{"role": "user", "content": data.get("instruction", "")}]
+        for key, answer in (("chosen", chosen), ("rejected", rejected)):
+            data[key] = [*prompt, {"role": "assistant", "content": answer.get("content", "")}]
+            data[f"score_{key}"] = answer.get("score")
+    data["schema_version"] = SCHEMA_VERSION
+    return data
+
+
+def _role(message: object) -> object:
+    return message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
 
 
 class Record(BaseModel):
@@ -144,8 +183,43 @@ class Record(BaseModel):
     #: ``--responses K``: every sampled answer, and with a judge the best and
     #: worst one with their scores (``magpie export --format dpo``).
     responses: list[str] | None = None
-    chosen: Scored | None = None
-    rejected: Scored | None = None
+    #: With a judge: the conversation ending in the best (``chosen``) and in the
+    #: worst (``rejected``) answer, TRL's implicit-prompt preference format (its
+    #: ``DPOTrainer`` reads them as they are), and their scores.  Absent without a
+    #: pair, so that ``messages`` is then the only key TRL reserves.
+    chosen: list[Message] | None = None
+    rejected: list[Message] | None = None
+    score_chosen: int | None = None
+    score_rejected: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_version_1(cls, data: Any) -> Any:
+        version = data.get("schema_version", SCHEMA_VERSION) if isinstance(data, dict) else None
+        if isinstance(version, int) and version < 2:
+            return _upgrade_v1(data)
+        return data
+
+    @model_serializer(mode="wrap")
+    def _without_unset_pair(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        """Leave the pair's keys out when there is no pair (see ``SCHEMA_VERSION``)."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("chosen") is None:
+            for key in PAIR_FIELDS:
+                data.pop(key, None)
+        return data
+
+    def preference(self) -> Preference | None:
+        """The preference pair (None: the record has none)."""
+        if not self.chosen or not self.rejected:
+            return None
+        return Preference(
+            prompt=self.chosen[:-1],
+            chosen=self.chosen[-1].content,
+            rejected=self.rejected[-1].content,
+            score_chosen=self.score_chosen,
+            score_rejected=self.score_rejected,
+        )
 
 
 class Rejection(BaseModel):

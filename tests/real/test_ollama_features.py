@@ -47,7 +47,7 @@ def test_preference_pairs_and_dpo_export(ollama: RealOllama, tmp_path: Path):
     )
     assert res.returncode == 0, res.stderr
     recs = check_records(out, 3)
-    ties = sum(r["chosen"]["score"] == r["rejected"]["score"] for r in recs)
+    ties = sum(r["score_chosen"] == r["score_rejected"] for r in recs)
     dpo = tmp_path / "dpo.jsonl"
     res = run_magpie("export", str(out), "--format", "dpo", "-o", str(dpo))
     if ties == len(recs):  # nothing to export: said, and exit 1

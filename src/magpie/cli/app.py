@@ -13,7 +13,7 @@ import sys
 import typer
 
 from magpie import __version__
-from magpie.cli import files, generate, info
+from magpie.cli import files, generate, info, publish
 from magpie.cli.terminal import Terminated, _flush_stdout, _on_sigterm, _silence_stdout, err
 from magpie.errors import ExitStatus, os_error_line
 
@@ -60,6 +60,7 @@ app.command()(info.doctor)
 templates_app.command("list")(info.templates_list)
 templates_app.command("show")(info.templates_show)
 app.command()(files.export)
+app.command()(publish.card)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import typer
 
+from magpie.cli import publish
 from magpie.cli.options import (
     Debug,
     Quiet,
@@ -22,7 +23,7 @@ from magpie.cli.options import (
 )
 from magpie.cli.report import report_error
 from magpie.cli.terminal import err, fail
-from magpie.errors import ExitStatus, MagpieError, OutputClosed
+from magpie.errors import ExitStatus, MagpieError, OutputClosed, UsageError
 from magpie.store.targets import STDIO
 
 
@@ -234,13 +235,37 @@ def merge(
 
 def export(
     input: str = typer.Argument(..., help="magpie JSONL file, or - for stdin."),
-    format: str = typer.Option(..., "--format", "-f", help="openai, sharegpt, alpaca or dpo."),
-    output: str = typer.Option("-", "-o", "--output", help="Output JSONL file, or - for stdout."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+    format: str = typer.Option(
+        ...,
+        "--format",
+        "-f",
+        help="openai, sharegpt, alpaca, dpo; hf (a dataset folder), sqlite (for Datasette).",
+    ),
+    output: str = typer.Option(
+        "-", "-o", "--output", help="Output JSONL file, or - for stdout (hf: a folder)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    rejects: Path | None = typer.Option(
+        None, "--rejects", help="hf, sqlite: the rejects file of the same runs."
+    ),
+    license: str = publish.License,
+    language: list[str] | None = publish.Language,
+    name: str | None = publish.Name,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
-    """Convert a magpie JSONL to the formats Axolotl, LLaMA-Factory and TRL read."""
+    """Convert a magpie JSONL to the formats Axolotl, LLaMA-Factory and TRL read,
+    or (--format hf) a Hugging Face dataset folder: Parquet and a dataset card."""
+    if format == "hf":
+        publish.export_folder(
+            input, output, rejects, overwrite, license, language, name, quiet, debug
+        )
+        return
+    if format == "sqlite":
+        publish.export_database(input, output, rejects, overwrite, quiet, debug)
+        return
+    if rejects is not None:
+        raise fail(UsageError("--rejects goes with --format hf or sqlite"), debug) from None
     try:
         from magpie.commands.export import export_file
 

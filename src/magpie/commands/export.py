@@ -69,25 +69,25 @@ def skip_reason(record: Record, fmt: str) -> str | None:
     """Why ``record`` has no row in ``fmt`` (None: it has one)."""
     if fmt != "dpo":
         return None
-    chosen, rejected = record.chosen, record.rejected
-    if chosen is None or rejected is None:
+    pair = record.preference()
+    if pair is None:
         return "no_pair"
-    return "tie" if chosen.score == rejected.score else None
+    return "tie" if pair.score_chosen == pair.score_rejected else None
 
 
 def convert(record: Record, fmt: str) -> dict[str, Any] | None:
     """One record in the target format (None: the record has nothing for it)."""
     messages = [m.model_dump() for m in record.messages]
     if fmt == "dpo":
-        chosen, rejected = record.chosen, record.rejected
-        if skip_reason(record, fmt) is not None or chosen is None or rejected is None:
+        pair = record.preference()
+        if skip_reason(record, fmt) is not None or pair is None:
             return None
         return {
-            "prompt": [{"role": "user", "content": record.instruction}],
-            "chosen": [{"role": "assistant", "content": chosen.content}],
-            "rejected": [{"role": "assistant", "content": rejected.content}],
-            "score_chosen": chosen.score,
-            "score_rejected": rejected.score,
+            "prompt": [m.model_dump() for m in pair.prompt],
+            "chosen": [{"role": "assistant", "content": pair.chosen}],
+            "rejected": [{"role": "assistant", "content": pair.rejected}],
+            "score_chosen": pair.score_chosen,
+            "score_rejected": pair.score_rejected,
         }
     if fmt == "openai":
         return {"messages": messages}

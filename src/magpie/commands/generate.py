@@ -385,6 +385,17 @@ def _settings(
         "semantic_threshold": (
             config.semantic_threshold if config.dedup and config.semantic_model else None
         ),
+        # For the dataset card (magpie card): how records were judged and kept.
+        "judge": config.judge,
+        "thresholds": settings.thresholds.model_dump() if config.judge else None,
+        "responses": config.responses,
+        "turns": config.turns,
+        "system_preset": config.system_preset,
+        "systems": (
+            {name: spec.model_dump() for name, spec in config.systems.items()}
+            if config.systems
+            else None
+        ),
     }
 
 

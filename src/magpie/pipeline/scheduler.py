@@ -40,7 +40,6 @@ from magpie.records import (
     Message,
     Record,
     Rejection,
-    Scored,
     StageInfo,
     derive_seed,
     record_id,
@@ -629,16 +628,16 @@ class Pipeline:
         best = max(scored, key=lambda t: t[0])
         worst = min(scored, key=lambda t: t[0])
         tags = self.judge.tags(best[2])
+        user = Message(role="user", content=record.instruction)
         record = record.model_copy(
             update={
                 "response": best[1],
-                "messages": [
-                    Message(role="user", content=record.instruction),
-                    Message(role="assistant", content=best[1]),
-                ],
+                "messages": [user, Message(role="assistant", content=best[1])],
                 "judge": tags,
-                "chosen": Scored(content=best[1], score=best[0]),
-                "rejected": Scored(content=worst[1], score=worst[0]),
+                "chosen": [user, Message(role="assistant", content=best[1])],
+                "rejected": [user, Message(role="assistant", content=worst[1])],
+                "score_chosen": best[0],
+                "score_rejected": worst[0],
             }
         )
         thresholds = self.settings.thresholds

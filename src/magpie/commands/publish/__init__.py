@@ -1,0 +1,3 @@
+"""Publishing a dataset the Hugging Face way: ``folder`` (a ``datasets``-loadable
+folder of Parquet shards beside its card), ``card`` (the ``README.md`` dataset
+card, from the manifest and ``magpie stats``), ``columns`` (the Parquet schema)."""

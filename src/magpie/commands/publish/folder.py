@@ -1,0 +1,264 @@
+"""``magpie export --format hf``: a folder that ``datasets.load_dataset(DIR)``
+loads as it is, and ``magpie card``.
+
+::
+
+    DIR/README.md                          the dataset card (configs, stats, provenance)
+    DIR/data/train-00000-of-00002.parquet  the records, SHARD_RECORDS per shard
+    DIR/rejects/train-00000-of-00001.parquet   with --rejects: the rejected attempts
+    DIR/images/*.svg                       the charts of magpie stats
+
+Everything streams: one pass for the statistics and the columns present, one
+for the shards, written a batch at a time (memory flat in the records).  The
+folder is built under a temporary name beside DIR and renamed into place
+when complete; an existing DIR is replaced only with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from magpie.commands.export import read_records
+from magpie.commands.publish.card import DEFAULT_LICENSE, CardConfig, CardInput, render_card
+from magpie.commands.publish.card import languages_of as default_languages
+from magpie.commands.stats import DataStats, compute_stats
+from magpie.commands.stats.html_page import _svg_columns, _svg_hbars
+from magpie.errors import UsageError
+from magpie.store.atomic import fsync_dir
+from magpie.store.manifest import Manifest, manifest_path, read_manifest
+from magpie.store.targets import kind_of
+
+SHARD_RECORDS = 100_000
+_BATCH = 1_000
+
+
+@dataclass
+class Scan:
+    """What the first pass learned: the numbers, and the columns to write."""
+
+    stats: DataStats
+    manifest: Manifest | None
+    records: int
+    pairs: bool
+    systems: Counter[str]
+
+
+def scan(src: Path, rejects: Path | None = None) -> Scan:
+    """``magpie stats``'s numbers, and whether any record holds a pair."""
+    if not src.is_file():
+        raise UsageError(
+            f"input {src} not found" if not src.exists() else f"input {src} is not a file"
+        )
+    if rejects is not None and not rejects.is_file():
+        raise UsageError(f"--rejects {rejects} not found")
+    stats = compute_stats(src, rejects=rejects)
+    manifest = read_manifest(src) if manifest_path(src).is_file() else None
+    pairs, n, systems = False, 0, Counter[str]()
+    with src.open("rb") as fh:
+        for rec in read_records(fh, str(src)):
+            n += 1
+            pairs = pairs or rec.chosen is not None
+            if rec.system_name:
+                systems[rec.system_name] += 1
+    return Scan(stats, manifest, n, pairs, systems)
+
+
+def card_input(found: Scan, **options: Any) -> CardInput:
+    languages = options.pop("languages", None) or default_languages(found.stats, found.manifest)
+    return CardInput(
+        stats=found.stats,
+        manifest=found.manifest,
+        languages=languages,
+        pairs=found.pairs,
+        systems=dict(found.systems.most_common()),
+        **options,
+    )
+
+
+def card_text(
+    src: Path | str,
+    *,
+    rejects: Path | str | None = None,
+    license: str = DEFAULT_LICENSE,
+    languages: list[str] | None = None,
+    pretty_name: str | None = None,
+) -> str:
+    """``magpie card DATA``: the dataset card of a magpie JSONL."""
+    found = scan(Path(src).expanduser(), Path(rejects).expanduser() if rejects else None)
+    return render_card(
+        card_input(found, license=license, languages=languages, pretty_name=pretty_name)
+    )
+
+
+def _charts(stats: DataStats) -> dict[str, tuple[str, str]]:
+    """``{file name: (title, svg)}`` of the stats' distributions."""
+
+    def hist(d: Any) -> list[tuple[str, float]]:
+        return [(f"{b.lo}-{b.hi}", b.count) for b in d.buckets]
+
+    charts = {
+        "instruction_words.svg": (
+            "Instruction length (words)",
+            hist(stats.instruction_length.words),
+        ),
+        "response_words.svg": ("Response length (words)", hist(stats.response_length.words)),
+    }
+    out = {name: (title, _svg_columns(items)) for name, (title, items) in charts.items() if items}
+    if stats.judge.task_categories:
+        items = list(stats.judge.task_categories.items())
+        out["task_categories.svg"] = ("Task categories", _svg_hbars(items))
+    if stats.rejected:
+        out["rejected.svg"] = ("Rejected by reason", _svg_hbars(list(stats.rejected.items())))
+    return {
+        name: (title, svg.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1))
+        for name, (title, svg) in out.items()
+    }
+
+
+def _write_shards(
+    folder: Path, rows: Iterable[dict[str, Any]], schema: Any, total: int, per_shard: int
+) -> int:
+    """Parquet shards ``folder/train-XXXXX-of-NNNNN.parquet``, a batch at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    shards = max(1, -(-total // per_shard))
+    written, writer, batch = 0, None, []
+
+    def flush() -> None:
+        nonlocal batch
+        if batch:
+            assert writer is not None
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+            batch = []
+
+    try:
+        for row in rows:
+            if written % per_shard == 0:
+                flush()
+                if writer is not None:
+                    writer.close()
+                name = f"train-{written // per_shard:05d}-of-{shards:05d}.parquet"
+                writer = pq.ParquetWriter(folder / name, schema)
+            batch.append(row)
+            written += 1
+            if len(batch) >= _BATCH:
+                flush()
+        flush()
+        if writer is None:  # no rows: one empty shard keeps the config loadable
+            writer = pq.ParquetWriter(folder / f"train-00000-of-{shards:05d}.parquet", schema)
+    finally:
+        if writer is not None:
+            writer.close()
+    return written
+
+
+def _reject_lines(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open("rb") as fh:
+        for line in fh:
+            with contextlib.suppress(ValueError):
+                obj = json.loads(line)
+                if isinstance(obj, dict):
+                    yield obj
+
+
+@dataclass
+class HfExport:
+    path: Path
+    records: int
+    rejects: int
+    shards: int
+
+
+def _check_folder(dst: Path, overwrite: bool) -> None:
+    if dst.is_file():
+        raise UsageError(f"output {dst} is a file: --format hf writes a folder")
+    kind = kind_of(dst)
+    if kind not in (None, "a directory"):
+        raise UsageError(f"output {dst} is {kind}: --format hf writes a folder")
+    if dst.exists() and not overwrite:
+        raise UsageError(f"output {dst} exists: pass --overwrite to replace it")
+    if not dst.parent.is_dir():
+        raise UsageError(f"output directory {dst.parent} does not exist: create it first")
+
+
+def export_hf(
+    src: Path | str,
+    dst: Path | str,
+    *,
+    rejects: Path | str | None = None,
+    overwrite: bool = False,
+    license: str = DEFAULT_LICENSE,
+    languages: list[str] | None = None,
+    pretty_name: str | None = None,
+    shard_records: int = SHARD_RECORDS,
+    on_pass: Callable[[str], None] | None = None,
+) -> HfExport:
+    """Write the folder ``dst`` from the magpie JSONL ``src`` (see the module doc)."""
+    try:
+        from magpie.commands.publish.columns import REJECTS, record_row, record_schema, reject_row
+    except ImportError as exc:
+        raise UsageError(f"--format hf needs pyarrow ({exc}): pip install 'magpie[hf]'") from None
+
+    src_p, dst_p = Path(src).expanduser(), Path(dst).expanduser()
+    rej_p = Path(rejects).expanduser() if rejects else None
+    _check_folder(dst_p, overwrite)
+    if dst_p.resolve() in (src_p.resolve().parent, *src_p.resolve().parents):
+        raise UsageError(f"output {dst_p} holds the input: pick another folder")
+    found = scan(src_p, rej_p)
+    tmp = dst_p.with_name(f".{dst_p.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        schema = record_schema(found.pairs)
+        with src_p.open("rb") as fh:
+            rows = (record_row(r, found.pairs) for r in read_records(fh, str(src_p)))
+            n = _write_shards(tmp / "data", rows, schema, found.records, shard_records)
+        configs = [CardConfig("default", "data/train-*.parquet")]
+        n_rej = 0
+        if rej_p is not None:
+            lines = sum(1 for _ in _reject_lines(rej_p))
+            rows = (reject_row(line) for line in _reject_lines(rej_p))
+            n_rej = _write_shards(tmp / "rejects", rows, REJECTS, lines, shard_records)
+            configs.append(CardConfig("rejects", "rejects/train-*.parquet"))
+        charts = _charts(found.stats)
+        if charts:
+            (tmp / "images").mkdir()
+            for name, (_, svg) in charts.items():
+                (tmp / "images" / name).write_text(svg, encoding="utf-8")
+        card = card_input(
+            found,
+            license=license,
+            languages=languages,
+            pretty_name=pretty_name,
+            configs=configs,
+            images=[(title, f"images/{name}") for name, (title, _) in charts.items()],
+        )
+        (tmp / "README.md").write_text(render_card(card), encoding="utf-8")
+        _swap_in(tmp, dst_p)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shards = len(list((dst_p / "data").glob("*.parquet")))
+    return HfExport(dst_p, n, n_rej, shards)
+
+
+def _swap_in(tmp: Path, dst: Path) -> None:
+    """Rename the finished folder into place (the old one, if any, goes after)."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+    tmp.rename(dst)
+    fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
