@@ -148,6 +148,10 @@ def test_personas_through_the_ollama_double(tmp_path: Path) -> None:
     assert manifest["settings"]["personas"]["source"] == str(pfile)
     stats = json.loads(run_magpie("stats", str(out[0]), "--json").stdout)
     assert stats["diversity"]["personas"]["distinct"] == 3
+    card = run_magpie("card", str(out[0]))
+    assert card.returncode == 0, card.stderr
+    assert f"| personas | {pfile} (3 items" in card.stdout
+    assert "### Diversity of instructions" in card.stdout and "distinct-2" in card.stdout
 
 
 def test_topics_with_weighted_systems_top_up_and_mixed_lists(tmp_path: Path) -> None:

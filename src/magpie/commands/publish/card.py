@@ -17,6 +17,7 @@ import yaml
 
 from magpie.commands.stats import DataStats
 from magpie.commands.stats.compute import Distribution, fmt, pct
+from magpie.commands.stats.diversity import diversity_rows
 from magpie.store.manifest import Manifest
 
 #: The license until the user picks one: the Hub's "unknown", and the card says why.
@@ -166,6 +167,22 @@ def _provenance(card: CardInput) -> str:
         rows.insert(
             5, ("system prompt set", ", ".join(f"{k} ({n:,})" for k, n in card.systems.items()))
         )
+    for kind in ("topics", "personas"):
+        lst = s.get(kind)
+        if isinstance(lst, dict):
+            rows.insert(
+                5,
+                (
+                    kind,
+                    f"{lst.get('source')} ({lst.get('count')} items, sha256 "
+                    f"{str(lst.get('sha256'))[:12]}), one drawn per record into the system "
+                    f"prompt through {lst.get('template')!r}",
+                ),
+            )
+    if isinstance(s.get("balance"), dict):
+        b = s["balance"]
+        cats = ", ".join(b.get("categories") or []) or "all twelve"
+        rows.append(("category balance", f"even over {cats} (tolerance {b.get('tolerance')})"))
     text = _table(("", ""), rows)
     if pre_query:
         text += "\n\nThe pre-query template (the raw prompt that makes the model write an instruction):\n\n"
@@ -239,6 +256,13 @@ def render_card(card: CardInput) -> str:
         ):
             if counts:
                 parts.append(_counts(title, counts, j.judged))
+    if st.diversity.instructions:
+        parts.append(
+            "### Diversity of instructions\n\n"
+            + _table(
+                ("", ""), [r for r in diversity_rows(st.diversity) if not r[1].startswith("– (")]
+            )
+        )
     if card.images:
         parts.append("### Charts\n\n" + "\n\n".join(f"![{t}]({p})" for t, p in card.images))
     parts.append(_usage(card))
