@@ -60,6 +60,18 @@ class Message(BaseModel):
 
     role: Literal["system", "user", "assistant"]
     content: str
+    #: An assistant turn's reasoning (``--reasoning keep``), the field TRL and
+    #: the Qwen3 / DeepSeek-R1 chat templates read; absent when there is none.
+    reasoning_content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_reasoning(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        """Leave ``reasoning_content`` out unless set: messages without reasoning
+        are written exactly as before the field existed."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("reasoning_content") is None:
+            data.pop("reasoning_content", None)
+        return data
 
 
 class StageInfo(BaseModel):
@@ -142,6 +154,9 @@ class Record(BaseModel):
     responses: list[str] | None = None
     chosen: Scored | None = None
     rejected: Scored | None = None
+    #: The first answer's reasoning (thinking), with ``--reasoning keep`` and a
+    #: model that reasons; never part of ``response``.
+    reasoning: str | None = None
 
 
 class Rejection(BaseModel):

@@ -32,6 +32,7 @@ from magpie.pipeline.scheduler import default_instruction_sampling, default_resp
 from magpie.pipeline.stages.dedup.index import DEFAULT_SEMANTIC_THRESHOLD
 from magpie.pipeline.stages.filters import FilterSettings
 from magpie.pipeline.stages.judge import Category, Difficulty, Quality, Thresholds
+from magpie.pipeline.stages.reasoning import ReasoningMode
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -97,6 +98,9 @@ class RunConfig(BaseModel):
     grace_period: float = Field(10.0, ge=0)
     allow_mixed: bool = False
     keep_truncated: bool = False
+    #: Reasoning models' thinking: keep it in the record, drop it, or ask the
+    #: model not to think (``--reasoning``; see magpie.pipeline.stages.reasoning).
+    reasoning: ReasoningMode = "keep"
     extra_stop: list[str] = Field(default_factory=list)
     n_ctx: int = Field(4096, ge=256)
     threads: int | None = Field(None, ge=1)

@@ -102,6 +102,13 @@ def generate(
         help="Keep responses cut by --response-max-tokens.",
         show_default=False,
     ),
+    reasoning: str | None = typer.Option(
+        None,
+        "--reasoning",
+        help="A reasoning model's thinking: keep (in the record's reasoning field), "
+        "drop, or off (ask the model not to think) (default keep).",
+        show_default=False,
+    ),
     timeout: float | None = typer.Option(
         None, "--timeout", help="Seconds of silence before a request is retried (default 300)."
     ),
@@ -214,6 +221,7 @@ def generate(
         "seed": seed,
         "concurrency": concurrency,
         "keep_truncated": keep_truncated,
+        "reasoning": reasoning,
         "timeout": timeout,
         "max_retries": max_retries,
         "unreachable_budget": unreachable_budget,
