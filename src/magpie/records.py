@@ -50,6 +50,27 @@ class JudgeTags(BaseModel):
     judge_model: str
 
 
+class GuardVerdict(BaseModel):
+    """A safety classifier's verdict on one text (``--guard``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    verdict: Literal["safe", "unsafe"]
+    #: Hazard categories of an unsafe verdict (Llama Guard's S1..S14).
+    categories: list[str] = Field(default_factory=list)
+
+
+class GuardTags(BaseModel):
+    """The record's ``guard`` field: the guard model's verdicts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    instruction: GuardVerdict
+    #: None when the pair was rejected on the instruction's verdict.
+    response: GuardVerdict | None = None
+
+
 SCHEMA_VERSION = 1
 
 
@@ -157,6 +178,9 @@ class Record(BaseModel):
     #: The first answer's reasoning (thinking), with ``--reasoning keep`` and a
     #: model that reasons; never part of ``response``.
     reasoning: str | None = None
+    #: ``--guard MODEL``: the safety classifier's verdicts on the instruction and
+    #: on the response; absent when no guard ran.
+    guard: GuardTags | None = None
 
 
 class Rejection(BaseModel):
@@ -165,7 +189,7 @@ class Rejection(BaseModel):
     index: int
     reason: str
     #: "request": a request failed after all its retries (reason failed_<cause>).
-    stage: Literal["instruction", "response", "judge", "request"] = "instruction"
+    stage: Literal["instruction", "response", "judge", "guard", "request"] = "instruction"
     text: str = ""
     detail: str = ""
     #: The record it would have been (rejected after the response), if any.

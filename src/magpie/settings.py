@@ -112,6 +112,10 @@ class RunConfig(BaseModel):
     judge_backend: BackendName = "auto"
     judge_host: str | None = None
     judge_prompt: str | None = None
+    #: ``--guard MODEL``: a Llama Guard style safety classifier of every
+    #: instruction and response (on the generator's backend and host); its
+    #: verdicts go into the record, and ``drop_unsafe`` rejects unsafe pairs.
+    guard: str | None = Field(None, min_length=1)
     prejudge: bool = False
     min_quality: Quality | None = None
     min_difficulty: Difficulty | None = None
@@ -239,6 +243,11 @@ class RunConfig(BaseModel):
                 "host": self.judge_host or self.host,
             }
         )
+
+    @property
+    def guard_spec(self) -> BackendSpec:
+        """The guard's backend: ``--guard MODEL`` on the generator's backend and host."""
+        return self.generator_spec.model_copy(update={"model": self.guard})
 
     def semantic_target(self, generator: str | None = None) -> tuple[str, str | None]:
         """The backend (``ollama`` or ``openai``) and host of the embedding model.

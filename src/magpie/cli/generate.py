@@ -159,8 +159,17 @@ def generate(
         "--categories",
         help='Comma-separated task categories to keep, e.g. "Math,Coding & Debugging".',
     ),
+    guard: str | None = typer.Option(
+        None,
+        "--guard",
+        help="A Llama Guard style safety model (e.g. llama-guard3) that classifies each "
+        "instruction and response; verdicts go into the record.",
+    ),
     drop_unsafe: bool | None = typer.Option(
-        None, "--drop-unsafe", help="Reject pairs the judge calls unsafe.", show_default=False
+        None,
+        "--drop-unsafe",
+        help="Reject pairs the judge or the guard calls unsafe.",
+        show_default=False,
     ),
     rejects: str | None = typer.Option(
         None, "--rejects", help="Append rejected attempts to this JSONL."
@@ -236,6 +245,7 @@ def generate(
         "min_difficulty": min_difficulty,
         "min_response_score": min_response_score,
         "categories": categories,
+        "guard": guard,
         "drop_unsafe": drop_unsafe,
         "rejects": rejects,
         "shard": shard,

@@ -47,6 +47,7 @@ from magpie.pipeline.scheduler import (
     check_samples_per_request,
 )
 from magpie.pipeline.stages.filters import build_filters
+from magpie.pipeline.stages.guard import Guard
 from magpie.pipeline.stages.judge import Judge
 from magpie.records import Record, Rejection
 from magpie.settings import RunConfig
@@ -226,6 +227,20 @@ async def _system_choices(
     ]
 
 
+async def _open_guard(config: RunConfig) -> Guard | None:
+    """The guard of a run (``--guard MODEL``), its model checked with ``describe()``."""
+    if not config.guard:
+        return None
+    choice = await choose_backend(config.guard_spec)
+    try:
+        policy = config.retry.model_copy(update={"unreachable_budget": 0.0})
+        await call_with_retry(choice.backend.describe, policy)
+    except BaseException:
+        await choice.backend.aclose()
+        raise
+    return Guard(choice.backend, retry=config.retry)
+
+
 async def _open_judge(
     config: RunConfig, backend: Backend, stats: RunStats
 ) -> tuple[Judge | None, Backend | None]:
@@ -340,6 +355,7 @@ def _settings(config: RunConfig, settings: PipelineSettings) -> dict[str, Any]:
         "extra_stop": settings.extra_stop,
         "keep_truncated": settings.keep_truncated,
         "reasoning": settings.reasoning,
+        "guard": config.guard,
         "concurrency": settings.concurrency,
         "max_retries": config.max_retries,
         "timeout": config.timeout,
@@ -449,15 +465,19 @@ async def _agenerate(
         samples_per_request=config.samples_per_request,
     )
     judge, judge_backend = await _open_judge(config, backend, stats)
-    dedup, embedder = None, None
-    if config.dedup:
-        try:
+    guard: Guard | None = None
+    try:
+        guard = await _open_guard(config)
+        dedup, embedder = None, None
+        if config.dedup:
             dedup, embedder = await _open_dedup(config, path, fresh, backend.name, stats)
-        except BaseException:
-            await backend.aclose()
-            if judge_backend is not None and judge_backend is not backend:
-                await judge_backend.aclose()
-            raise
+    except BaseException:
+        await backend.aclose()
+        if judge_backend is not None and judge_backend is not backend:
+            await judge_backend.aclose()
+        if guard is not None:
+            await guard.backend.aclose()
+        raise
     pipeline = Pipeline(
         backend,
         pre_query,
@@ -468,6 +488,7 @@ async def _agenerate(
         judge=judge,
         dedup=dedup,
         systems=prep.systems,
+        guard=guard,
     )
     writer = JsonlWriter(path, overwrite=config.overwrite, existing=existing)
     rejects = RejectsWriter(Path(config.rejects)) if config.rejects else None
@@ -562,6 +583,8 @@ async def _agenerate(
         await backend.aclose()
         if judge_backend is not None and judge_backend is not backend:
             await judge_backend.aclose()
+        if guard is not None:
+            await guard.backend.aclose()
         result.next_index = pipeline.next_index
         warning = no_system_warning(pipeline, stats, bool(config.systems))
         if warning is not None:

@@ -33,6 +33,7 @@ from magpie.pipeline.counters import RunStats
 from magpie.pipeline.repetition import RepetitionGuard, looped
 from magpie.pipeline.stages.clean import clean_instruction, cut_in_a_loop, template_reason
 from magpie.pipeline.stages.dedup.index import DedupIndex, Duplicate
+from magpie.pipeline.stages.guard import Guard, GuardInvalid
 from magpie.pipeline.stages.judge import InstructionVerdict, Judge, JudgeInvalid, Thresholds
 from magpie.pipeline.stages.reasoning import (
     ReasoningMode,
@@ -42,6 +43,8 @@ from magpie.pipeline.stages.reasoning import (
     think_request,
 )
 from magpie.records import (
+    GuardTags,
+    GuardVerdict,
     Message,
     Record,
     Rejection,
@@ -227,8 +230,12 @@ class Pipeline:
         judge: Judge | None = None,
         dedup: DedupIndex | None = None,
         systems: list[SystemChoice] | None = None,
+        guard: Guard | None = None,
     ) -> None:
         self.backend = backend
+        #: ``--guard``: the safety classifier of every instruction and response.
+        self.guard = guard
+
         self.pre_query = pre_query
         self.seed = seed
         self.settings = settings or PipelineSettings()
@@ -251,6 +258,9 @@ class Pipeline:
         if judge is not None and judge.on_retry is None:
             judge.on_retry = self._on_retry
             judge.retry = self.settings.retry
+        if guard is not None and guard.on_retry is None:
+            guard.on_retry = self._on_retry
+            guard.retry = self.settings.retry
         self._stop = list(dict.fromkeys([*pre_query.stop, *self.settings.extra_stop]))
         #: The first attempt index not yet yielded by ``run()``.
         self.next_index = 0
@@ -705,14 +715,78 @@ class Pipeline:
         inst = await self.instruction(index, pre_query)
         if isinstance(inst, Rejection):
             return inst
+        verdict: GuardVerdict | None = None
+        if self.guard is not None:
+            early = await self._guard_instruction(inst)
+            if isinstance(early, Rejection):
+                return early
+            verdict = early
         result = await self.response(inst, pre_query, system_name)
         if isinstance(result, Record) and self.settings.turns > 1:
             result = await self._more_turns(result, pre_query)
+        if verdict is not None and isinstance(result, Record):
+            result = await self._guard_response(result, verdict)
+            if isinstance(result, Rejection):
+                return result
         if self.judge is not None and isinstance(result, Record):
             if result.responses:
                 return await self._judge_samples(result)
             return await self._judge(result, inst)
         return result
+
+    async def _guard_instruction(self, inst: Instruction) -> GuardVerdict | Rejection:
+        """The guard's verdict on an instruction; with ``--drop-unsafe`` an
+        unsafe one is rejected before its response costs anything."""
+        assert self.guard is not None
+        try:
+            verdict = await self.guard.instruction(inst.text)
+        except GuardInvalid as exc:
+            self._count_saved()
+            return Rejection(
+                index=inst.index,
+                reason="guard_invalid",
+                stage="guard",
+                text=inst.text,
+                detail=f"{exc} (reply: {exc.reply[:200]!r})",
+            )
+        if verdict.verdict == "unsafe" and self.settings.thresholds.drop_unsafe:
+            self._count_saved()
+            return Rejection(
+                index=inst.index,
+                reason="guard_unsafe",
+                stage="guard",
+                text=inst.text,
+                detail="instruction: " + ",".join(verdict.categories),
+            )
+        return verdict
+
+    async def _guard_response(self, record: Record, verdict: GuardVerdict) -> Record | Rejection:
+        """The guard's verdict on the (last) answer, into ``record.guard``."""
+        assert self.guard is not None
+        tags = GuardTags(model=self.guard.model, instruction=verdict)
+        try:
+            tags.response = await self.guard.response(record.instruction, record.response)
+        except GuardInvalid as exc:
+            record.guard = tags
+            return Rejection(
+                index=record.index,
+                reason="guard_invalid",
+                stage="guard",
+                text=record.instruction,
+                detail=f"{exc} (reply: {exc.reply[:200]!r})",
+                record=record,
+            )
+        record.guard = tags
+        if tags.response.verdict == "unsafe" and self.settings.thresholds.drop_unsafe:
+            return Rejection(
+                index=record.index,
+                reason="guard_unsafe",
+                stage="guard",
+                text=record.instruction,
+                detail="response: " + ",".join(tags.response.categories),
+                record=record,
+            )
+        return record
 
     def _keep_rate(self, kept: int) -> float:
         """Share of attempts that became records so far, at least 0.1: 1 until
