@@ -33,7 +33,7 @@ from magpie.pipeline.counters import RunStats
 from magpie.pipeline.repetition import RepetitionGuard, looped
 from magpie.pipeline.stages.clean import clean_instruction, cut_in_a_loop, template_reason
 from magpie.pipeline.stages.dedup.index import DedupIndex, Duplicate
-from magpie.pipeline.stages.guard import Guard, GuardInvalid
+from magpie.pipeline.stages.guard import Guard
 from magpie.pipeline.stages.judge import InstructionVerdict, Judge, JudgeInvalid, Thresholds
 from magpie.pipeline.stages.reasoning import (
     ReasoningMode,
@@ -43,7 +43,6 @@ from magpie.pipeline.stages.reasoning import (
     think_request,
 )
 from magpie.records import (
-    GuardTags,
     GuardVerdict,
     Message,
     Record,
@@ -717,15 +716,20 @@ class Pipeline:
             return inst
         verdict: GuardVerdict | None = None
         if self.guard is not None:
-            early = await self._guard_instruction(inst)
+            early = await self.guard.check_instruction(
+                inst.index, inst.text, self.settings.thresholds.drop_unsafe
+            )
             if isinstance(early, Rejection):
+                self._count_saved()
                 return early
             verdict = early
         result = await self.response(inst, pre_query, system_name)
         if isinstance(result, Record) and self.settings.turns > 1:
             result = await self._more_turns(result, pre_query)
-        if verdict is not None and isinstance(result, Record):
-            result = await self._guard_response(result, verdict)
+        if self.guard is not None and verdict is not None and isinstance(result, Record):
+            result = await self.guard.check_record(
+                result, verdict, self.settings.thresholds.drop_unsafe
+            )
             if isinstance(result, Rejection):
                 return result
         if self.judge is not None and isinstance(result, Record):
@@ -733,60 +737,6 @@ class Pipeline:
                 return await self._judge_samples(result)
             return await self._judge(result, inst)
         return result
-
-    async def _guard_instruction(self, inst: Instruction) -> GuardVerdict | Rejection:
-        """The guard's verdict on an instruction; with ``--drop-unsafe`` an
-        unsafe one is rejected before its response costs anything."""
-        assert self.guard is not None
-        try:
-            verdict = await self.guard.instruction(inst.text)
-        except GuardInvalid as exc:
-            self._count_saved()
-            return Rejection(
-                index=inst.index,
-                reason="guard_invalid",
-                stage="guard",
-                text=inst.text,
-                detail=f"{exc} (reply: {exc.reply[:200]!r})",
-            )
-        if verdict.verdict == "unsafe" and self.settings.thresholds.drop_unsafe:
-            self._count_saved()
-            return Rejection(
-                index=inst.index,
-                reason="guard_unsafe",
-                stage="guard",
-                text=inst.text,
-                detail="instruction: " + ",".join(verdict.categories),
-            )
-        return verdict
-
-    async def _guard_response(self, record: Record, verdict: GuardVerdict) -> Record | Rejection:
-        """The guard's verdict on the (last) answer, into ``record.guard``."""
-        assert self.guard is not None
-        tags = GuardTags(model=self.guard.model, instruction=verdict)
-        try:
-            tags.response = await self.guard.response(record.instruction, record.response)
-        except GuardInvalid as exc:
-            record.guard = tags
-            return Rejection(
-                index=record.index,
-                reason="guard_invalid",
-                stage="guard",
-                text=record.instruction,
-                detail=f"{exc} (reply: {exc.reply[:200]!r})",
-                record=record,
-            )
-        record.guard = tags
-        if tags.response.verdict == "unsafe" and self.settings.thresholds.drop_unsafe:
-            return Rejection(
-                index=record.index,
-                reason="guard_unsafe",
-                stage="guard",
-                text=record.instruction,
-                detail="response: " + ",".join(tags.response.categories),
-                record=record,
-            )
-        return record
 
     def _keep_rate(self, kept: int) -> float:
         """Share of attempts that became records so far, at least 0.1: 1 until

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from magpie.backends.base import Backend, Completion, Sampling
 from magpie.backends.retry import RetryPolicy, call_with_retry
 from magpie.errors import MagpieError
-from magpie.records import GuardVerdict
+from magpie.records import GuardTags, GuardVerdict, Record, Rejection
 
 #: The MLCommons hazard taxonomy as Llama Guard 3 numbers it.
 HAZARDS: dict[str, str] = {
@@ -105,3 +105,57 @@ class Guard:
         return await self._classify(
             [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}]
         )
+
+    async def check_instruction(
+        self, index: int, text: str, drop_unsafe: bool
+    ) -> GuardVerdict | Rejection:
+        """The verdict on an instruction, or its rejection: ``guard_invalid``, or
+        with ``drop_unsafe`` ``guard_unsafe`` (before its response costs anything)."""
+        try:
+            verdict = await self.instruction(text)
+        except GuardInvalid as exc:
+            return Rejection(
+                index=index,
+                reason="guard_invalid",
+                stage="guard",
+                text=text,
+                detail=f"{exc} (reply: {exc.reply[:200]!r})",
+            )
+        if verdict.verdict == "unsafe" and drop_unsafe:
+            return Rejection(
+                index=index,
+                reason="guard_unsafe",
+                stage="guard",
+                text=text,
+                detail="instruction: " + ",".join(verdict.categories),
+            )
+        return verdict
+
+    async def check_record(
+        self, record: Record, verdict: GuardVerdict, drop_unsafe: bool
+    ) -> Record | Rejection:
+        """The verdict on the record's answer (turn 1: ``response``), with the instruction's, in
+        ``record.guard``; or the record's rejection, as for the instruction."""
+        tags = GuardTags(model=self.model, instruction=verdict)
+        record.guard = tags
+        try:
+            tags.response = await self.response(record.instruction, record.response)
+        except GuardInvalid as exc:
+            return Rejection(
+                index=record.index,
+                reason="guard_invalid",
+                stage="guard",
+                text=record.instruction,
+                detail=f"{exc} (reply: {exc.reply[:200]!r})",
+                record=record,
+            )
+        if tags.response.verdict == "unsafe" and drop_unsafe:
+            return Rejection(
+                index=record.index,
+                reason="guard_unsafe",
+                stage="guard",
+                text=record.instruction,
+                detail="response: " + ",".join(tags.response.categories),
+                record=record,
+            )
+        return record
