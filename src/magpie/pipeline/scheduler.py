@@ -234,7 +234,6 @@ class Pipeline:
         self.backend = backend
         #: ``--guard``: the safety classifier of every instruction and response.
         self.guard = guard
-
         self.pre_query = pre_query
         self.seed = seed
         self.settings = settings or PipelineSettings()
