@@ -1086,6 +1086,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 NO_THINKING = '"{model}" does not support thinking'
+_OPENS_THINKING = re.compile(r"\$\.Think\s*-?\}\}\s*<think>")
 
 
 class ThinkingParser:
@@ -1171,7 +1172,12 @@ def thinking_parser(
     if "<think>" not in template or "</think>" not in template:
         return None  # Ollama infers the tags from the template; none, no parser
     parser = ThinkingParser()
-    if prompt.strip().endswith(parser.opening):
+    # Raw: the prompt itself.  Chat (the double renders no template): a template
+    # that writes <think> right after an ``{{ if ... $.Think }}`` opens the block
+    # in its generation prompt when thinking (thinking-only models' templates).
+    if (prompt.strip() if prompt else "").endswith(parser.opening) or (
+        not prompt and _OPENS_THINKING.search(template)
+    ):
         parser.add(parser.opening)
     return parser
 
