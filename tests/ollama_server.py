@@ -1001,6 +1001,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not prompt and not body.get("images"):
             self._send_json(200, self._loaded(name, model, body, {"response": ""}))
             return
+        thinking = thinking_parser(name, model, body, prompt if raw else "")
+        if isinstance(thinking, str):
+            self._error(400, thinking)
+            return
         options = model.options(body.get("options"))
         fmt = body.get("format") or None
         if raw:
@@ -1010,7 +1014,9 @@ class _Handler(BaseHTTPRequestHandler):
             messages = [{"role": "system", "content": system}] if system else []
             messages.append({"role": "user", "content": prompt})
             start = functools.partial(model.engine.chat, messages, options, fmt)
-        self._serve_generation(name, model, body, start, fault, chat=False, raw=raw)
+        self._serve_generation(
+            name, model, body, start, fault, chat=False, raw=raw, thinking=thinking
+        )
 
     def _chat(self, name: str, model: TestModel, body: dict[str, Any], fault: Fault | None) -> None:
         messages = body.get("messages") or []
@@ -1023,10 +1029,16 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if model.system and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": model.system}, *messages]
+        thinking = thinking_parser(name, model, body)
+        if isinstance(thinking, str):
+            self._error(400, thinking)
+            return
         options = model.options(body.get("options"))
         fmt = body.get("format") or None
         start = functools.partial(model.engine.chat, messages, options, fmt)
-        self._serve_generation(name, model, body, start, fault, chat=True, raw=False)
+        self._serve_generation(
+            name, model, body, start, fault, chat=True, raw=False, thinking=thinking
+        )
 
     def _loaded(
         self, name: str, model: TestModel, body: dict[str, Any], content: dict[str, Any]
@@ -1047,6 +1059,7 @@ class _Handler(BaseHTTPRequestHandler):
         *,
         chat: bool,
         raw: bool,
+        thinking: ThinkingParser | None = None,
     ) -> None:
         stream = body.get("stream") is not False
         if isinstance(fault, MidStreamError) and not stream:
@@ -1061,6 +1074,7 @@ class _Handler(BaseHTTPRequestHandler):
             gen = Generation() if isinstance(fault, EmptyResponse) else start()
             try:
                 reply = _Reply(self, name, gen, chat=chat, raw=raw, began=began)
+                reply.thinking = thinking
                 if stream:
                     reply.stream(fail=fault.message if isinstance(fault, MidStreamError) else None)
                 else:
@@ -1069,6 +1083,103 @@ class _Handler(BaseHTTPRequestHandler):
                 gen.close()
         finally:
             self.owner._release_slot()
+
+
+NO_THINKING = '"{model}" does not support thinking'
+_OPENS_THINKING = re.compile(r"\$\.Think\s*-?\}\}\s*<think>")
+
+
+class ThinkingParser:
+    """Ollama's generic thinking parser (``thinking/parser.go``), ported: text
+    before ``</think>`` that opened with ``<think>`` (leading whitespace allowed)
+    is thinking, the rest content; leading whitespace of each part is eaten.  It
+    runs when ``think`` is on (the default for a model with the "thinking"
+    capability) on /api/chat and on /api/generate, raw requests included; a
+    prompt that ends with the opening tag starts it inside the thinking."""
+
+    def __init__(self, opening: str = "<think>", closing: str = "</think>") -> None:
+        self.opening, self.closing = opening, closing
+        self.state = "looking"
+        self.acc = ""
+
+    def add(self, piece: str) -> tuple[str, str]:
+        """(thinking, content) of one more piece of model output."""
+        self.acc += piece
+        thinking = content = ""
+        while True:
+            t, c, again = self._eat()
+            thinking, content = thinking + t, content + c
+            if not again:
+                return thinking, content
+
+    def _eat(self) -> tuple[str, str, bool]:
+        acc = self.acc
+        if self.state == "looking":
+            trimmed = acc.lstrip()
+            if trimmed.startswith(self.opening):
+                after = trimmed[len(self.opening) :].lstrip()
+                self.acc = after
+                self.state = "thinking" if after else "eating_start"
+                return "", "", True
+            if self.opening.startswith(trimmed):  # a partial tag, or whitespace only
+                return "", "", False
+            self.state, self.acc = "done", ""
+            return "", acc, False
+        if self.state == "eating_start":
+            trimmed, self.acc = acc.lstrip(), ""
+            if not trimmed:
+                return "", "", False
+            self.state, self.acc = "thinking", trimmed
+            return "", "", True
+        if self.state == "thinking":
+            if self.closing in acc:
+                thinking, _, rest = acc.partition(self.closing)
+                rest = rest.lstrip()
+                self.acc = ""
+                self.state = "done" if rest else "eating_end"
+                return thinking, rest, False
+            keep = next(
+                (
+                    k
+                    for k in range(min(len(acc), len(self.closing) - 1), 0, -1)
+                    if self.closing.startswith(acc[-k:])
+                ),
+                0,
+            )
+            self.acc = acc[len(acc) - keep :] if keep else ""
+            return acc[: len(acc) - keep], "", False
+        if self.state == "eating_end":
+            trimmed, self.acc = acc.lstrip(), ""
+            if trimmed:
+                self.state = "done"
+            return "", trimmed, False
+        self.acc = ""
+        return "", acc, False
+
+
+def thinking_parser(
+    name: str, model: TestModel, body: dict[str, Any], prompt: str = ""
+) -> ThinkingParser | None | str:
+    """The parser of a generation request (None: no thinking parsed), or the
+    error text of a request that asks a model without the capability to think."""
+    think = body.get("think")
+    capable = "thinking" in (model.show.get("capabilities") or [])
+    if not capable:
+        return NO_THINKING.format(model=name) if think not in (None, False, "") else None
+    if think is False:
+        return None
+    template = model.show.get("template") or ""
+    if "<think>" not in template or "</think>" not in template:
+        return None  # Ollama infers the tags from the template; none, no parser
+    parser = ThinkingParser()
+    # Raw: the prompt itself.  Chat (the double renders no template): a template
+    # that writes <think> right after an ``{{ if ... $.Think }}`` opens the block
+    # in its generation prompt when thinking (thinking-only models' templates).
+    if (prompt.strip() if prompt else "").endswith(parser.opening) or (
+        not prompt and _OPENS_THINKING.search(template)
+    ):
+        parser.add(parser.opening)
+    return parser
 
 
 class _Reply:
@@ -1085,20 +1196,32 @@ class _Reply:
         self.began = began
         self.first_at = began
         self.text: list[str] = []
+        #: Ollama's thinking parser, when the request thinks (None: it does not).
+        self.thinking: ThinkingParser | None = None
 
-    def _piece(self, text: str) -> dict[str, Any]:
-        content = {"message": {"role": "assistant", "content": text}} if self.chat else None
-        return {
-            "model": self.name,
-            "created_at": _now(),
-            **(content or {"response": text}),
-            "done": False,
-        }
+    def _piece(self, text: str, thought: str = "") -> dict[str, Any]:
+        if self.chat:
+            message = {"role": "assistant", "content": text}
+            if thought:  # omitempty, as Ollama sends it
+                message["thinking"] = thought
+            content: dict[str, Any] = {"message": message}
+        else:
+            content = {"response": text}
+            if thought:
+                content["thinking"] = thought
+        return {"model": self.name, "created_at": _now(), **content, "done": False}
 
-    def _final(self, text: str) -> dict[str, Any]:
+    def _lines(self, piece: str) -> dict[str, Any] | None:
+        """The chunk one engine piece makes (None: the parser holds it back)."""
+        if self.thinking is None:
+            return self._piece(piece)
+        thought, text = self.thinking.add(piece)
+        return self._piece(text, thought) if thought or text else None
+
+    def _final(self, text: str, thought: str = "") -> dict[str, Any]:
         gen, end = self.gen, time.perf_counter()
         load_ns = int(gen.load_seconds * 1e9)
-        final = {**self._piece(text), "done": True, "done_reason": gen.done_reason}
+        final = {**self._piece(text, thought), "done": True, "done_reason": gen.done_reason}
         if not self.chat and not self.raw:
             # Placeholder token ids: Ollama returns context for templated generate only.
             count = gen.prompt_eval_count + gen.eval_count
@@ -1124,6 +1247,9 @@ class _Reply:
         try:
             first = self._first(pieces)
             text = "".join([first or "", *pieces])
+            thought = ""
+            if self.thinking is not None:
+                thought, text = self.thinking.add(text)
         except RepeatCut:
             # Ollama answers what it has, marked not done, with no reason.
             self.handler._send_json(200, {**self._piece(""), "done": False})
@@ -1131,7 +1257,7 @@ class _Reply:
         except Exception as exc:
             self.handler._error(500, str(exc))
             return
-        self.handler._send_json(200, self._final(text))
+        self.handler._send_json(200, self._final(text, thought))
 
     def stream(self, fail: str | None = None) -> None:
         """NDJSON: partial chunks, then the final object (or an error line)."""
@@ -1146,13 +1272,14 @@ class _Reply:
             return
         h._start_stream()
         try:
-            if first:
-                h._stream_line(self._piece(first))
+            if first and (line := self._lines(first)) is not None:
+                h._stream_line(line)
             if fail is not None:
                 h._stream_line({"error": fail})
             else:
                 for chunk in pieces:
-                    h._stream_line(self._piece(chunk))
+                    if (line := self._lines(chunk)) is not None:
+                        h._stream_line(line)
                 h._stream_line(self._final(""))
         except RepeatCut:
             pass  # a clean end of the body without a done line, as Ollama does

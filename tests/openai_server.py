@@ -83,6 +83,7 @@ from ollama_server import (
     MidStreamError,
     OllamaTestServer,
     ScriptedEngine,
+    ThinkingParser,
     _ClientGone,
     _Handler,
     _HTTPServer,
@@ -253,10 +254,14 @@ class OpenAITestServer(OllamaTestServer):
         max_n: int | None = None,
         embeddings: bool = True,
         apply_template: bool | None = None,
+        reasoning_format: str | None = None,
     ) -> None:
         """``embeddings``: serve /v1/embeddings (llama-server needs
         ``--embeddings`` for it and answers 501 without); ``apply_template``:
-        llama.cpp's ``POST /apply-template`` (default: on for "llamacpp")."""
+        llama.cpp's ``POST /apply-template`` (default: on for "llamacpp");
+        ``reasoning_format`` "deepseek": a streamed chat answer's leading
+        ``<think>...</think>`` goes out as ``delta.reasoning_content`` (llama-server
+        ``--reasoning-format deepseek``, vLLM ``--reasoning-parser``)."""
         super().__init__([], host, port, slots=slots, max_queue=max_queue)
         self.embeddings = embeddings
         self.apply_template = flavor == "llamacpp" if apply_template is None else apply_template
@@ -270,6 +275,7 @@ class OpenAITestServer(OllamaTestServer):
         self.api_key = api_key
         self.usage = usage
         self.ignore_stream = ignore_stream
+        self.reasoning_format = reasoning_format
 
     def __enter__(self) -> OpenAITestServer:
         return self.start()
@@ -714,9 +720,25 @@ class _Reply:
         h = self.handler
         gen = start(0)
         self.gens.append(gen)
+        parser = (
+            ThinkingParser()
+            if self.chat and getattr(h.owner, "reasoning_format", None) == "deepseek"
+            else None
+        )
         try:
             for count, piece in enumerate(gen, 1):
-                h._data(self._chunk([self._choice(0, piece, None)]))
+                if parser is not None:
+                    thought, text = parser.add(piece)
+                    delta: dict[str, Any] = {}
+                    if thought:
+                        delta["reasoning_content"] = thought
+                    if text:
+                        delta["content"] = text
+                    if delta:
+                        choice = {"index": 0, "delta": delta, "logprobs": None}
+                        h._data(self._chunk([{**choice, "finish_reason": None}]))
+                else:
+                    h._data(self._chunk([self._choice(0, piece, None)]))
                 if count == 1 and isinstance(fault, MidStreamError):
                     self._fail(fault.message)
                     return False

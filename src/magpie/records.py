@@ -57,6 +57,27 @@ class JudgeTags(BaseModel):
     judge_model: str
 
 
+class GuardVerdict(BaseModel):
+    """A safety classifier's verdict on one text (``--guard``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    verdict: Literal["safe", "unsafe"]
+    #: Hazard categories of an unsafe verdict (Llama Guard's S1..S14).
+    categories: list[str] = Field(default_factory=list)
+
+
+class GuardTags(BaseModel):
+    """The record's ``guard`` field: the guard model's verdicts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    instruction: GuardVerdict
+    #: None when the pair was rejected on the instruction's verdict.
+    response: GuardVerdict | None = None
+
+
 #: 2: ``chosen``/``rejected`` are conversations (TRL's implicit-prompt preference
 #: format) with ``score_chosen``/``score_rejected`` beside them, and absent without
 #: a pair.  1 held ``{"content", "score"}`` objects there (always, null without a
@@ -76,6 +97,18 @@ class Message(BaseModel):
 
     role: Literal["system", "user", "assistant"]
     content: str
+    #: An assistant turn's reasoning (``--reasoning keep``), the field TRL and
+    #: the Qwen3 / DeepSeek-R1 chat templates read; absent when there is none.
+    reasoning_content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_reasoning(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        """Leave ``reasoning_content`` out unless set: messages without reasoning
+        are written exactly as before the field existed."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("reasoning_content") is None:
+            data.pop("reasoning_content", None)
+        return data
 
 
 class StageInfo(BaseModel):
@@ -183,6 +216,12 @@ class Record(BaseModel):
     #: ``--responses K``: every sampled answer, and with a judge the best and
     #: worst one with their scores (``magpie export --format dpo``).
     responses: list[str] | None = None
+    #: The first answer's reasoning (thinking), with ``--reasoning keep`` and a
+    #: model that reasons; never part of ``response``.
+    reasoning: str | None = None
+    #: ``--guard MODEL``: the safety classifier's verdicts on the instruction and
+    #: on the response; absent when no guard ran.
+    guard: GuardTags | None = None
     #: With a judge: the conversation ending in the best (``chosen``) and in the
     #: worst (``rejected``) answer, TRL's implicit-prompt preference format (its
     #: ``DPOTrainer`` reads them as they are), and their scores.  Absent without a
@@ -228,7 +267,7 @@ class Rejection(BaseModel):
     index: int
     reason: str
     #: "request": a request failed after all its retries (reason failed_<cause>).
-    stage: Literal["instruction", "response", "judge", "request"] = "instruction"
+    stage: Literal["instruction", "response", "judge", "guard", "request"] = "instruction"
     text: str = ""
     detail: str = ""
     #: The record it would have been (rejected after the response), if any.

@@ -32,6 +32,7 @@ from magpie.pipeline.scheduler import default_instruction_sampling, default_resp
 from magpie.pipeline.stages.dedup.index import DEFAULT_SEMANTIC_THRESHOLD
 from magpie.pipeline.stages.filters import FilterSettings
 from magpie.pipeline.stages.judge import Category, Difficulty, Quality, Thresholds
+from magpie.pipeline.stages.reasoning import ReasoningMode
 from magpie.pipeline.steering import (
     DEFAULT_TEMPLATES,
     Steering,
@@ -104,6 +105,9 @@ class RunConfig(BaseModel):
     grace_period: float = Field(10.0, ge=0)
     allow_mixed: bool = False
     keep_truncated: bool = False
+    #: Reasoning models' thinking: keep it in the record, drop it, or ask the
+    #: model not to think (``--reasoning``; see magpie.pipeline.stages.reasoning).
+    reasoning: ReasoningMode = "keep"
     extra_stop: list[str] = Field(default_factory=list)
     n_ctx: int = Field(4096, ge=256)
     threads: int | None = Field(None, ge=1)
@@ -115,6 +119,10 @@ class RunConfig(BaseModel):
     judge_backend: BackendName = "auto"
     judge_host: str | None = None
     judge_prompt: str | None = None
+    #: ``--guard MODEL``: a Llama Guard style safety classifier of every
+    #: instruction and response (on the generator's backend and host); its
+    #: verdicts go into the record, and ``drop_unsafe`` rejects unsafe pairs.
+    guard: str | None = Field(None, min_length=1)
     prejudge: bool = False
     min_quality: Quality | None = None
     min_difficulty: Difficulty | None = None
@@ -275,6 +283,11 @@ class RunConfig(BaseModel):
                 "host": self.judge_host or self.host,
             }
         )
+
+    @property
+    def guard_spec(self) -> BackendSpec:
+        """The guard's backend: ``--guard MODEL`` on the generator's backend and host."""
+        return self.generator_spec.model_copy(update={"model": self.guard})
 
     def semantic_target(self, generator: str | None = None) -> tuple[str, str | None]:
         """The backend (``ollama`` or ``openai``) and host of the embedding model.

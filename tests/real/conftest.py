@@ -87,3 +87,44 @@ def llama_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealLlamaSer
         yield srv
     finally:
         srv.stop()
+
+
+#: Models with thinking templates over the SmolLM2 weights (both ChatML, so the
+#: weights read them): ``qwen3-on-smollm2`` has the qwen3:8b library template
+#: (tests/fixtures/ollama/qwen3.json); ``thinking-on-smollm2`` the same with the
+#: generation prompt ending in ``<think>`` when thinking is on, as thinking-only
+#: models' templates do (Qwen3-Thinking-2507), so that Ollama's parser starts
+#: inside the thinking and returns what the model writes as ``thinking``.
+THINKING_MODELS = ("qwen3-on-smollm2", "thinking-on-smollm2")
+THINK_PREFILL = (
+    '{{- if and (ne .Role "assistant") $last }}<|im_start|>assistant\n',
+    '{{- if and (ne .Role "assistant") $last }}<|im_start|>assistant\n'
+    "{{ if and $.IsThinkSet $.Think -}}\n<think>\n{{ end -}}\n",
+)
+
+
+def qwen3_template() -> str:
+    import json
+
+    fixture = Path(__file__).resolve().parent.parent / "fixtures" / "ollama" / "qwen3.json"
+    return json.loads(fixture.read_text())["show"]["template"]
+
+
+@pytest.fixture()
+def thinking_models(ollama: RealOllama) -> RealOllama:
+    """The session's real Ollama with :data:`THINKING_MODELS` created (once)."""
+    if not getattr(ollama, "thinking_made", False):
+        from real_servers import THREADS
+
+        template = qwen3_template()
+        assert THINK_PREFILL[0] in template
+        prefilled = template.replace(*THINK_PREFILL)
+        stops = 'PARAMETER stop "<|im_start|>"\nPARAMETER stop "<|im_end|>"\n'
+        for name, text in zip(THINKING_MODELS, (template, prefilled), strict=True):
+            ollama.create(
+                name,
+                f'FROM {smollm2_gguf()}\nTEMPLATE """{text}"""\n{stops}'
+                f"PARAMETER num_thread {THREADS}\n",
+            )
+        ollama.thinking_made = True  # type: ignore[attr-defined]
+    return ollama

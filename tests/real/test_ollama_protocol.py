@@ -242,3 +242,78 @@ def test_show_and_tags_shapes_match(ollama: RealOllama, double):  # type: ignore
     real_tags, our_tags = _get(ollama.url + "/api/tags"), _get(srv.url + "/api/tags")
     assert sorted(real_tags["models"][0]) == sorted(our_tags["models"][0])
     assert set(_get(ollama.url + "/api/version")) == set(_get(srv.url + "/api/version"))
+
+
+# ----------------------------------------------------------------- thinking
+
+
+def _texts(lines: list[Any]) -> dict[str, bool]:
+    """Which of text and thinking a reply carried (generate or chat)."""
+    parts = [c.get("message") or c for c in lines]
+    text = "".join(p.get("content") or p.get("response") or "" for p in parts)
+    thought = "".join(p.get("thinking") or "" for p in parts)
+    return {"text": bool(text.strip()), "thinking": bool(thought.strip())}
+
+
+def _thinking_probes() -> Iterator[tuple[str, str, dict[str, Any]]]:
+    opts = {"temperature": 0.0, "top_k": 0, "num_predict": 12, "seed": 3}
+    hi = [{"role": "user", "content": "Hi"}]
+    opened = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    model = "thinking-on-smollm2"
+    yield (
+        "think on a model without it",
+        "/api/chat",
+        {"model": "smollm2", "messages": hi, "think": True},
+    )
+    yield (
+        "think false on a model without it",
+        "/api/chat",
+        {"model": "smollm2", "messages": hi, "think": False, "options": opts},
+    )
+    # Raw generate is parsed too (think defaults to true): a prompt that ends in
+    # the opening tag starts inside the thinking.  magpie's raw requests send
+    # think false, which gives the text back as written.
+    for think in (None, False):
+        body = {"model": model, "prompt": opened, "raw": True, "options": opts}
+        if think is not None:
+            body["think"] = think
+        yield f"raw generate, think {think}", "/api/generate", body
+    yield (
+        "chat, thinking by default",
+        "/api/chat",
+        {"model": model, "messages": hi, "options": opts},
+    )
+    yield (
+        "chat, think false",
+        "/api/chat",
+        {"model": model, "messages": hi, "think": False, "options": opts},
+    )
+
+
+def test_thinking_matches_the_real_server(thinking_models: RealOllama) -> None:
+    """Ollama's thinking on the wire (``think``, ``thinking``, the 400 for a
+    model without the capability), and the double (its parser ported from
+    thinking/parser.go) serving the real server's /api/show of the same model."""
+    from ollama_server import OllamaTestServer, ScriptedEngine, TestModel, smollm2_model
+
+    url = thinking_models.url
+    show = _post(url + "/api/show", {"model": "thinking-on-smollm2"})[2][0]
+    assert "thinking" in show["capabilities"]
+    engine = ScriptedEngine(text_fn=lambda source, options: "Paris is the capital of France.")
+    models = [TestModel("thinking-on-smollm2", show, {}, engine), smollm2_model(engine)]
+    diffs = []
+    with OllamaTestServer(models) as srv:
+        for name, path, body in _thinking_probes():
+            real_status, _, real_lines = _post(url + path, {"stream": True, **body})
+            dbody = {"stream": True, **body}
+            if dbody["model"] == "smollm2":
+                dbody["model"] = models[1].name
+            our_status, _, our_lines = _post(srv.url + path, dbody)
+            if real_status >= 400:
+                real: Any = (real_status, real_lines[0]["error"])
+                ours: Any = (our_status, our_lines[0]["error"].replace(models[1].name, "smollm2"))
+            else:
+                real, ours = (real_status, _texts(real_lines)), (our_status, _texts(our_lines))
+            if real != ours:
+                diffs.append(f"{name}: real {real} != double {ours}")
+    assert not diffs, "\n".join(diffs)

@@ -22,6 +22,15 @@ same way a backend whose server has an embedding endpoint (Ollama
 (:mod:`magpie.pipeline.stages.dedup.embeddings`) uses it, with an embedding model as the backend's
 model.
 
+Reasoning models: ``chat(think=...)`` asks the server to think (True), not to
+think (False), or leaves it to the server's default (None: Ollama thinks when the
+model can).  What the server returns apart from the answer (Ollama's
+``thinking``, an OpenAI-compatible server's ``reasoning_content``) comes back in
+:attr:`Completion.thinking`; reasoning written inline (``<think>...</think>``) is
+left in the text for :mod:`magpie.pipeline.stages.reasoning` to split.  Raw
+completions (``complete``) never ask the server to parse thinking: the text comes
+back exactly as the model wrote it.
+
 Backends raise :class:`magpie.errors.BackendUnavailable` (server down),
 :class:`magpie.errors.ModelNotFound` (model missing) and
 :class:`magpie.errors.BackendError` (a failed request, ``retryable`` when a retry
@@ -68,6 +77,10 @@ class Completion(BaseModel):
     completion_tokens: int | None = None
     #: The host that answered (set by a multi-host pool).
     host: str | None = None
+    #: The model's reasoning when the server returned it apart from ``text``
+    #: (Ollama ``thinking``, OpenAI-compatible ``reasoning_content``); None when
+    #: it returned none.
+    thinking: str | None = None
 
 
 class ModelInfo(BaseModel):
@@ -138,11 +151,13 @@ class Backend(abc.ABC):
         seed: int | None = None,
         abort: AbortCheck | None = None,
         json_schema: dict[str, Any] | None = None,
+        think: bool | None = None,
     ) -> Completion:
         """Answer chat messages with the model's own chat template.
 
         With ``json_schema`` the answer is constrained to JSON matching it
-        (structured output: the judge uses it)."""
+        (structured output: the judge uses it).  ``think``: ask a reasoning
+        model to think (True) or not (False); None leaves it to the server."""
 
     def supports_complete_n(self) -> bool:
         """Whether :meth:`complete_n` samples ``n`` completions in one request."""

@@ -278,6 +278,7 @@ class OllamaBackend(Backend):
         payload: dict[str, Any],
         piece: Callable[[dict[str, Any]], str],
         abort: AbortCheck | None,
+        thought: Callable[[dict[str, Any]], str] | None = None,
     ) -> Completion:
         """:meth:`_stream` over aiohttp instead of ``ollama.AsyncClient``: the
         same request body and headers, NDJSON parsed with ``json``, the same
@@ -286,7 +287,7 @@ class OllamaBackend(Backend):
         import ollama
 
         assert self._direct is not None
-        text = ""
+        text = thinking = ""
         chunks = 0
         last: dict[str, Any] | None = None
         data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -318,12 +319,21 @@ class OllamaBackend(Backend):
                             if err := part.get("error"):
                                 raise ollama.ResponseError(err)
                             text += piece(part)
+                            if thought is not None:
+                                thinking += thought(part)
                             chunks += 1
                             last = part
-                            if abort is not None and not part.get("done") and abort(text):
+                            if (
+                                abort is not None
+                                and not part.get("done")
+                                and abort(thinking + text)
+                            ):
                                 # One chunk per token: the count stands in for eval_count.
                                 return Completion(
-                                    text=text, finish_reason="abort", completion_tokens=chunks
+                                    text=text,
+                                    finish_reason="abort",
+                                    completion_tokens=chunks,
+                                    thinking=thinking or None,
                                 )
                 complete = True
                 if rest and not rest.isspace():  # a last line without its newline
@@ -331,6 +341,8 @@ class OllamaBackend(Backend):
                     if err := part.get("error"):
                         raise ollama.ResponseError(err)
                     text += piece(part)
+                    if thought is not None:
+                        thinking += thought(part)
                     chunks += 1
                     last = part
             finally:
@@ -346,22 +358,30 @@ class OllamaBackend(Backend):
         if last is None or not last.get("done"):
             # The body ended cleanly (a torn one raises above) without a done
             # line: Ollama's repeat guard cut the generation.
-            return Completion(text=text, finish_reason="repeat", completion_tokens=chunks)
+            return Completion(
+                text=text,
+                finish_reason="repeat",
+                completion_tokens=chunks,
+                thinking=thinking or None,
+            )
         reason = last.get("done_reason") or "unknown"
         return Completion(
             text=text,
             finish_reason=reason if reason in ("stop", "length") else "unknown",
             prompt_tokens=last.get("prompt_eval_count"),
             completion_tokens=last.get("eval_count"),
+            thinking=thinking or None,
         )
 
-    async def _stream(self, call: Any, piece: Any, abort: AbortCheck | None) -> Completion:
+    async def _stream(
+        self, call: Any, piece: Any, abort: AbortCheck | None, thought: Any = None
+    ) -> Completion:
         """Run a streaming request and gather its chunks into one Completion.
 
         When ``abort`` says so, the stream is closed (Ollama then cancels the
         generation) and the text so far comes back with finish reason "abort".
         """
-        text = ""
+        text = thinking = ""
         chunks = 0
         last = None
         try:
@@ -369,12 +389,17 @@ class OllamaBackend(Backend):
             try:
                 async for chunk in stream:
                     text += piece(chunk)
+                    if thought is not None:
+                        thinking += thought(chunk)
                     chunks += 1
                     last = chunk
-                    if abort is not None and not chunk.done and abort(text):
+                    if abort is not None and not chunk.done and abort(thinking + text):
                         # One chunk per token: the count stands in for eval_count.
                         return Completion(
-                            text=text, finish_reason="abort", completion_tokens=chunks
+                            text=text,
+                            finish_reason="abort",
+                            completion_tokens=chunks,
+                            thinking=thinking or None,
                         )
             finally:
                 await stream.aclose()
@@ -385,13 +410,19 @@ class OllamaBackend(Backend):
             raise translated from exc
         if last is None or not last.done:
             # A clean end without a done line: Ollama's repeat guard cut it.
-            return Completion(text=text, finish_reason="repeat", completion_tokens=chunks)
+            return Completion(
+                text=text,
+                finish_reason="repeat",
+                completion_tokens=chunks,
+                thinking=thinking or None,
+            )
         reason = last.done_reason or "unknown"
         return Completion(
             text=text,
             finish_reason=reason if reason in ("stop", "length") else "unknown",
             prompt_tokens=last.prompt_eval_count,
             completion_tokens=last.eval_count,
+            thinking=thinking or None,
         )
 
     # -- the contract -------------------------------------------------------
@@ -412,6 +443,10 @@ class OllamaBackend(Backend):
                 "stream": True,
                 "raw": True,
                 "options": options,
+                # Otherwise Ollama parses a thinking model's raw output too (think
+                # defaults to true) and moves text it takes for thinking out of
+                # "response": an instruction must come back as written.
+                "think": False,
             }
             if self._keep_alive is not None:
                 payload["keep_alive"] = self._keep_alive
@@ -427,6 +462,7 @@ class OllamaBackend(Backend):
                     options=options,
                     stream=True,
                     keep_alive=self._keep_alive,
+                    think=False,
                 ),
                 lambda c: c.response or "",
                 abort,
@@ -445,6 +481,7 @@ class OllamaBackend(Backend):
         seed: int | None = None,
         abort: AbortCheck | None = None,
         json_schema: dict[str, Any] | None = None,
+        think: bool | None = None,
     ) -> Completion:
         options = _options(sampling, seed, None)
         if self._direct is not None:
@@ -456,6 +493,8 @@ class OllamaBackend(Backend):
             }
             if json_schema is not None:
                 payload["format"] = json_schema
+            if think is not None:
+                payload["think"] = think
             if self._keep_alive is not None:
                 payload["keep_alive"] = self._keep_alive
             payload["tools"] = []  # as ollama.AsyncClient.chat sends it
@@ -464,6 +503,7 @@ class OllamaBackend(Backend):
                 payload,
                 lambda c: (c.get("message") or {}).get("content") or "",
                 abort,
+                lambda c: (c.get("message") or {}).get("thinking") or "",
             )
         return await self._stream(
             lambda: self._client.chat(
@@ -473,9 +513,11 @@ class OllamaBackend(Backend):
                 format=json_schema,
                 stream=True,
                 keep_alive=self._keep_alive,
+                think=think,
             ),
             lambda c: (c.message.content or "") if c.message else "",
             abort,
+            lambda c: (c.message.thinking or "") if c.message else "",
         )
 
     def supports_embed(self) -> bool:

@@ -152,6 +152,9 @@ class _Choice:
     text: str = ""
     finish: Any = None
     chunks: int = 0
+    #: The reasoning the server parsed out of the answer (``reasoning_content``:
+    #: llama-server, DeepSeek, older vLLM; ``reasoning``: newer vLLM).
+    reasoning: str = ""
 
 
 @dataclass
@@ -170,7 +173,12 @@ class _Reply:
             choice = self.choices.setdefault(index, _Choice())
             piece = raw.get("text")
             if piece is None:  # chat: "delta" when streamed, "message" when not
-                piece = (raw.get("delta") or raw.get("message") or {}).get("content")
+                message = raw.get("delta") or raw.get("message") or {}
+                piece = message.get("content")
+                thought = message.get("reasoning_content") or message.get("reasoning")
+                if isinstance(thought, str) and thought:
+                    choice.reasoning += thought
+                    choice.chunks += 1
             if piece:
                 choice.text += piece
                 choice.chunks += 1
@@ -196,6 +204,7 @@ class _Reply:
             finish_reason="abort" if self.aborted else _finish(choice.finish),
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=choice.chunks if completion_tokens is None else completion_tokens,
+            thinking=choice.reasoning or None,
         )
 
 
@@ -473,6 +482,7 @@ class OpenAIBackend(Backend):
         seed: int | None = None,
         abort: AbortCheck | None = None,
         json_schema: dict[str, Any] | None = None,
+        think: bool | None = None,
     ) -> Completion:
         body: dict[str, Any] = {
             "messages": messages,
@@ -480,6 +490,10 @@ class OpenAIBackend(Backend):
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if think is not None:
+            # The chat template's own switch (Qwen3, DeepSeek-V3.1, ...): llama-server
+            # (--jinja), vLLM and SGLang pass it to the template; others ignore it.
+            body["chat_template_kwargs"] = {"enable_thinking": think}
         if json_schema is not None:
             body["response_format"] = {
                 "type": "json_schema",

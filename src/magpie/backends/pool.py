@@ -177,10 +177,16 @@ class HostPool(Backend):
         seed: int | None = None,
         abort: AbortCheck | None = None,
         json_schema: dict[str, Any] | None = None,
+        think: bool | None = None,
     ) -> Completion:
         async def op(b: Backend) -> Completion:
             c = await b.chat(
-                messages, sampling=sampling, seed=seed, abort=abort, json_schema=json_schema
+                messages,
+                sampling=sampling,
+                seed=seed,
+                abort=abort,
+                json_schema=json_schema,
+                think=think,
             )
             if json_schema is None:
                 self.pairs[b.host or b.model] += 1

@@ -102,6 +102,13 @@ def generate(
         help="Keep responses cut by --response-max-tokens.",
         show_default=False,
     ),
+    reasoning: str | None = typer.Option(
+        None,
+        "--reasoning",
+        help="A reasoning model's thinking: keep (in the record's reasoning field), "
+        "drop, or off (ask the model not to think) (default keep).",
+        show_default=False,
+    ),
     timeout: float | None = typer.Option(
         None, "--timeout", help="Seconds of silence before a request is retried (default 300)."
     ),
@@ -152,8 +159,17 @@ def generate(
         "--categories",
         help='Comma-separated task categories to keep, e.g. "Math,Coding & Debugging".',
     ),
+    guard: str | None = typer.Option(
+        None,
+        "--guard",
+        help="A Llama Guard style safety model (e.g. llama-guard3) that classifies each "
+        "instruction and response; verdicts go into the record.",
+    ),
     drop_unsafe: bool | None = typer.Option(
-        None, "--drop-unsafe", help="Reject pairs the judge calls unsafe.", show_default=False
+        None,
+        "--drop-unsafe",
+        help="Reject pairs the judge or the guard calls unsafe.",
+        show_default=False,
     ),
     rejects: str | None = typer.Option(
         None, "--rejects", help="Append rejected attempts to this JSONL."
@@ -243,6 +259,7 @@ def generate(
         "seed": seed,
         "concurrency": concurrency,
         "keep_truncated": keep_truncated,
+        "reasoning": reasoning,
         "timeout": timeout,
         "max_retries": max_retries,
         "unreachable_budget": unreachable_budget,
@@ -257,6 +274,7 @@ def generate(
         "min_difficulty": min_difficulty,
         "min_response_score": min_response_score,
         "categories": categories,
+        "guard": guard,
         "drop_unsafe": drop_unsafe,
         "rejects": rejects,
         "shard": shard,

@@ -48,6 +48,7 @@ from magpie.pipeline.scheduler import (
 )
 from magpie.pipeline.stages.balance import CategoryBalance
 from magpie.pipeline.stages.filters import build_filters
+from magpie.pipeline.stages.guard import Guard
 from magpie.pipeline.stages.judge import Judge
 from magpie.pipeline.steering import Steering, render_bases
 from magpie.records import Record, Rejection
@@ -242,6 +243,20 @@ async def _system_choices(
     ]
 
 
+async def _open_guard(config: RunConfig) -> Guard | None:
+    """The guard of a run (``--guard MODEL``), its model checked with ``describe()``."""
+    if not config.guard:
+        return None
+    choice = await choose_backend(config.guard_spec)
+    try:
+        policy = config.retry.model_copy(update={"unreachable_budget": 0.0})
+        await call_with_retry(choice.backend.describe, policy)
+    except BaseException:
+        await choice.backend.aclose()
+        raise
+    return Guard(choice.backend, retry=config.retry)
+
+
 async def _open_judge(
     config: RunConfig, backend: Backend, stats: RunStats
 ) -> tuple[Judge | None, Backend | None]:
@@ -373,6 +388,8 @@ def _settings(
         "response": settings.response.model_dump(),
         "extra_stop": settings.extra_stop,
         "keep_truncated": settings.keep_truncated,
+        "reasoning": settings.reasoning,
+        "guard": config.guard,
         "concurrency": settings.concurrency,
         "max_retries": config.max_retries,
         "timeout": config.timeout,
@@ -481,6 +498,7 @@ async def _agenerate(
         concurrency=concurrency_for(config, backend),
         retry=config.retry,
         keep_truncated=config.keep_truncated,
+        reasoning=config.reasoning,
         thresholds=config.thresholds,
         prejudge=config.prejudge,
         shard_index=config.shard_spec[0],
@@ -492,15 +510,19 @@ async def _agenerate(
         samples_per_request=config.samples_per_request,
     )
     judge, judge_backend = await _open_judge(config, backend, stats)
-    dedup, embedder = None, None
-    if config.dedup:
-        try:
+    guard: Guard | None = None
+    try:
+        guard = await _open_guard(config)
+        dedup, embedder = None, None
+        if config.dedup:
             dedup, embedder = await _open_dedup(config, path, fresh, backend.name, stats)
-        except BaseException:
-            await backend.aclose()
-            if judge_backend is not None and judge_backend is not backend:
-                await judge_backend.aclose()
-            raise
+    except BaseException:
+        await backend.aclose()
+        if judge_backend is not None and judge_backend is not backend:
+            await judge_backend.aclose()
+        if guard is not None:
+            await guard.backend.aclose()
+        raise
     pipeline = Pipeline(
         backend,
         pre_query,
@@ -519,6 +541,7 @@ async def _agenerate(
             if config.balance
             else None
         ),
+        guard=guard,
     )
     writer = JsonlWriter(path, overwrite=config.overwrite, existing=existing)
     rejects = RejectsWriter(Path(config.rejects)) if config.rejects else None
@@ -613,6 +636,8 @@ async def _agenerate(
         await backend.aclose()
         if judge_backend is not None and judge_backend is not backend:
             await judge_backend.aclose()
+        if guard is not None:
+            await guard.backend.aclose()
         result.next_index = pipeline.next_index
         warning = no_system_warning(pipeline, stats, bool(config.systems))
         if warning is not None:

@@ -34,9 +34,18 @@ from magpie.pipeline.repetition import RepetitionGuard, looped
 from magpie.pipeline.stages.balance import CategoryBalance
 from magpie.pipeline.stages.clean import clean_instruction, cut_in_a_loop, template_reason
 from magpie.pipeline.stages.dedup.index import DedupIndex, Duplicate
+from magpie.pipeline.stages.guard import Guard
 from magpie.pipeline.stages.judge import InstructionVerdict, Judge, JudgeInvalid, Thresholds
+from magpie.pipeline.stages.reasoning import (
+    ReasoningMode,
+    instruction_reason,
+    marker_in,
+    split_reasoning,
+    think_request,
+)
 from magpie.pipeline.steering import Draw, Steering
 from magpie.records import (
+    GuardVerdict,
     Message,
     Record,
     Rejection,
@@ -84,6 +93,9 @@ class PipelineSettings(BaseModel):
     #: Keep responses cut by the token limit (finish reason "length") instead of
     #: rejecting them as ``response_truncated``.
     keep_truncated: bool = False
+    #: ``--reasoning``: keep a reasoning model's thinking in the record, drop
+    #: it, or ask the model not to think (magpie.pipeline.stages.reasoning).
+    reasoning: ReasoningMode = "keep"
     #: Stop a generation caught in a loop (the same block repeated) at once and
     #: reject it as ``repetition`` instead of letting it run to max_tokens.
     stop_repetition: bool = True
@@ -226,8 +238,11 @@ class Pipeline:
         systems: list[SystemChoice] | None = None,
         steering: Steering | None = None,
         balance: CategoryBalance | None = None,
+        guard: Guard | None = None,
     ) -> None:
         self.backend = backend
+        #: ``--guard``: the safety classifier of every instruction and response.
+        self.guard = guard
         self.pre_query = pre_query
         self.seed = seed
         self.settings = settings or PipelineSettings()
@@ -254,6 +269,9 @@ class Pipeline:
         if judge is not None and judge.on_retry is None:
             judge.on_retry = self._on_retry
             judge.retry = self.settings.retry
+        if guard is not None and guard.on_retry is None:
+            guard.on_retry = self._on_retry
+            guard.retry = self.settings.retry
         self._stop = list(dict.fromkeys([*pre_query.stop, *self.settings.extra_stop]))
         #: The first attempt index not yet yielded by ``run()``.
         self.next_index = 0
@@ -407,6 +425,7 @@ class Pipeline:
             text, reason, completion, seed, sampling = await self._complete(
                 index, pre_query.text, "instruction", pre_query
             )
+        reason = reason or instruction_reason(completion, text)
         if reason is not None:  # not a usable instruction at all
             return Rejection(index=index, reason=reason, stage="instruction", text=text)
         for flt in self.filters:
@@ -490,21 +509,45 @@ class Pipeline:
     ) -> tuple[Completion, str | None]:
         """One chat answer and its reject reason (None when it is usable): an
         answer is rendered back into the template (turn 2, the judge), so it
-        gets the instruction's special-token and role-header rules."""
+        gets the instruction's special-token and role-header rules.
+
+        The answer's reasoning is split off (:func:`split_reasoning`): the
+        completion returned has the answer alone as ``text`` and the reasoning
+        as ``thinking`` (None with ``--reasoning drop|off``).  Reasoning is
+        written into the record (and into a chat template when the data is
+        trained on), so it gets the same token rules."""
+        think = think_request(self.settings.reasoning)
         completion = await self._call(
-            lambda: self.backend.chat(messages, sampling=sampling, seed=seed, abort=self._guard())
+            lambda: self.backend.chat(
+                messages, sampling=sampling, seed=seed, abort=self._guard(), think=think
+            )
         )
         self.stats.add_tokens(completion.prompt_tokens, completion.completion_tokens)
         self.stats.add_response(completion.completion_tokens)
-        if cut_in_a_loop(completion) or looped(completion.text):
+        if cut_in_a_loop(completion) or looped(completion.text + (completion.thinking or "")):
             return completion, "response_repetition"
-        if not completion.text.strip():
-            return completion, "empty_response"
+        answer, reasoning, unfinished = split_reasoning(completion)
+        keep = self.settings.reasoning == "keep"
+        completion = completion.model_copy(
+            update={"text": answer, "thinking": reasoning if keep else None}
+        )
+        if not answer:
+            if completion.finish_reason == "length" and not self.settings.keep_truncated:
+                return completion, "response_truncated"
+            return completion, "reasoning_only" if (reasoning or unfinished) else "empty_response"
         if completion.finish_reason == "length" and not self.settings.keep_truncated:
             return completion, "response_truncated"
-        leak = template_reason(completion.text, forbidden)
+        leak = template_reason(answer, forbidden)
         if leak is not None:
             return completion, f"response_{leak}"
+        if marker_in(answer):
+            return completion, "response_reasoning_leak"
+        if keep and reasoning is not None:
+            leak = template_reason(reasoning, forbidden)
+            if leak is not None:
+                return completion, f"reasoning_{leak}"
+            if marker_in(reasoning):
+                return completion, "reasoning_markup"
         return completion, None
 
     async def response(self, inst: Instruction, draw: Draw | None = None) -> Record | Rejection:
@@ -537,6 +580,7 @@ class Pipeline:
             completion, seed = good[0]
             samples = [c.text.strip() for c, _ in good]
         answer = completion.text.strip()
+        reasoning = completion.thinking if k == 1 else None
         return Record(
             id=record_id(self.backend.model, pre_query.text, self.seed, inst.index),
             index=inst.index,
@@ -544,7 +588,7 @@ class Pipeline:
             response=answer,
             messages=[
                 Message(role="user", content=inst.text),
-                Message(role="assistant", content=answer),
+                Message(role="assistant", content=answer, reasoning_content=reasoning),
             ],
             model=self.backend.model,
             backend=self.backend.name,
@@ -566,19 +610,24 @@ class Pipeline:
             seed=self.seed,
             created_at=utcnow(),
             responses=samples or None,
+            reasoning=reasoning,
         )
 
     async def _more_turns(self, record: Record, pre_query: PreQuery) -> Record | Rejection:
         """Turns 2..T: the model writes the follow-up question after its own
         answer (the conversation rendered with its template, then the user
         header), then answers it with the whole conversation."""
-        messages = [m.model_dump() for m in record.messages]
+        # What is sent back to the server: roles and texts, never the reasoning
+        # (chat templates drop earlier turns' thinking); kept per turn beside it.
+        messages = [{"role": m.role, "content": m.content} for m in record.messages]
+        thoughts = [m.reasoning_content for m in record.messages]
         infos: list[dict[str, StageInfo]] = []
         for turn in range(2, self.settings.turns + 1):
             prompt = pre_query.conversation(messages)
             text, reason, completion, seed, sampling = await self._complete(
                 record.index, prompt, f"instruction:{turn}", pre_query
             )
+            reason = reason or instruction_reason(completion, text)
             if reason is not None:
                 return Rejection(
                     index=record.index,
@@ -588,6 +637,7 @@ class Pipeline:
                     record=record,
                 )
             messages.append({"role": "user", "content": text})
+            thoughts.append(None)
             rseed = derive_seed(self.seed, record.index, f"response:{turn}")
             answer, why = await self._answer(
                 messages, self.settings.response, rseed, pre_query.forbidden
@@ -601,6 +651,7 @@ class Pipeline:
                     record=record,
                 )
             messages.append({"role": "assistant", "content": answer.text.strip()})
+            thoughts.append(answer.thinking)
             infos.append(
                 {
                     "instruction": _stage(sampling, seed, completion),
@@ -609,7 +660,10 @@ class Pipeline:
             )
         return record.model_copy(
             update={
-                "messages": [Message(**m) for m in messages],
+                "messages": [
+                    Message(**m, reasoning_content=t)
+                    for m, t in zip(messages, thoughts, strict=True)
+                ],
                 "turns": self.settings.turns,
                 "turn_generations": infos,
             }
@@ -682,9 +736,24 @@ class Pipeline:
         inst = await self.instruction(index, pre_query)
         if isinstance(inst, Rejection):
             return inst
+        verdict: GuardVerdict | None = None
+        if self.guard is not None:
+            early = await self.guard.check_instruction(
+                inst.index, inst.text, self.settings.thresholds.drop_unsafe
+            )
+            if isinstance(early, Rejection):
+                self._count_saved()
+                return early
+            verdict = early
         result = await self.response(inst, draw)
         if isinstance(result, Record) and self.settings.turns > 1:
             result = await self._more_turns(result, pre_query)
+        if self.guard is not None and verdict is not None and isinstance(result, Record):
+            result = await self.guard.check_record(
+                result, verdict, self.settings.thresholds.drop_unsafe
+            )
+            if isinstance(result, Rejection):
+                return result
         if self.judge is not None and isinstance(result, Record):
             if result.responses:
                 return await self._judge_samples(result)

@@ -184,7 +184,10 @@ class BatchedEmbeddedBackend(EmbeddedBackend):
         seed: int | None = None,
         abort: AbortCheck | None = None,
         json_schema: dict[str, Any] | None = None,
+        think: bool | None = None,
     ) -> Completion:
+        # ``think``: the GGUF's chat template is rendered as it is; a model that
+        # reasons writes it inline (<think>...</think>), split by the pipeline.
         workers = await self._ready()
         rendered = render_chat(workers.llm, messages, json_schema)
         prefer = next(

@@ -214,7 +214,10 @@ class EmbeddedBackend(Backend):
         seed: int | None = None,
         abort: AbortCheck | None = None,
         json_schema: dict[str, Any] | None = None,
+        think: bool | None = None,
     ) -> Completion:
+        # ``think``: the GGUF's chat template is rendered as it is; a model that
+        # reasons writes it inline (<think>...</think>), split by the pipeline.
         extra: dict[str, Any] = {}
         if json_schema is not None:
             # llama-cpp-python turns the schema into a grammar that constrains decoding.

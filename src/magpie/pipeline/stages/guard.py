@@ -1,0 +1,161 @@
+"""A safety classifier on each pair: a Llama Guard style model (``--guard MODEL``,
+e.g. Ollama's ``llama-guard3``) reads the instruction, then the exchange.
+
+The guard model's own chat template builds its classification prompt (Ollama's
+``llama-guard3`` template holds the hazard taxonomy and the instructions), so
+magpie sends the conversation as chat messages: ``[user]`` to classify the
+instruction, ``[user, assistant]`` to classify the response.  The model answers
+``safe``, or ``unsafe`` and a line of hazard categories (``S1,S10``).
+
+The answer is parsed strictly: anything else (other words, an unknown category,
+an empty reply) raises :class:`GuardInvalid`, and the pair is rejected as
+``guard_invalid`` with the reply in the reject's detail, never recorded with a
+missing verdict.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from magpie.backends.base import Backend, Completion, Sampling
+from magpie.backends.retry import RetryPolicy, call_with_retry
+from magpie.errors import MagpieError
+from magpie.records import GuardTags, GuardVerdict, Record, Rejection
+
+#: The MLCommons hazard taxonomy as Llama Guard 3 numbers it.
+HAZARDS: dict[str, str] = {
+    "S1": "Violent Crimes",
+    "S2": "Non-Violent Crimes",
+    "S3": "Sex-Related Crimes",
+    "S4": "Child Sexual Exploitation",
+    "S5": "Defamation",
+    "S6": "Specialized Advice",
+    "S7": "Privacy",
+    "S8": "Intellectual Property",
+    "S9": "Indiscriminate Weapons",
+    "S10": "Hate",
+    "S11": "Suicide & Self-Harm",
+    "S12": "Sexual Content",
+    "S13": "Elections",
+    "S14": "Code Interpreter Abuse",
+}
+#: Greedy and short: a verdict is a word and a line of categories.
+GUARD_SAMPLING = Sampling(temperature=0.0, top_p=1.0, top_k=0, repeat_penalty=1.0, max_tokens=24)
+
+_VERDICT = re.compile(r"(safe|unsafe)(?:\s*\n\s*(S\d{1,2}(?:\s*,\s*S\d{1,2})*))?")
+
+
+class GuardInvalid(MagpieError):
+    """The guard's reply is no verdict."""
+
+    def __init__(self, message: str, reply: str) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+def parse_verdict(reply: str) -> GuardVerdict:
+    """``safe`` | ``unsafe\\nS1[,S2...]`` (surrounding whitespace allowed) into a
+    verdict; anything else raises :class:`GuardInvalid`."""
+    m = _VERDICT.fullmatch(reply.strip())
+    if m is None:
+        raise GuardInvalid(f"the guard's reply is no verdict: {reply.strip()[:200]!r}", reply)
+    verdict, cats = m.group(1), m.group(2)
+    if verdict == "safe":
+        return GuardVerdict(verdict="safe")
+    if not cats:
+        raise GuardInvalid("the guard said unsafe without a hazard category", reply)
+    categories = [c.strip() for c in cats.split(",")]
+    unknown = [c for c in categories if c not in HAZARDS]
+    if unknown:
+        raise GuardInvalid(f"the guard named unknown hazard categories: {unknown}", reply)
+    return GuardVerdict(verdict="unsafe", categories=list(dict.fromkeys(categories)))
+
+
+class Guard:
+    """Classifies instructions and responses with a guard model's backend."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        retry: RetryPolicy | None = None,
+        on_retry: Callable[[str], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.retry = retry or RetryPolicy()
+        self.on_retry = on_retry
+
+    @property
+    def model(self) -> str:
+        return self.backend.model
+
+    async def _classify(self, messages: list[dict[str, str]]) -> GuardVerdict:
+        completion: Completion = await call_with_retry(
+            lambda: self.backend.chat(messages, sampling=GUARD_SAMPLING, seed=0),
+            self.retry,
+            self.on_retry,
+        )
+        return parse_verdict(completion.text)
+
+    async def instruction(self, instruction: str) -> GuardVerdict:
+        return await self._classify([{"role": "user", "content": instruction}])
+
+    async def response(self, instruction: str, response: str) -> GuardVerdict:
+        return await self._classify(
+            [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}]
+        )
+
+    async def check_instruction(
+        self, index: int, text: str, drop_unsafe: bool
+    ) -> GuardVerdict | Rejection:
+        """The verdict on an instruction, or its rejection: ``guard_invalid``, or
+        with ``drop_unsafe`` ``guard_unsafe`` (before its response costs anything)."""
+        try:
+            verdict = await self.instruction(text)
+        except GuardInvalid as exc:
+            return Rejection(
+                index=index,
+                reason="guard_invalid",
+                stage="guard",
+                text=text,
+                detail=f"{exc} (reply: {exc.reply[:200]!r})",
+            )
+        if verdict.verdict == "unsafe" and drop_unsafe:
+            return Rejection(
+                index=index,
+                reason="guard_unsafe",
+                stage="guard",
+                text=text,
+                detail="instruction: " + ",".join(verdict.categories),
+            )
+        return verdict
+
+    async def check_record(
+        self, record: Record, verdict: GuardVerdict, drop_unsafe: bool
+    ) -> Record | Rejection:
+        """The verdict on the record's answer (turn 1: ``response``), with the instruction's, in
+        ``record.guard``; or the record's rejection, as for the instruction."""
+        tags = GuardTags(model=self.model, instruction=verdict)
+        record.guard = tags
+        try:
+            tags.response = await self.response(record.instruction, record.response)
+        except GuardInvalid as exc:
+            return Rejection(
+                index=record.index,
+                reason="guard_invalid",
+                stage="guard",
+                text=record.instruction,
+                detail=f"{exc} (reply: {exc.reply[:200]!r})",
+                record=record,
+            )
+        if tags.response.verdict == "unsafe" and drop_unsafe:
+            return Rejection(
+                index=record.index,
+                reason="guard_unsafe",
+                stage="guard",
+                text=record.instruction,
+                detail="response: " + ",".join(tags.response.categories),
+                record=record,
+            )
+        return record
