@@ -232,11 +232,6 @@ class RunConfig(BaseModel):
     def steering(self) -> Steering | None:
         """The persona and topic lists, loaded and checked (exit 2 on a bad one);
         None when neither is asked for."""
-        if self.personas is None and self.topics is None:
-            for kind in ("persona", "topic"):
-                if getattr(self, f"{kind}_template") is not None:
-                    raise UsageError(f"--{kind}-template needs --{kind}s")
-            return None
         templates = dict(DEFAULT_TEMPLATES)
         lists: dict[str, SteerList | None] = {}
         for kind in ("persona", "topic"):
@@ -246,6 +241,8 @@ class RunConfig(BaseModel):
             lists[kind] = load_list(spec, kind) if spec is not None else None  # type: ignore[arg-type]
             if tpl is not None:
                 templates[kind] = check_template(tpl, kind)  # type: ignore[index,arg-type]
+        if lists["persona"] is None and lists["topic"] is None:
+            return None
         return Steering(lists["persona"], lists["topic"], templates)  # type: ignore[arg-type]
 
     @property
