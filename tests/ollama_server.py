@@ -884,6 +884,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
+        if len(raw) < length:  # the client went away mid-send (a cancelled attempt)
+            self.close_connection = True
+            return
         self.path = self.path.split("?", 1)[0]
         body: Any = None
         bad_json: str | None = None

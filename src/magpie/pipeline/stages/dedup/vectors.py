@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from magpie.backends.llamacpp.model import settle_cpp_runtime
 from magpie.errors import UsageError
 
 
@@ -20,6 +21,7 @@ class _VectorIndex:
         self._n = 0
         self._usearch: Any = None
         if ann in ("auto", "usearch"):
+            settle_cpp_runtime()  # before usearch's libstdc++ arrives
             try:
                 from usearch.index import Index
             except ImportError:
