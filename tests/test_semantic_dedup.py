@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -536,3 +538,25 @@ def test_merge_with_semantic_model(tmp_path: Path) -> None:
     assert merge["settings"]["semantic_model"] == EMBED
     assert merge["counts"]["semantic"] == 1
     assert report.semantic == 1 and report.semantic_model == "bow"
+
+
+def test_the_embedded_model_still_loads_after_the_vector_index(tmp_path: Path) -> None:
+    """usearch links its own libstdc++; imported before llama.cpp has loaded a
+    vocabulary, it made every later model load fail (std::bad_cast), so a
+    semantic run on the embedded backend could not load its model.  A fresh
+    process, as a user's run is."""
+    pytest.importorskip("usearch")
+    pytest.importorskip("llama_cpp")
+    script = (
+        "from magpie.pipeline.stages.dedup.vectors import _VectorIndex\n"
+        "index = _VectorIndex(8)\n"
+        "assert index._usearch is not None, 'usearch was not used'\n"
+        "from magpie.backends.llamacpp.model import EmbeddedBackend\n"
+        "llm = EmbeddedBackend(n_ctx=256).llm\n"
+        "print(llm.n_vocab())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.split()[-1]) > 1000

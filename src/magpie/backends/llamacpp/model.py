@@ -68,6 +68,41 @@ def _llama_cpp() -> Any:
     return llama_cpp
 
 
+_runtime_settled = False
+
+
+def settle_cpp_runtime() -> None:
+    """Load one GGUF vocabulary now, before a C++ extension with its own
+    libstdc++ is imported.
+
+    usearch's wheel links libstdc++ statically and exports its unique
+    ``std::locale`` symbols; once it is imported, a process that has not yet
+    loaded a llama.cpp vocabulary can never load one (``error loading model
+    vocabulary: std::bad_cast``), so a semantic-dedup run on the embedded
+    backend would fail to load its model.  Loading one vocabulary first (the
+    default model's, ``vocab_only``: a few milliseconds) settles llama.cpp's
+    facets for the life of the process.  Does nothing without llama-cpp-python
+    or the default model."""
+    global _runtime_settled
+    if _runtime_settled:
+        return
+    _runtime_settled = True
+    try:
+        import llama_cpp
+
+        path = default_model_path()
+    except (ModuleNotFoundError, BackendUnavailable):
+        return
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    with suppress_stdout_stderr(disable=False):  # the loader's log lines
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if model:  # (None: already too late; the model's own load will say so)
+        llama_cpp.llama_model_free(model)
+
+
 class EmbeddedBackend(Backend):
     """llama-cpp-python in process.  Requests run in a worker thread, one at a time."""
 
