@@ -1,211 +1,27 @@
-"""The OpenAI-compatible backend: vLLM, SGLang, llama.cpp ``llama-server``, LM Studio.
-
-Raw pre-queries go through ``POST /v1/completions`` (the prompt is tokenized as
-sent, no chat template), responses through ``POST /v1/chat/completions`` (the
-server applies the model's chat template).  Both stream Server-Sent Events, so
-``timeout`` bounds the silence between two chunks, not the length of a
-generation.  :meth:`OpenAIBackend.complete_n` asks for ``n`` samples of one
-prompt in one request, which vLLM serves with a single prefill.
-
-Sampling on the wire: ``temperature``, ``top_p``, ``max_tokens``, ``seed`` and
-``stop`` are standard.  ``top_k`` and the repetition penalty are extra fields
-that vLLM, SGLang, llama.cpp and LM Studio read (OpenAI's own API rejects
-them): ``top_k`` 0 (disabled) is sent as -1, which every one of those servers
-reads as "off" (llama.cpp would otherwise use 40, and older vLLM rejects 0);
-``top_k = None`` leaves the field out.  The repetition penalty is sent as
-``repetition_penalty`` (vLLM, SGLang; llama.cpp ignores it) unless it is None,
-and also as ``repeat_penalty`` (llama.cpp, LM Studio) when it is not 1.0:
-vLLM logs a warning for every request with a field it does not know, and 1.0
-is llama.cpp's default anyway.
-
-The chat template is known only where the server exposes it: llama.cpp's
-``GET /props`` has the GGUF's Jinja ``chat_template`` and the BOS/EOS strings.
-vLLM and the others do not, so ``describe()`` returns ``template=None`` there
-and ``--template auto`` asks for ``--template NAME``.  Whether the server adds
-BOS to a raw prompt is probed with ``POST /tokenize`` (llama.cpp and vLLM both
-have it, with different field names: one body carries both); when the probe
-fails it is assumed (``adds_bos=True``).
-"""
+"""The OpenAI-compatible backend: :class:`OpenAIBackend` (see :mod:`magpie.backends.openai`)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from magpie.backends.base import (
-    AbortCheck,
-    Backend,
-    Completion,
-    FinishReason,
-    ModelInfo,
-    Sampling,
-)
-from magpie.errors import (
-    BackendError,
-    BackendUnavailable,
-    MagpieError,
-    ModelNotFound,
-    UsageError,
-)
+from magpie.backends.base import AbortCheck, Backend, Completion, ModelInfo, Sampling
+from magpie.backends.http import error_message, retryable_status, transport_failure
+from magpie.backends.openai.hosts import normalize_host
+from magpie.backends.openai.wire import Reply, events, sampling_fields
+from magpie.errors import BackendError, BackendUnavailable, MagpieError, ModelNotFound
 
-#: ``vllm serve``'s default address (llama-server uses :8080, LM Studio :1234).
-DEFAULT_HOST = "http://127.0.0.1:8000"
 #: Seconds without a byte from the server before a request fails (and is retried).
 DEFAULT_TIMEOUT = 300.0
 #: The ``json_schema.name`` sent with structured-output requests.
 SCHEMA_NAME = "verdict"
 
 #: Statuses worth a retry besides 5xx: request timeout, rate limit.
-_RETRYABLE_STATUS = {408, 429}
-
-
-def normalize_host(host: str) -> str:
-    """``host[:port]`` or a URL, as the base URL requests are built on.
-
-    A scheme is added when missing; a trailing ``/`` or ``/v1`` (how the
-    ``openai`` client's ``base_url`` is usually written) is dropped.
-    """
-    text = (host or "").strip()
-    bad = UsageError(f"--host {host!r} is not a URL: use e.g. {DEFAULT_HOST}")
-    if not text or any(c.isspace() for c in text):
-        raise bad
-    if "://" not in text:
-        text = f"http://{text}"
-    elif not text.startswith(("http://", "https://")):
-        raise bad
-    text = text.rstrip("/")
-    if text.endswith("/v1"):
-        text = text[: -len("/v1")]
-    try:
-        url = httpx.URL(text)
-    except Exception:  # noqa: BLE001 - httpx raises several kinds
-        raise bad from None
-    if not url.host:
-        raise bad
-    return text
-
-
-def resolve_host(host: str | None) -> str:
-    """The base URL: ``host``, else ``OPENAI_BASE_URL``, else :data:`DEFAULT_HOST`."""
-    return normalize_host(host or os.getenv("OPENAI_BASE_URL") or DEFAULT_HOST)
-
-
-def sampling_fields(sampling: Sampling, seed: int | None, stop: list[str] | None) -> dict[str, Any]:
-    """The request fields for one stage's sampling settings (see the module doc)."""
-    body: dict[str, Any] = {
-        "max_tokens": sampling.max_tokens,
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-    }
-    if sampling.top_k is not None:
-        body["top_k"] = sampling.top_k if sampling.top_k > 0 else -1
-    if sampling.repeat_penalty is not None:
-        body["repetition_penalty"] = sampling.repeat_penalty
-        if sampling.repeat_penalty != 1.0:
-            body["repeat_penalty"] = sampling.repeat_penalty
-    if seed is not None:
-        body["seed"] = seed
-    if stop:
-        body["stop"] = list(stop)
-    return body
-
-
-def _finish(reason: Any) -> FinishReason:
-    return reason if reason in ("stop", "length") else "unknown"
-
-
-def error_message(body: bytes) -> str:
-    """The message of an error body, whatever shape the server gives it.
-
-    ``{"error": {"message": ...}}`` (OpenAI, llama.cpp, recent vLLM),
-    ``{"object": "error", "message": ...}`` (older vLLM), ``{"error": "..."}``
-    (vLLM's API-key check), ``{"detail": ...}`` (FastAPI) or plain text.
-    """
-    text = body.decode("utf-8", "replace").strip()
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return text[:300]
-    if isinstance(data, dict):
-        err = data.get("error", data)
-        if isinstance(err, dict):
-            msg = err.get("message") or err.get("detail") or err.get("msg")
-            if msg:
-                return str(msg)
-        elif err:
-            return str(err)
-        if "detail" in data:
-            return str(data["detail"])
-    return text[:300]
-
-
-@dataclass
-class _Choice:
-    """One choice of a (streamed) reply as it is gathered."""
-
-    text: str = ""
-    finish: Any = None
-    chunks: int = 0
-    #: The reasoning the server parsed out of the answer (``reasoning_content``:
-    #: llama-server, DeepSeek, older vLLM; ``reasoning``: newer vLLM).
-    reasoning: str = ""
-
-
-@dataclass
-class _Reply:
-    """A whole reply: its choices by index and the server's usage, if sent."""
-
-    choices: dict[int, _Choice] = field(default_factory=dict)
-    usage: dict[str, Any] | None = None
-    aborted: bool = False
-
-    def add(self, data: dict[str, Any]) -> _Choice | None:
-        """Take one chunk (or a whole non-streamed reply); return choice 0 if it grew."""
-        grown = None
-        for raw in data.get("choices") or []:
-            index = int(raw.get("index") or 0)
-            choice = self.choices.setdefault(index, _Choice())
-            piece = raw.get("text")
-            if piece is None:  # chat: "delta" when streamed, "message" when not
-                message = raw.get("delta") or raw.get("message") or {}
-                piece = message.get("content")
-                thought = message.get("reasoning_content") or message.get("reasoning")
-                if isinstance(thought, str) and thought:
-                    choice.reasoning += thought
-                    choice.chunks += 1
-            if piece:
-                choice.text += piece
-                choice.chunks += 1
-                grown = choice if index == 0 else grown
-            if raw.get("finish_reason"):
-                choice.finish = raw["finish_reason"]
-        if isinstance(data.get("usage"), dict):
-            self.usage = data["usage"]
-        return grown
-
-    def completion(self, index: int = 0, *, own_usage: bool = True) -> Completion:
-        """One choice as a Completion.
-
-        ``prompt_tokens`` comes from the server's usage; ``completion_tokens``
-        too when ``own_usage`` (the reply has this one choice), else it is the
-        choice's chunk count (one token per chunk as the servers stream).
-        """
-        choice = self.choices.get(index, _Choice())
-        usage = self.usage or {}
-        completion_tokens = usage.get("completion_tokens") if own_usage else None
-        return Completion(
-            text=choice.text,
-            finish_reason="abort" if self.aborted else _finish(choice.finish),
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=choice.chunks if completion_tokens is None else completion_tokens,
-            thinking=choice.reasoning or None,
-        )
+_RETRYABLE_STATUS = frozenset({408, 429})
 
 
 class OpenAIBackend(Backend):
@@ -276,24 +92,25 @@ class OpenAIBackend(Backend):
             return BackendError(
                 f"{where} answered 401 ({msg}): {hint}", retryable=False, cause="http_401"
             )
-        retryable = status in _RETRYABLE_STATUS or status >= 500
+        retryable = retryable_status(status, _RETRYABLE_STATUS)
         return BackendError(
             f"{where} answered {status}: {msg}", retryable=retryable, cause=f"http_{status}"
         )
 
     def _translate(self, exc: BaseException) -> Exception:
-        if isinstance(exc, httpx.ConnectError):
+        failure = transport_failure(exc)
+        if failure == "unreachable":
             return BackendUnavailable(
                 f"OpenAI-compatible server is not reachable at {self._host}",
                 fix="start it (e.g. `vllm serve MODEL`, `llama-server -m MODEL.gguf`) "
                 "or pass --host",
             )
-        if isinstance(exc, httpx.TimeoutException):
+        if failure == "timeout":
             return BackendError(
                 f"the server at {self._host} sent nothing for {self._timeout:g} s",
                 cause="timeout",
             )
-        if isinstance(exc, httpx.TransportError):
+        if failure == "connection":
             return BackendError(
                 f"connection to the server at {self._host} failed: {exc.__class__.__name__}",
                 cause="connection",
@@ -317,44 +134,9 @@ class OpenAIBackend(Backend):
                 cause="bad_reply",
             ) from None
 
-    async def _events(self, resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-        """The JSON events of an SSE body (``data: {...}``) up to ``data: [DONE]``.
-
-        Error events (``data: {"error": ...}`` from vLLM, ``error: {...}`` from
-        llama.cpp) raise a retryable BackendError.
-        """
-        async for line in resp.aiter_lines():
-            field_name, _, value = line.partition(":")
-            value = value.strip()
-            if field_name == "error":
-                raise BackendError(
-                    f"the server at {self._host} failed mid-stream: {error_message(value.encode())}",
-                    cause="stream_error",
-                )
-            if field_name != "data" or not value:
-                continue  # comments (keep-alives), event names, blank lines
-            if value == "[DONE]":
-                return
-            try:
-                data = json.loads(value)
-            except ValueError:
-                raise BackendError(
-                    f"the server at {self._host} sent a malformed event: {value[:100]!r}",
-                    cause="stream_error",
-                ) from None
-            if not isinstance(data, dict):
-                continue
-            if "error" in data or data.get("object") == "error":
-                raise BackendError(
-                    f"the server at {self._host} failed mid-stream: "
-                    f"{error_message(value.encode())}",
-                    cause="stream_error",
-                )
-            yield data
-
     async def _post(
         self, path: str, body: dict[str, Any], abort: AbortCheck | None = None
-    ) -> _Reply:
+    ) -> Reply:
         """POST a generation request and gather its (streamed) reply.
 
         When ``abort`` says so, the stream is closed (the server then cancels
@@ -362,7 +144,7 @@ class OpenAIBackend(Backend):
         """
         await self._ensure_model()
         body = {"model": self._model, **body}
-        reply = _Reply()
+        reply = Reply()
         try:
             async with self._client.stream("POST", path, json=body) as resp:
                 if resp.status_code >= 400:
@@ -371,7 +153,7 @@ class OpenAIBackend(Backend):
                     # A server (or proxy) that ignored "stream": one JSON reply.
                     reply.add(json.loads(await resp.aread()))
                 else:
-                    async for event in self._events(resp):
+                    async for event in events(resp.aiter_lines(), self._host):
                         grown = reply.add(event)
                         if abort is not None and grown is not None and grown.finish is None:
                             reply.aborted = abort(grown.text)
