@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,38 +46,38 @@ def _embedded(spec: BackendSpec) -> Backend:
     )
 
 
-def _ollama(spec: BackendSpec, model: str) -> Backend:
-    from magpie.backends.ollama import OllamaBackend
-
-    backends: list[Backend] = [
-        OllamaBackend(model, host, timeout=spec.timeout, keep_alive=spec.keep_alive)
-        for host in spec.hosts
-    ]
+def _pooled(spec: BackendSpec, make: Callable[[str | None], Backend]) -> Backend:
+    """``make(host)`` for each of ``spec.hosts``; a HostPool over several."""
+    backends = [make(host) for host in spec.hosts]
     if len(backends) == 1:
         return backends[0]
     from magpie.backends.pool import HostPool
 
     per_host = spec.per_host or (spec.concurrency if isinstance(spec.concurrency, int) else 4)
     return HostPool(backends, per_host=per_host)
+
+
+def _ollama(spec: BackendSpec, model: str) -> Backend:
+    from magpie.backends.ollama import OllamaBackend
+
+    return _pooled(
+        spec,
+        lambda host: OllamaBackend(model, host, timeout=spec.timeout, keep_alive=spec.keep_alive),
+    )
 
 
 def _openai(spec: BackendSpec) -> Backend:
     from magpie.backends.openai import OpenAIBackend, resolve_host
 
-    backends: list[Backend] = [
-        OpenAIBackend(spec.model, resolve_host(host), timeout=spec.timeout) for host in spec.hosts
-    ]
-    if len(backends) == 1:
-        return backends[0]
-    from magpie.backends.pool import HostPool
-
-    per_host = spec.per_host or (spec.concurrency if isinstance(spec.concurrency, int) else 4)
-    return HostPool(backends, per_host=per_host)
+    return _pooled(
+        spec, lambda host: OpenAIBackend(spec.model, resolve_host(host), timeout=spec.timeout)
+    )
 
 
 def open_backend(spec: BackendSpec) -> Backend:
     """The ``ollama`` or ``openai`` backend named by ``spec.backend``, for
-    ``spec.model`` on its hosts (a HostPool over several), not yet contacted."""
+    ``spec.model`` on its hosts (a HostPool over several), not yet contacted.
+    Any other name (``auto``) opens Ollama."""
     if spec.backend == "openai":
         return _openai(spec)
     return _ollama(spec, spec.model or DEFAULT_OLLAMA_MODEL)
@@ -136,30 +137,32 @@ def _pick_default(names: list[str]) -> str | None:
     return matches[0] if matches else None
 
 
-async def choose_backend(spec: BackendSpec) -> BackendChoice:
-    """Open the backend the spec asks for (``auto``: Ollama if it is up)."""
-    if spec.backend == "embedded":
-        if spec.model and not looks_like_gguf(spec.model):
-            raise UsageError(
-                f"--backend embedded needs a .gguf file as --model, not {spec.model!r}"
-            )
-        b = _embedded(spec)
-        return BackendChoice(b, f"backend embedded: {b.model} (llama.cpp, in process)")
-    if spec.backend == "openai":
-        b = _openai(spec)
-        where = b.host
-        return BackendChoice(
-            b, f"backend openai: {spec.model or 'the first model served'} at {where}"
+async def _choose_embedded(spec: BackendSpec) -> BackendChoice:
+    if spec.model and not looks_like_gguf(spec.model):
+        raise UsageError(f"--backend embedded needs a .gguf file as --model, not {spec.model!r}")
+    b = _embedded(spec)
+    return BackendChoice(b, f"backend embedded: {b.model} (llama.cpp, in process)")
+
+
+async def _choose_openai(spec: BackendSpec) -> BackendChoice:
+    b = _openai(spec)
+    return BackendChoice(b, f"backend openai: {spec.model or 'the first model served'} at {b.host}")
+
+
+async def _choose_ollama(spec: BackendSpec) -> BackendChoice:
+    if looks_like_gguf(spec.model):
+        raise UsageError(
+            f"--backend ollama takes an Ollama model name, not a file: {spec.model!r} "
+            "(use --backend embedded for a .gguf file)"
         )
-    if spec.backend == "ollama":
-        if looks_like_gguf(spec.model):
-            raise UsageError(
-                f"--backend ollama takes an Ollama model name, not a file: {spec.model!r} "
-                "(use --backend embedded for a .gguf file)"
-            )
-        b = _ollama(spec, spec.model or DEFAULT_OLLAMA_MODEL)
-        return BackendChoice(b, f"backend ollama: {b.model} at {b.host}")
-    # auto
+    b = _ollama(spec, spec.model or DEFAULT_OLLAMA_MODEL)
+    return BackendChoice(b, f"backend ollama: {b.model} at {b.host}")
+
+
+async def _choose_auto(spec: BackendSpec) -> BackendChoice:
+    """``--backend auto``: embedded for a GGUF file, Ollama for a model name, and
+    with neither Ollama's default model if the server is up and has it, else
+    the embedded model."""
     if looks_like_gguf(spec.model):
         b = _embedded(spec)
         return BackendChoice(b, f"backend embedded: {b.model} (--model is a GGUF file)")
@@ -191,3 +194,17 @@ async def choose_backend(spec: BackendSpec) -> BackendChoice:
         await probe.aclose()
     b = _embedded(spec)
     return BackendChoice(b, f"backend embedded: {b.model}, because {why}")
+
+
+#: ``--backend NAME`` -> how its backend is opened, and the line on why.
+CHOOSERS: dict[str, Callable[[BackendSpec], Awaitable[BackendChoice]]] = {
+    "auto": _choose_auto,
+    "embedded": _choose_embedded,
+    "ollama": _choose_ollama,
+    "openai": _choose_openai,
+}
+
+
+async def choose_backend(spec: BackendSpec) -> BackendChoice:
+    """Open the backend the spec asks for (``auto``: Ollama if it is up)."""
+    return await CHOOSERS[spec.backend](spec)
