@@ -30,8 +30,8 @@ _RETRYABLE_STATUS = frozenset({429, 499})
 
 
 class OllamaBackend(Backend):
-    """Talks to ``ollama serve``: generation requests over aiohttp (see the
-    module docstring), everything else through ``ollama.AsyncClient``.
+    """Talks to ``ollama serve``: generation requests over aiohttp (see
+    :mod:`magpie.backends.ollama`), everything else through ``ollama.AsyncClient``.
 
     Requests stream (NDJSON) so that ``timeout`` bounds the silence between two
     chunks, not the length of a generation: a hung server is detected, a long

@@ -14,7 +14,7 @@ from magpie.errors import BackendError
 
 
 def sampling_fields(sampling: Sampling, seed: int | None, stop: list[str] | None) -> dict[str, Any]:
-    """The request fields for one stage's sampling settings (see the module doc)."""
+    """The request fields for one stage's sampling settings (see :mod:`magpie.backends.openai`)."""
     body: dict[str, Any] = {
         "max_tokens": sampling.max_tokens,
         "temperature": sampling.temperature,
