@@ -24,13 +24,16 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
+from magpie.pipeline.stages.base import Instruction, Stage
 from magpie.records import CATEGORIES, Record, Rejection
 
 REASON = "over_quota"
 
 
-class CategoryBalance:
-    """The caps of an even category spread, and the counts against them."""
+class CategoryBalance(Stage):
+    """The caps of an even category spread, and the counts against them (a
+    stage: :meth:`reserve` on the pre-judge's verdict, :meth:`settle` at emit,
+    :meth:`unsettle` when a later stage rejects a settled record)."""
 
     def __init__(
         self,
@@ -84,6 +87,22 @@ class CategoryBalance:
         category = record.judge.task_category if record.judge is not None else None
         if category in self.categories and self.kept[category] > 0:
             self.kept[category] -= 1
+
+    async def on_instruction(self, candidate: Instruction) -> Instruction | Rejection:
+        if candidate.verdict is None:  # no --prejudge: settled at emit only
+            return candidate
+        reason = self.reserve(candidate.index, candidate.verdict.task_category)
+        if reason is not None:
+            return Rejection(
+                index=candidate.index, reason=reason, stage="instruction", text=candidate.text
+            )
+        return candidate
+
+    async def on_emit(self, result: Record | Rejection) -> Record | Rejection:
+        return self.settle(result)
+
+    def revoke(self, record: Record) -> None:
+        self.unsettle(record)
 
     def describe(self) -> str:
         """The counts against the caps, for the reject-streak message."""

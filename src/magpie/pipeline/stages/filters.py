@@ -1,9 +1,9 @@
 """Cheap rule filters on an instruction, run before any further model call.
 
 Each filter returns a reject reason or None.  :func:`build_filters` turns the
-settings into the list the pipeline runs after cleaning and before the
-response is requested, so no tokens are spent answering an instruction that
-will be thrown away.
+settings into the list that :class:`Filters` (a stage) runs after cleaning and
+before the response is requested, so no tokens are spent answering an
+instruction that will be thrown away.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ import re
 from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from magpie.pipeline.stages.base import Instruction, Stage
+from magpie.records import Rejection
 
 InstructionFilter = Callable[[str], "str | None"]
 
@@ -120,3 +123,19 @@ def build_filters(settings: FilterSettings) -> list[InstructionFilter]:
     if settings.language:
         filters.append(language_is(settings.language, settings.language_confidence))
     return filters
+
+
+class Filters(Stage):
+    """The rule filters in order; the first reason rejects the instruction."""
+
+    def __init__(self, filters: list[InstructionFilter]) -> None:
+        self.filters = list(filters)
+
+    async def on_instruction(self, candidate: Instruction) -> Instruction | Rejection:
+        for flt in self.filters:
+            reason = flt(candidate.text)
+            if reason is not None:
+                return Rejection(
+                    index=candidate.index, reason=reason, stage="instruction", text=candidate.text
+                )
+        return candidate

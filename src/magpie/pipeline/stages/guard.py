@@ -21,6 +21,7 @@ from collections.abc import Callable
 from magpie.backends.base import Backend, Completion, Sampling
 from magpie.backends.retry import RetryPolicy, call_with_retry
 from magpie.errors import MagpieError
+from magpie.pipeline.stages.base import Instruction, Stage
 from magpie.records import GuardTags, GuardVerdict, Record, Rejection
 
 #: The MLCommons hazard taxonomy as Llama Guard 3 numbers it.
@@ -159,3 +160,26 @@ class Guard:
                 record=record,
             )
         return record
+
+
+class GuardStage(Stage):
+    """The guard as a stage: the instruction before its response is generated,
+    then the answer (with ``drop_unsafe``, an unsafe one is rejected)."""
+
+    def __init__(self, guard: Guard, drop_unsafe: bool) -> None:
+        self.guard = guard
+        self.drop_unsafe = drop_unsafe
+
+    async def on_instruction(self, candidate: Instruction) -> Instruction | Rejection:
+        verdict = await self.guard.check_instruction(
+            candidate.index, candidate.text, self.drop_unsafe
+        )
+        if isinstance(verdict, Rejection):
+            return verdict
+        candidate.guard = verdict
+        return candidate
+
+    async def on_pair(self, candidate: Instruction, record: Record) -> Record | Rejection:
+        if candidate.guard is None:
+            return record
+        return await self.guard.check_record(record, candidate.guard, self.drop_unsafe)

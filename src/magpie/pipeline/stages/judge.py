@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from magpie.backends.base import Backend, Sampling
 from magpie.backends.retry import RetryPolicy, call_with_retry
 from magpie.errors import UsageError
+from magpie.pipeline.stages.base import Instruction, Stage
 from magpie.records import (
     CATEGORIES,
     DIFFICULTY_ORDER,
@@ -32,7 +33,10 @@ from magpie.records import (
     Category,
     Difficulty,
     JudgeTags,
+    Message,
     Quality,
+    Record,
+    Rejection,
 )
 
 
@@ -271,6 +275,100 @@ class Thresholds(BaseModel):
         ):
             return "low_response_score"
         return None
+
+
+def _judge_reject(record: Record, reason: str, detail: str = "") -> Rejection:
+    """A judged record that is not kept: the rejection carries the whole record."""
+    return Rejection(
+        index=record.index,
+        reason=reason,
+        stage="judge",
+        text=record.instruction,
+        detail=detail,
+        record=record,
+    )
+
+
+class JudgeStage(Stage):
+    """The judge as a stage: with ``prejudge`` the instruction before its
+    response is generated (a second, cheaper call), then the pair (or each
+    sampled answer of a preference pair); below ``thresholds``, rejected."""
+
+    def __init__(self, judge: Judge, thresholds: Thresholds, *, prejudge: bool = False) -> None:
+        self.judge = judge
+        self.thresholds = thresholds
+        self.prejudge = prejudge
+
+    async def on_instruction(self, candidate: Instruction) -> Instruction | Rejection:
+        if not self.prejudge:
+            return candidate
+        text = candidate.text
+        try:
+            verdict = await self.judge.judge_instruction(text)
+        except JudgeInvalid as exc:
+            return Rejection(
+                index=candidate.index,
+                reason="judge_invalid",
+                stage="judge",
+                text=text,
+                detail=str(exc),
+            )
+        reason = self.thresholds.instruction_reason(verdict)
+        if reason is not None:
+            return Rejection(index=candidate.index, reason=reason, stage="instruction", text=text)
+        candidate.verdict = verdict
+        return candidate
+
+    async def on_pair(self, candidate: Instruction, record: Record) -> Record | Rejection:
+        if record.responses:
+            return await self._judge_samples(record)
+        return await self._judge(record, candidate)
+
+    async def _judge_samples(self, record: Record) -> Record | Rejection:
+        """Score each sampled answer; chosen = best, rejected = worst."""
+        assert record.responses
+        scored = []
+        for answer in record.responses:
+            try:
+                pair = await self.judge.judge_pair(record.instruction, answer)
+            except JudgeInvalid as exc:
+                return _judge_reject(record, "judge_invalid", str(exc))
+            scored.append((pair.response_score, answer, pair))
+        best = max(scored, key=lambda t: t[0])
+        worst = min(scored, key=lambda t: t[0])
+        tags = self.judge.tags(best[2])
+        user = Message(role="user", content=record.instruction)
+        record = record.model_copy(
+            update={
+                "response": best[1],
+                "messages": [user, Message(role="assistant", content=best[1])],
+                "judge": tags,
+                "chosen": [user, Message(role="assistant", content=best[1])],
+                "rejected": [user, Message(role="assistant", content=worst[1])],
+                "score_chosen": best[0],
+                "score_rejected": worst[0],
+            }
+        )
+        thresholds = self.thresholds
+        reason = thresholds.instruction_reason(tags) or thresholds.response_reason(tags)
+        return record if reason is None else _judge_reject(record, reason)
+
+    async def _judge(self, record: Record, inst: Instruction) -> Record | Rejection:
+        """Tag a record with the judge; reject it below the thresholds."""
+        thresholds = self.thresholds
+        try:
+            if inst.verdict is not None:
+                verdict = await self.judge.judge_response(record.instruction, record.response)
+                tags = self.judge.tags(inst.verdict, verdict)
+            else:
+                pair = await self.judge.judge_pair(record.instruction, record.response)
+                tags = self.judge.tags(pair)
+        except JudgeInvalid as exc:
+            return _judge_reject(record, "judge_invalid", f"{exc} (reply: {exc.reply[:200]!r})")
+        record.judge = tags
+        reason = None if inst.verdict is not None else thresholds.instruction_reason(tags)
+        reason = reason or thresholds.response_reason(tags)
+        return record if reason is None else _judge_reject(record, reason)
 
 
 def parse_categories(text: str | None) -> list[str] | None:

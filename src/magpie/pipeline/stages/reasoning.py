@@ -27,6 +27,8 @@ import re
 from typing import Literal
 
 from magpie.backends.base import Completion
+from magpie.pipeline.stages.base import Instruction, Stage
+from magpie.records import Rejection
 
 ReasoningMode = Literal["keep", "drop", "off"]
 REASONING_MODES: tuple[str, ...] = ("keep", "drop", "off")
@@ -125,3 +127,17 @@ def instruction_reason(completion: Completion, text: str) -> str | None:
     if (completion.thinking and completion.thinking.strip()) or marker_in(text):
         return "reasoning_in_instruction"
     return None
+
+
+class NoReasoning(Stage):
+    """An instruction that holds thinking is rejected (``reasoning_in_instruction``)."""
+
+    saves_response = False
+
+    async def on_instruction(self, candidate: Instruction) -> Instruction | Rejection:
+        reason = instruction_reason(candidate.completion, candidate.text)
+        if reason is not None:
+            return Rejection(
+                index=candidate.index, reason=reason, stage="instruction", text=candidate.text
+            )
+        return candidate
