@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePath
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -28,10 +29,20 @@ from magpie.backends.base import Sampling
 from magpie.backends.retry import RetryPolicy
 from magpie.backends.spec import BackendName, BackendSpec
 from magpie.errors import UsageError
-from magpie.pipeline.scheduler import default_instruction_sampling, default_response_sampling
+from magpie.pipeline.scheduler import (
+    PipelineSettings,
+    default_instruction_sampling,
+    default_response_sampling,
+)
 from magpie.pipeline.stages.dedup.index import DEFAULT_SEMANTIC_THRESHOLD
 from magpie.pipeline.stages.filters import FilterSettings
-from magpie.pipeline.stages.judge import Category, Difficulty, Quality, Thresholds
+from magpie.pipeline.stages.judge import (
+    Category,
+    Difficulty,
+    Quality,
+    Thresholds,
+    parse_categories,
+)
 from magpie.pipeline.stages.reasoning import ReasoningMode
 from magpie.pipeline.steering import (
     DEFAULT_TEMPLATES,
@@ -45,6 +56,56 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+
+def _ollama_url(host: str) -> object:
+    from magpie.backends.ollama import validate_host
+
+    return validate_host(host)
+
+
+def _openai_url(host: str) -> object:
+    from magpie.backends.openai import normalize_host
+
+    return normalize_host(host)
+
+
+@dataclass(frozen=True)
+class BackendTraits:
+    """What the settings know of a ``--backend`` choice, so that no check asks
+    for a backend by its name."""
+
+    #: A ``--model`` that looks like a .gguf is a file it loads in process
+    #: (checked before any work starts).
+    loads_gguf: bool = False
+    #: A model named by a path is a served model's id (llama-server names its
+    #: model by the GGUF path it loaded, ``/v1/models``), not a file.
+    model_ids_are_paths: bool = False
+    #: It can serve the embedding model of semantic dedup.
+    embeds: bool = False
+    #: ``OLLAMA_HOST`` names its server (an OpenAI-compatible one reads
+    #: ``OPENAI_BASE_URL`` instead).
+    reads_ollama_host: bool = True
+    #: It takes ``n`` samples per request (``--samples-per-request``).
+    takes_n: bool = False
+    #: Checks one of its host URLs (exit 2 on a bad one).
+    check_url: Callable[[str], object] = _ollama_url
+
+
+BACKENDS: dict[str, BackendTraits] = {
+    "auto": BackendTraits(loads_gguf=True),
+    "embedded": BackendTraits(loads_gguf=True),
+    "ollama": BackendTraits(embeds=True),
+    "openai": BackendTraits(
+        model_ids_are_paths=True,
+        embeds=True,
+        reads_ollama_host=False,
+        takes_n=True,
+        check_url=_openai_url,
+    ),
+}
+#: Semantic dedup's embedding server when the generator cannot host it.
+DEFAULT_EMBEDDER = "ollama"
 
 
 class SystemSpec(BaseModel):
@@ -197,6 +258,13 @@ class RunConfig(BaseModel):
             return {**factory().model_dump(), **value}
         return value
 
+    @field_validator("categories", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """``--categories "Math,Coding & Debugging"``: labels in any case (exit 2
+        on an unknown one)."""
+        return parse_categories(value) if isinstance(value, str) else value
+
     @property
     def thresholds(self) -> Thresholds:
         return Thresholds(
@@ -297,7 +365,8 @@ class RunConfig(BaseModel):
         A host of None means the backend's default.
         """
         gen = generator or self.backend
-        name = self.semantic_backend or (gen if gen in ("ollama", "openai") else "ollama")
+        traits = BACKENDS.get(gen)
+        name = self.semantic_backend or (gen if traits and traits.embeds else DEFAULT_EMBEDDER)
         host = self.semantic_host
         if host is None and name == gen:
             host = self.hosts[0]
@@ -321,9 +390,8 @@ class RunConfig(BaseModel):
         from magpie.backends.registry import looks_like_gguf
 
         name, host = self.semantic_target()
-        # llama-server names its model by the GGUF path it loaded (`/v1/models`):
-        # on an OpenAI-compatible server a path is a served model's id.
-        if name != "openai" and looks_like_gguf(self.semantic_model):
+        traits = BACKENDS[name]
+        if not traits.model_ids_are_paths and looks_like_gguf(self.semantic_model):
             raise UsageError(
                 f"--semantic-model {self.semantic_model!r} is a file: name an embedding model "
                 "on an Ollama or OpenAI-compatible server, e.g. nomic-embed-text"
@@ -331,14 +399,7 @@ class RunConfig(BaseModel):
         if self.semantic_host is None or host is None:
             return
         try:
-            if name == "openai":
-                from magpie.backends.openai import normalize_host
-
-                normalize_host(host)
-            else:
-                from magpie.backends.ollama import validate_host
-
-                validate_host(host)
+            traits.check_url(host)
         except UsageError:
             raise UsageError(
                 f"--semantic-host {host!r} is not a URL: use e.g. http://127.0.0.1:11434"
@@ -352,6 +413,29 @@ class RunConfig(BaseModel):
             backoff_max=self.backoff_max,
             unreachable_budget=self.unreachable_budget,
         )
+
+    @property
+    def start_retry(self) -> RetryPolicy:
+        """The retries of the first request to a backend (``describe``): 5xx
+        and timeouts are retried like any request, but a refused connection is
+        not: the server is down, say so at once (exit 3)."""
+        return self.retry.model_copy(update={"unreachable_budget": 0.0})
+
+    def pipeline_settings(self, concurrency: int) -> PipelineSettings:
+        """The pipeline's section of these settings: every field of
+        :class:`PipelineSettings` that a field here of the same name sets, and
+        the ones derived here; ``concurrency`` is the resolved number (``auto``
+        is the backend's own)."""
+        shared = PipelineSettings.model_fields.keys() & type(self).model_fields.keys()
+        shard_index, shard_count = self.shard_spec
+        derived = {
+            "concurrency": concurrency,
+            "retry": self.retry,
+            "thresholds": self.thresholds,
+            "shard_index": shard_index,
+            "shard_count": shard_count,
+        }
+        return PipelineSettings(**{name: getattr(self, name) for name in shared} | derived)
 
 
 _NESTED = ("instruction", "response", "filters")
@@ -397,24 +481,49 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def setting_path(name: str) -> tuple[str, ...] | None:
+    """Where a flat name, as a flag's parameter or a ``MAGPIE_*`` variable spells
+    it, sits in the settings: ``("num",)``, ``("instruction", "temperature")``
+    for ``instruction_temperature``; None for a name that is no setting."""
+    for nested in _NESTED:
+        if name.startswith(nested + "_"):
+            return nested, name[len(nested) + 1 :]
+    if name in RunConfig.model_fields and name not in _NESTED:
+        return (name,)
+    return None
+
+
+def flat_settings(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings from flat names (see :func:`setting_path`); names that are no
+    setting are left out.  A path becomes a string (``judge_prompt``)."""
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        path = setting_path(name)
+        if path is None:
+            continue
+        if isinstance(value, PurePath):
+            value = str(value)
+        if len(path) == 2:
+            out.setdefault(path[0], {})[path[1]] = value
+        else:
+            out[name] = value
+    return out
+
+
 def env_settings(environ: Mapping[str, str]) -> dict[str, Any]:
     """Settings from ``MAGPIE_*`` variables and ``OLLAMA_HOST``."""
     out: dict[str, Any] = {}
     if environ.get("OLLAMA_HOST"):
         out["host"] = environ["OLLAMA_HOST"]
-    fields = RunConfig.model_fields
-    for key, value in environ.items():
-        if not key.startswith("MAGPIE_") or value == "":
-            continue
-        name = key[len("MAGPIE_") :].lower()
-        for nested in _NESTED:
-            if name.startswith(nested + "_"):
-                out.setdefault(nested, {})[name[len(nested) + 1 :]] = value
-                break
-        else:
-            if name in fields and name not in _NESTED:
-                out[name] = value.split(",") if name in ("extra_stop", "categories") else value
-    return out
+    flat = {
+        key[len("MAGPIE_") :].lower(): value
+        for key, value in environ.items()
+        if key.startswith("MAGPIE_") and value != ""
+    }
+    for name in ("extra_stop", "categories"):
+        if name in flat:
+            flat[name] = flat[name].split(",")
+    return out | flat_settings(flat)
 
 
 def _merge(
@@ -450,8 +559,10 @@ def build_config(
     _merge(merged, env_settings(os.environ if environ is None else environ), "environment", sources)
     _merge(merged, flags or {}, "command line", sources)
     env = os.environ if environ is None else environ
+    traits = BACKENDS.get(merged.get("backend"))  # type: ignore[arg-type]
     if (
-        merged.get("backend") == "openai"
+        traits is not None
+        and not traits.reads_ollama_host
         and sources.get("host") == "environment"
         and merged.get("host") == env.get("OLLAMA_HOST")
     ):
