@@ -237,3 +237,30 @@ def test_generate_against_the_ollama_double(tmp_path: Path) -> None:
     manifest = manifest_of(out)
     assert manifest.seed == 9 and len(manifest.runs) == 2
     assert manifest.settings["concurrency"] == 4  # auto: the Ollama backend's own
+
+
+def test_persona_and_topic_lists_are_read_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The checks load the lists; the run goes on with them (no second read)."""
+    import magpie.settings.model as model
+
+    reads: list[tuple[str, str]] = []
+    real = model.load_list
+
+    def counted(spec: str, kind: str) -> Any:
+        reads.append((spec, kind))
+        return real(spec, kind)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model, "load_list", counted)
+    personas = tmp_path / "personas.txt"
+    personas.write_text("a chef in Lyon\na pilot\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    with scripted_server() as srv:
+        args = gen_args(srv, out, 4, "--personas", str(personas), "--topics", "general")
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(reads) == [(str(personas), "persona"), ("general", "topic")]
+    recs = assert_exact(out, 4)
+    assert {r.persona for r in recs} <= {"a chef in Lyon", "a pilot"}
+    assert all(r.topic for r in recs)

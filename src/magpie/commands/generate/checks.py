@@ -21,6 +21,8 @@ class Checked:
     path: Path | None
     #: The persona and topic lists, loaded (None: neither asked for).
     steering: Steering | None
+    #: ``--system``, or the text of ``--system-preset``.
+    system: str | None
 
 
 def check_run(config: RunConfig, steering: Steering | None | Literal["load"] = "load") -> Checked:
@@ -76,7 +78,7 @@ def check_run(config: RunConfig, steering: Steering | None | Literal["load"] = "
         )
     path = check_output_path(config.output)
     check_rejects_path(config.rejects, [("output", path)])
-    return Checked(path, steering)
+    return Checked(path, steering, system)
 
 
 def validate_config(config: RunConfig) -> Path | None:

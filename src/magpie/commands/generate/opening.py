@@ -50,13 +50,13 @@ async def prepare(
     """Choose and open the backend, describe the model, resolve the template.
 
     ``checked``: what :func:`~magpie.commands.generate.checks.check_run` found
-    (its persona and topic lists are used, not read again).
+    (its persona and topic lists and system prompt are used, not read again).
     Raises BackendUnavailable / ModelNotFound (exit 3) or UsageError (exit 2).
     """
     choice = await choose_backend(config.generator_spec)
     try:
         info = await call_with_retry(choice.backend.describe, config.start_retry, on_retry)
-        system = config.effective_system
+        system = checked.system if checked is not None else config.effective_system
         pre_query = await aresolve_pre_query(config.template, choice.backend, info, system)
         systems = await _system_choices(config, choice.backend, info)
         steering = checked.steering if checked is not None else config.steering()
