@@ -161,6 +161,13 @@ def test_options_not_given_leave_the_file_and_environment(
     assert cfg.quiet is False and cfg.template == RunConfig().template
 
 
+def test_empty_categories_leave_the_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cfg_file = tmp_path / "run.toml"
+    cfg_file.write_text('categories = ["Math"]\n')
+    flags, config_file = captured_flags(monkeypatch, "--config", str(cfg_file), "--categories", "")
+    assert build_config(flags, config_file=config_file, environ={}).categories == ["Math"]
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

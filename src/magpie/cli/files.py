@@ -27,6 +27,7 @@ from magpie.cli.options import (
     SemanticHost,
     SemanticModel,
     SemanticThreshold,
+    empty_is_unset,
     given_settings,
 )
 from magpie.cli.report import report_error
@@ -56,7 +57,7 @@ def filter_cmd(
     min_difficulty: MinDifficulty = None,
     min_response_score: MinResponseScore = None,
     categories: str | None = typer.Option(
-        None, "--categories", help="Comma-separated categories to keep."
+        None, "--categories", callback=empty_is_unset, help="Comma-separated categories to keep."
     ),
     drop_unsafe: bool | None = typer.Option(None, "--drop-unsafe", show_default=False),
     filters_language: str | None = typer.Option(

@@ -26,6 +26,7 @@ from magpie.cli.options import (
     SemanticHost,
     SemanticModel,
     SemanticThreshold,
+    empty_is_unset,
     given_settings,
     switched_off,
 )
@@ -162,6 +163,7 @@ def generate(
     categories: str | None = typer.Option(
         None,
         "--categories",
+        callback=empty_is_unset,
         help='Comma-separated task categories to keep, e.g. "Math,Coding & Debugging".',
     ),
     guard: str | None = typer.Option(

@@ -93,6 +93,12 @@ def switched_off(value: bool | None) -> bool | None:
     return False if value else None
 
 
+def empty_is_unset(value: str | None) -> str | None:
+    """The callback of an option whose empty value means "not given"
+    (``--categories ""``: the config file's or environment's list stays)."""
+    return value or None
+
+
 def given_settings(ctx: typer.Context) -> dict[str, Any]:
     """The settings given on this command line: each parameter named after a
     setting that the user passed (defaults stay out, so that a config file or
