@@ -140,3 +140,36 @@ def test_config_file_json_and_bad_values(tmp_path: Path) -> None:
     for bad in ({"num": 10**12}, {"model": ""}, {"timeout": float("nan")}):
         with pytest.raises(ValueError):
             RunConfig(**bad)
+
+
+def test_every_backend_name_has_its_traits() -> None:
+    from typing import get_args
+
+    from magpie.backends.spec import BackendName
+    from magpie.settings import BACKENDS
+
+    assert set(BACKENDS) == set(get_args(BackendName))
+
+
+def test_pipeline_settings_are_derived_from_run_config() -> None:
+    from magpie.pipeline.scheduler import PipelineSettings
+    from magpie.settings import RunConfig
+
+    cfg = RunConfig(
+        turns=3,
+        keep_truncated=True,
+        reasoning="drop",
+        prejudge=True,
+        shard="1/4",
+        max_retries=2,
+        extra_stop=["x"],
+        min_quality="good",
+        instruction={"temperature": 0.5},
+    )
+    ps = cfg.pipeline_settings(concurrency=7)
+    assert isinstance(ps, PipelineSettings)
+    assert (ps.turns, ps.keep_truncated, ps.reasoning, ps.prejudge) == (3, True, "drop", True)
+    assert (ps.shard_index, ps.shard_count, ps.concurrency) == (1, 4, 7)
+    assert ps.retry == cfg.retry and ps.extra_stop == ["x"]
+    assert ps.thresholds.min_quality == "good" and ps.instruction.temperature == 0.5
+    assert cfg.start_retry.unreachable_budget == 0 and cfg.start_retry.max_retries == 2

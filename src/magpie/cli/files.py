@@ -13,13 +13,22 @@ import typer
 
 from magpie.cli import publish
 from magpie.cli.options import (
+    CardLanguages,
+    CardLicense,
+    CardName,
+    ConfigFile,
     Debug,
+    JudgeBackend,
+    MinDifficulty,
+    MinQuality,
+    MinResponseScore,
     Quiet,
     SemanticBackend,
     SemanticHost,
     SemanticModel,
     SemanticThreshold,
-    categories_flag,
+    empty_is_unset,
+    given_settings,
 )
 from magpie.cli.report import report_error
 from magpie.cli.terminal import err, fail
@@ -28,6 +37,7 @@ from magpie.store.targets import STDIO
 
 
 def filter_cmd(
+    ctx: typer.Context,
     input: str = typer.Argument(..., help="magpie JSONL to filter."),
     output: str = typer.Option(
         ..., "-o", "--output", help="Where kept records go (appended; resumable)."
@@ -36,25 +46,21 @@ def filter_cmd(
         None, "--rejects", help="Where rejected records go, with reasons."
     ),
     judge: str | None = typer.Option(None, "--judge", help="Judge model (Ollama name or .gguf)."),
-    judge_backend: str | None = typer.Option(
-        None, "--judge-backend", help="auto, ollama, openai or embedded."
-    ),
-    host: str | None = typer.Option(
+    judge_backend: JudgeBackend = None,
+    judge_host: str | None = typer.Option(
         None, "--host", "--judge-host", help="Ollama URL of the judge."
     ),
     judge_prompt: Path | None = typer.Option(
         None, "--judge-prompt", help="Judge system prompt file."
     ),
-    min_quality: str | None = typer.Option(None, "--min-quality", help="very poor .. excellent"),
-    min_difficulty: str | None = typer.Option(
-        None, "--min-difficulty", help="very easy .. very hard"
-    ),
-    min_response_score: int | None = typer.Option(None, "--min-response-score", help="1-10"),
+    min_quality: MinQuality = None,
+    min_difficulty: MinDifficulty = None,
+    min_response_score: MinResponseScore = None,
     categories: str | None = typer.Option(
-        None, "--categories", help="Comma-separated categories to keep."
+        None, "--categories", callback=empty_is_unset, help="Comma-separated categories to keep."
     ),
     drop_unsafe: bool | None = typer.Option(None, "--drop-unsafe", show_default=False),
-    language: str | None = typer.Option(
+    filters_language: str | None = typer.Option(
         None, "--language", help="Keep only this language (ISO 639-1)."
     ),
     concurrency: str | None = typer.Option(
@@ -69,7 +75,7 @@ def filter_cmd(
     max_retries: int | None = typer.Option(
         None, "--max-retries", help="Retries of a failed request."
     ),
-    config: Path | None = typer.Option(None, "--config", help="TOML or YAML settings file."),
+    config: ConfigFile = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -77,25 +83,8 @@ def filter_cmd(
     from magpie.cli.report import Reporter
 
     reporter = Reporter(quiet=quiet)
-    flags: dict[str, Any] = {
-        "output": output,
-        "rejects": rejects,
-        "judge": judge,
-        "judge_backend": judge_backend,
-        "judge_host": host,
-        "judge_prompt": str(judge_prompt) if judge_prompt else None,
-        "min_quality": min_quality,
-        "min_difficulty": min_difficulty,
-        "min_response_score": min_response_score,
-        "drop_unsafe": drop_unsafe,
-        "filters": {"language": language},
-        "concurrency": concurrency,
-        "overwrite": overwrite,
-        "timeout": timeout,
-        "max_retries": max_retries,
-    }
+    flags = given_settings(ctx)  # each parameter named after a setting (cli.options)
     try:
-        flags["categories"] = categories_flag(categories)
         from magpie.commands.filter import afilter
         from magpie.commands.generate import RunControl
         from magpie.settings import build_config
@@ -248,9 +237,9 @@ def export(
     rejects: Path | None = typer.Option(
         None, "--rejects", help="hf, sqlite: the rejects file of the same runs."
     ),
-    license: str = publish.License,
-    language: list[str] | None = publish.Language,
-    name: str | None = publish.Name,
+    license: CardLicense = "unknown",
+    language: CardLanguages = None,
+    name: CardName = None,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:

@@ -1,4 +1,7 @@
-"""``magpie generate``: the flags, the progress bar, signals, the summary."""
+"""``magpie generate``: the flags, the progress bar, signals, the summary.
+
+Each parameter named after a setting is its option (see :mod:`magpie.cli.options`):
+adding a setting is one ``RunConfig`` field and one parameter here."""
 
 from __future__ import annotations
 
@@ -14,12 +17,18 @@ import typer
 
 from magpie.cli.options import (
     Debug,
+    JudgeBackend,
+    MinDifficulty,
+    MinQuality,
+    MinResponseScore,
     Quiet,
     SemanticBackend,
     SemanticHost,
     SemanticModel,
     SemanticThreshold,
-    categories_flag,
+    empty_is_unset,
+    given_settings,
+    switched_off,
 )
 from magpie.cli.report import report_error, report_summary
 from magpie.cli.terminal import fail
@@ -27,6 +36,7 @@ from magpie.errors import ExitStatus, MagpieError, OutputClosed
 
 
 def generate(
+    ctx: typer.Context,
     num: int | None = typer.Option(
         None,
         "-n",
@@ -130,15 +140,13 @@ def generate(
         "--grace-period",
         help="Seconds pairs in flight get to finish after Ctrl-C/SIGTERM (default 10).",
     ),
-    language: str | None = typer.Option(
+    filters_language: str | None = typer.Option(
         None, "--language", help="Keep only instructions in this language (ISO 639-1, e.g. en)."
     ),
     judge: str | None = typer.Option(
         None, "--judge", help="Judge model (Ollama name or .gguf), or 'same' for the generator."
     ),
-    judge_backend: str | None = typer.Option(
-        None, "--judge-backend", help="auto, ollama, openai or embedded."
-    ),
+    judge_backend: JudgeBackend = None,
     judge_host: str | None = typer.Option(None, "--judge-host", help="Ollama URL of the judge."),
     judge_prompt: Path | None = typer.Option(
         None, "--judge-prompt", help="Judge system prompt file (see configs/judge/)."
@@ -149,14 +157,13 @@ def generate(
         help="Judge each instruction before its response is generated (saves response tokens).",
         show_default=False,
     ),
-    min_quality: str | None = typer.Option(None, "--min-quality", help="very poor .. excellent"),
-    min_difficulty: str | None = typer.Option(
-        None, "--min-difficulty", help="very easy .. very hard"
-    ),
-    min_response_score: int | None = typer.Option(None, "--min-response-score", help="1-10"),
+    min_quality: MinQuality = None,
+    min_difficulty: MinDifficulty = None,
+    min_response_score: MinResponseScore = None,
     categories: str | None = typer.Option(
         None,
         "--categories",
+        callback=empty_is_unset,
         help='Comma-separated task categories to keep, e.g. "Math,Coding & Debugging".',
     ),
     guard: str | None = typer.Option(
@@ -221,8 +228,12 @@ def generate(
         "--topic-template",
         help="How a topic enters the system prompt: text with {topic} and {system}.",
     ),
-    no_dedup: bool = typer.Option(
-        False, "--no-dedup", help="Keep near-duplicate instructions (dedup is on by default)."
+    dedup: bool | None = typer.Option(
+        None,
+        "--no-dedup",
+        callback=switched_off,
+        help="Keep near-duplicate instructions (dedup is on by default).",
+        show_default=False,
     ),
     dedup_threshold: float | None = typer.Option(
         None, "--dedup-threshold", help="Jaccard from which instructions are near-duplicates (0.7)."
@@ -246,67 +257,7 @@ def generate(
     debug: Debug = False,
 ) -> None:
     """Generate instruction/response pairs and write them as JSONL."""
-    flags: dict[str, Any] = {
-        "num": num,
-        "output": output,
-        "overwrite": overwrite,
-        "allow_mixed": allow_mixed,
-        "backend": backend,
-        "model": model,
-        "host": host or None,
-        "template": template,
-        "system": system,
-        "seed": seed,
-        "concurrency": concurrency,
-        "keep_truncated": keep_truncated,
-        "reasoning": reasoning,
-        "timeout": timeout,
-        "max_retries": max_retries,
-        "unreachable_budget": unreachable_budget,
-        "grace_period": grace_period,
-        "backoff_base": backoff_base,
-        "judge": judge,
-        "judge_backend": judge_backend,
-        "judge_host": judge_host,
-        "judge_prompt": str(judge_prompt) if judge_prompt else None,
-        "prejudge": prejudge,
-        "min_quality": min_quality,
-        "min_difficulty": min_difficulty,
-        "min_response_score": min_response_score,
-        "categories": categories,
-        "guard": guard,
-        "drop_unsafe": drop_unsafe,
-        "rejects": rejects,
-        "shard": shard,
-        "turns": turns,
-        "responses": responses,
-        "samples_per_request": samples_per_request,
-        "system_preset": system_preset,
-        "balance": balance,
-        "personas": personas,
-        "persona_template": persona_template,
-        "topics": topics,
-        "topic_template": topic_template,
-        "dedup": False if no_dedup else None,
-        "dedup_threshold": dedup_threshold,
-        "semantic_model": semantic_model,
-        "semantic_threshold": semantic_threshold,
-        "semantic_backend": semantic_backend,
-        "semantic_host": semantic_host,
-        "filters": {"language": language},
-        "instruction": {
-            "temperature": instruction_temperature,
-            "top_p": instruction_top_p,
-            "max_tokens": instruction_max_tokens,
-        },
-        "response": {
-            "temperature": response_temperature,
-            "top_p": response_top_p,
-            "max_tokens": response_max_tokens,
-        },
-    }
-    if quiet:
-        flags["quiet"] = True
+    flags = given_settings(ctx)
     from magpie.cli.report import Reporter
 
     try:
@@ -328,7 +279,6 @@ def _generate(
     from magpie.settings import build_config
 
     try:
-        flags["categories"] = categories_flag(flags.get("categories"))
         cfg = build_config(flags, config_file=config_file)
     except MagpieError as exc:
         return report_error(exc, reporter, debug)

@@ -9,14 +9,22 @@ from pathlib import Path
 
 import typer
 
-from magpie.cli.options import Debug, SemanticBackend, SemanticHost
+from magpie.cli.options import (
+    ConfigFile,
+    DataWithManifest,
+    Debug,
+    RejectsOfRuns,
+    SemanticBackend,
+    SemanticHost,
+    given_settings,
+)
 from magpie.cli.terminal import _stdout_console, err, fail, out
 from magpie.errors import MagpieError
 
 
 def stats(
-    input: str = typer.Argument(..., help="magpie JSONL (its manifest is read when present)."),
-    rejects: Path | None = typer.Option(None, "--rejects", help="Rejects file of the same runs."),
+    input: DataWithManifest,
+    rejects: RejectsOfRuns = None,
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON on stdout."),
     html: Path | None = typer.Option(
         None, "--html", help="Write a self-contained HTML report with charts."
@@ -71,6 +79,7 @@ def stats(
 
 
 def doctor(
+    ctx: typer.Context,
     host: str | None = typer.Option(None, "--host", help="Ollama URL."),
     model: str | None = typer.Option(
         None, "--model", "-m", help="Ollama model name or a .gguf file."
@@ -80,7 +89,7 @@ def doctor(
         None, "--template", "-t", help="Template family, auto or a file."
     ),
     system: str | None = typer.Option(None, "--system", help="System prompt for the pre-query."),
-    config: Path | None = typer.Option(None, "--config", help="TOML or YAML settings file."),
+    config: ConfigFile = None,
     as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON on stdout."),
     debug: Debug = False,
 ) -> None:
@@ -98,14 +107,7 @@ def doctor(
         )
         from magpie.settings import build_config
 
-        flags = {
-            "host": host,
-            "model": model,
-            "backend": backend,
-            "template": template,
-            "system": system,
-        }
-        cfg = build_config(flags, config_file=config)
+        cfg = build_config(given_settings(ctx), config_file=config)
         checks = asyncio.run(run_doctor(cfg))
     except (MagpieError, Exception) as exc:  # noqa: BLE001
         raise fail(exc, debug) from None

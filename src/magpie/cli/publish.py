@@ -1,26 +1,48 @@
 """Publishing: ``magpie card``, ``magpie export --format hf|sqlite`` (a thin layer
-over :mod:`magpie.commands.publish`)."""
+over :mod:`magpie.commands.publish`).  The card's options are declared once in
+:mod:`magpie.cli.options` (``CardLicense``, ``CardLanguages``, ``CardName``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import typer
-
-from magpie.cli.options import Debug
+from magpie.cli.options import (
+    CardLanguages,
+    CardLicense,
+    CardName,
+    DataWithManifest,
+    Debug,
+    RejectsOfRuns,
+)
 from magpie.cli.terminal import err, fail, out
 from magpie.errors import MagpieError, UsageError
 from magpie.store.targets import STDIO
 
-License = typer.Option(
-    "unknown",
-    "--license",
-    help="The card's license (a Hub license id); `unknown` until you choose one.",
-)
-Language = typer.Option(
-    None, "--language", help="A language of the data (ISO 639-1; repeat for several)."
-)
-Name = typer.Option(None, "--name", help="The card's pretty name.")
+
+def _export(
+    fmt: str,
+    input: str,
+    output: str,
+    writes: str,
+    run: Callable[[], Any],
+    then: Callable[[Any], str],
+    rejects: Path | None,
+    quiet: bool,
+    debug: bool,
+) -> None:
+    """One export from a file to a file or folder (``writes``: what, and how to
+    name it); on success, the records and rejects written, then ``then(result)``."""
+    try:
+        if input == STDIO or output == STDIO:
+            raise UsageError(f"--format {fmt} reads a file and writes {writes}")
+        res = run()
+    except (MagpieError, Exception) as exc:  # noqa: BLE001
+        raise fail(exc, debug) from None
+    if not quiet:
+        extra = f" and {res.rejects} rejects" if rejects is not None else ""
+        err(f"magpie: exported {res.records} records{extra} as {fmt} to {res.path}{then(res)}")
 
 
 def export_folder(
@@ -35,12 +57,11 @@ def export_folder(
     debug: bool,
 ) -> None:
     """``magpie export --format hf -o DIR``."""
-    try:
-        if input == STDIO or output == STDIO:
-            raise UsageError("--format hf reads a file and writes a folder: give INPUT and -o DIR")
+
+    def run() -> Any:
         from magpie.commands.publish.folder import export_hf
 
-        res = export_hf(
+        return export_hf(
             input,
             output,
             rejects=rejects,
@@ -49,43 +70,42 @@ def export_folder(
             languages=language,
             pretty_name=name,
         )
-    except (MagpieError, Exception) as exc:  # noqa: BLE001
-        raise fail(exc, debug) from None
-    if not quiet:
-        extra = f" and {res.rejects} rejects" if rejects is not None else ""
-        err(
-            f"magpie: exported {res.records} records{extra} as hf to {res.path} "
-            f"({res.shards} Parquet shard{'s' if res.shards != 1 else ''} and README.md); "
+
+    def then(res: Any) -> str:
+        return (
+            f" ({res.shards} Parquet shard{'s' if res.shards != 1 else ''} and README.md); "
             f"publish with: hf upload REPO {res.path} --repo-type dataset"
         )
+
+    _export(
+        "hf", input, output, "a folder: give INPUT and -o DIR", run, then, rejects, quiet, debug
+    )
 
 
 def export_database(
     input: str, output: str, rejects: Path | None, overwrite: bool, quiet: bool, debug: bool
 ) -> None:
     """``magpie export --format sqlite -o data.db``."""
-    try:
-        if input == STDIO or output == STDIO:
-            raise UsageError("--format sqlite reads a file and writes one: give INPUT and -o FILE")
+
+    def run() -> Any:
         from magpie.commands.publish.sqlite import export_sqlite
 
-        res = export_sqlite(input, output, rejects=rejects, overwrite=overwrite)
-    except (MagpieError, Exception) as exc:  # noqa: BLE001
-        raise fail(exc, debug) from None
-    if not quiet:
-        extra = f" and {res.rejects} rejects" if rejects is not None else ""
-        err(
-            f"magpie: exported {res.records} records{extra} as sqlite to {res.path}; "
-            f"browse with: datasette {res.path} -o"
-        )
+        return export_sqlite(input, output, rejects=rejects, overwrite=overwrite)
+
+    def then(res: Any) -> str:
+        return f"; browse with: datasette {res.path} -o"
+
+    _export(
+        "sqlite", input, output, "one: give INPUT and -o FILE", run, then, rejects, quiet, debug
+    )
 
 
 def card(
-    input: str = typer.Argument(..., help="magpie JSONL (its manifest is read when present)."),
-    rejects: Path | None = typer.Option(None, "--rejects", help="Rejects file of the same runs."),
-    license: str = License,
-    language: list[str] | None = Language,
-    name: str | None = Name,
+    input: DataWithManifest,
+    rejects: RejectsOfRuns = None,
+    license: CardLicense = "unknown",
+    language: CardLanguages = None,
+    name: CardName = None,
     debug: Debug = False,
 ) -> None:
     """Print the Hugging Face dataset card (README.md) of a magpie JSONL."""

@@ -1,37 +1,33 @@
-"""Run configuration: defaults < config file < environment < flags.
-
-A config file is TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON (``.json``) holding the same
-settings as the ``generate`` flags (see configs/).  Environment variables are
-``MAGPIE_<KEY>`` (``MAGPIE_INSTRUCTION_TEMPERATURE`` for nested keys) and
-``OLLAMA_HOST``.  Everything is validated by pydantic; an error names the bad
-key and where it came from.
-"""
+"""The settings model: :class:`RunConfig`, every setting of ``magpie generate``,
+and the sections derived from it (the backends' :class:`BackendSpec`, the
+pipeline's :class:`PipelineSettings`, the retry policy, the judge's thresholds)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from magpie.backends.base import Sampling
 from magpie.backends.retry import RetryPolicy
 from magpie.backends.spec import BackendName, BackendSpec
 from magpie.errors import UsageError
-from magpie.pipeline.scheduler import default_instruction_sampling, default_response_sampling
+from magpie.pipeline.scheduler import (
+    PipelineSettings,
+    default_instruction_sampling,
+    default_response_sampling,
+)
 from magpie.pipeline.stages.dedup.index import DEFAULT_SEMANTIC_THRESHOLD
 from magpie.pipeline.stages.filters import FilterSettings
-from magpie.pipeline.stages.judge import Category, Difficulty, Quality, Thresholds
+from magpie.pipeline.stages.judge import (
+    Category,
+    Difficulty,
+    Quality,
+    Thresholds,
+    parse_categories,
+)
 from magpie.pipeline.stages.reasoning import ReasoningMode
 from magpie.pipeline.steering import (
     DEFAULT_TEMPLATES,
@@ -40,6 +36,7 @@ from magpie.pipeline.steering import (
     check_template,
     load_list,
 )
+from magpie.settings.traits import BACKENDS, DEFAULT_EMBEDDER
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -197,6 +194,13 @@ class RunConfig(BaseModel):
             return {**factory().model_dump(), **value}
         return value
 
+    @field_validator("categories", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        """``--categories "Math,Coding & Debugging"``: labels in any case (exit 2
+        on an unknown one)."""
+        return parse_categories(value) if isinstance(value, str) else value
+
     @property
     def thresholds(self) -> Thresholds:
         return Thresholds(
@@ -297,7 +301,8 @@ class RunConfig(BaseModel):
         A host of None means the backend's default.
         """
         gen = generator or self.backend
-        name = self.semantic_backend or (gen if gen in ("ollama", "openai") else "ollama")
+        traits = BACKENDS.get(gen)
+        name = self.semantic_backend or (gen if traits and traits.embeds else DEFAULT_EMBEDDER)
         host = self.semantic_host
         if host is None and name == gen:
             host = self.hosts[0]
@@ -321,9 +326,8 @@ class RunConfig(BaseModel):
         from magpie.backends.registry import looks_like_gguf
 
         name, host = self.semantic_target()
-        # llama-server names its model by the GGUF path it loaded (`/v1/models`):
-        # on an OpenAI-compatible server a path is a served model's id.
-        if name != "openai" and looks_like_gguf(self.semantic_model):
+        traits = BACKENDS[name]
+        if not traits.model_ids_are_paths and looks_like_gguf(self.semantic_model):
             raise UsageError(
                 f"--semantic-model {self.semantic_model!r} is a file: name an embedding model "
                 "on an Ollama or OpenAI-compatible server, e.g. nomic-embed-text"
@@ -331,14 +335,7 @@ class RunConfig(BaseModel):
         if self.semantic_host is None or host is None:
             return
         try:
-            if name == "openai":
-                from magpie.backends.openai import normalize_host
-
-                normalize_host(host)
-            else:
-                from magpie.backends.ollama import validate_host
-
-                validate_host(host)
+            traits.check_url(host)
         except UsageError:
             raise UsageError(
                 f"--semantic-host {host!r} is not a URL: use e.g. http://127.0.0.1:11434"
@@ -353,145 +350,25 @@ class RunConfig(BaseModel):
             unreachable_budget=self.unreachable_budget,
         )
 
+    @property
+    def start_retry(self) -> RetryPolicy:
+        """The retries of the first request to a backend (``describe``): 5xx
+        and timeouts are retried like any request, but a refused connection is
+        not: the server is down, say so at once (exit 3)."""
+        return self.retry.model_copy(update={"unreachable_budget": 0.0})
 
-_NESTED = ("instruction", "response", "filters")
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML, YAML or JSON config file into a dict (exit 2 on any problem)."""
-    p = Path(path).expanduser()
-    try:
-        text = p.read_text("utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"config file not found: {p}") from None
-    except IsADirectoryError:
-        raise UsageError(f"config file is a directory: {p}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read config file {p}: {exc}") from None
-    if p.suffix.lower() == ".json":
-        import json
-
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise UsageError(f"config file {p} is not valid JSON: {exc}") from None
-    elif p.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise UsageError(
-                f"config file {p} is not valid YAML: {' '.join(str(exc).split())}"
-            ) from None
-        data = {} if data is None else data
-    else:
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise UsageError(f"config file {p} is not valid TOML: {exc}") from None
-    if not isinstance(data, dict):
-        raise UsageError(
-            f"config file {p} must hold a table of settings, not {type(data).__name__}"
-        )
-    return data
-
-
-def env_settings(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Settings from ``MAGPIE_*`` variables and ``OLLAMA_HOST``."""
-    out: dict[str, Any] = {}
-    if environ.get("OLLAMA_HOST"):
-        out["host"] = environ["OLLAMA_HOST"]
-    fields = RunConfig.model_fields
-    for key, value in environ.items():
-        if not key.startswith("MAGPIE_") or value == "":
-            continue
-        name = key[len("MAGPIE_") :].lower()
-        for nested in _NESTED:
-            if name.startswith(nested + "_"):
-                out.setdefault(nested, {})[name[len(nested) + 1 :]] = value
-                break
-        else:
-            if name in fields and name not in _NESTED:
-                out[name] = value.split(",") if name in ("extra_stop", "categories") else value
-    return out
-
-
-def _merge(
-    base: dict[str, Any], over: Mapping[str, Any], source: str, sources: dict[str, str]
-) -> None:
-    for key, value in over.items():
-        if value is None:
-            continue
-        if key in _NESTED and isinstance(value, Mapping):
-            sub = base.setdefault(key, {})
-            if not isinstance(sub, dict):
-                sub = base[key] = {}
-            for k, v in value.items():
-                if v is not None:
-                    sub[k] = v
-                    sources[f"{key}.{k}"] = source
-        else:
-            base[key] = value
-            sources[key] = source
-
-
-def build_config(
-    flags: Mapping[str, Any] | None = None,
-    *,
-    config_file: str | Path | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> RunConfig:
-    """Merge defaults < config file < environment < flags, and validate."""
-    merged: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    if config_file is not None:
-        _merge(merged, load_config_file(config_file), f"config file {config_file}", sources)
-    _merge(merged, env_settings(os.environ if environ is None else environ), "environment", sources)
-    _merge(merged, flags or {}, "command line", sources)
-    env = os.environ if environ is None else environ
-    if (
-        merged.get("backend") == "openai"
-        and sources.get("host") == "environment"
-        and merged.get("host") == env.get("OLLAMA_HOST")
-    ):
-        # OLLAMA_HOST names an Ollama server, not an OpenAI-compatible one
-        # (those read OPENAI_BASE_URL).
-        del merged["host"]
-    try:
-        return RunConfig.model_validate(merged)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        full = ".".join(str(x) for x in err["loc"])
-        known = {*RunConfig.model_fields, *Sampling.model_fields, *FilterSettings.model_fields}
-        # Union branches add names such as "constrained-int" to the location.
-        loc = ".".join(str(x) for x in err["loc"] if str(x) in known) or full
-        parts = full.split(".")
-        key = ".".join(parts[:2]) if parts[0] in _NESTED else parts[0]
-        where = sources.get(key) or sources.get(parts[0]) or "settings"
-        if err["type"] == "extra_forbidden":
-            names = (
-                (FilterSettings if parts[0] == "filters" else Sampling).model_fields
-                if parts[0] in _NESTED and len(parts) > 1
-                else RunConfig.model_fields
-            )
-            raise UsageError(
-                f"unknown setting {full!r} in {where}; known settings"
-                + (f" of [{parts[0]}]" if len(parts) > 1 else "")
-                + ": "
-                + ", ".join(names)
-            ) from None
-        value = err.get("input")
-        shown = f" {value!r}" if not isinstance(value, dict) else ""
-        raise UsageError(f"bad value{shown} for {loc} (from {where}): {err['msg']}") from None
-
-
-def semantic_config(flags: dict[str, Any]) -> RunConfig:
-    """The semantic settings of ``magpie dedup`` and ``magpie merge``: their
-    flags over the ``MAGPIE_SEMANTIC_*`` variables, validated (exit 2).
-    Without a generator, the embedding model is on Ollama at its default host
-    unless ``--semantic-backend``/``--semantic-host`` say otherwise."""
-    environ = {k: v for k, v in os.environ.items() if k.startswith("MAGPIE_SEMANTIC_")}
-    config = build_config(flags, environ=environ)
-    config.validate_semantic()
-    return config
+    def pipeline_settings(self, concurrency: int) -> PipelineSettings:
+        """The pipeline's section of these settings: every field of
+        :class:`PipelineSettings` that a field here of the same name sets, and
+        the ones derived here; ``concurrency`` is the resolved number (``auto``
+        is the backend's own)."""
+        shared = PipelineSettings.model_fields.keys() & type(self).model_fields.keys()
+        shard_index, shard_count = self.shard_spec
+        derived = {
+            "concurrency": concurrency,
+            "retry": self.retry,
+            "thresholds": self.thresholds,
+            "shard_index": shard_index,
+            "shard_count": shard_count,
+        }
+        return PipelineSettings(**{name: getattr(self, name) for name in shared} | derived)
