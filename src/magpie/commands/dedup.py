@@ -9,8 +9,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from pydantic import ValidationError
-
 from magpie.errors import UsageError
 from magpie.pipeline.stages.dedup.index import (
     DEFAULT_THRESHOLD,
@@ -19,9 +17,8 @@ from magpie.pipeline.stages.dedup.index import (
     Duplicate,
 )
 from magpie.pipeline.stages.dedup.minhash import BATCH
-from magpie.records import Record
 from magpie.store.atomic import AtomicOutput
-from magpie.store.jsonl import record_error_detail
+from magpie.store.jsonl import RecordReader
 from magpie.store.targets import STDIO, refuse_same, same_file, stdin_bytes
 
 
@@ -78,18 +75,10 @@ def dedup_file(
     return counts
 
 
-def _record_batches(fin: IO[bytes], name: str) -> Iterable[list[tuple[bytes, str, str]]]:
+def _record_batches(fin: Iterable[bytes], name: str) -> Iterable[list[tuple[bytes, str, str]]]:
     batch: list[tuple[bytes, str, str]] = []
-    for lineno, raw in enumerate(fin, start=1):
-        if not raw.strip():
-            continue
-        try:
-            rec = Record.model_validate_json(raw)
-        except (ValidationError, ValueError) as exc:
-            raise UsageError(
-                f"{name} is not a magpie JSONL (line {lineno}: {record_error_detail(exc)}); nothing written"
-            ) from None
-        batch.append((raw, rec.id, rec.instruction))
+    for line in RecordReader(fin, name, then="nothing written"):
+        batch.append((line.raw, line.record.id, line.record.instruction))
         if len(batch) >= BATCH:
             yield batch
             batch = []

@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, NamedTuple
@@ -73,11 +73,12 @@ def record_error(
     converter of records: ``NAME line N is not a magpie record (DETAIL)``.
     ``torn``: the line is a last line without a newline (an incomplete write).
     """
-    where = f"line {lineno}" + (", an incomplete last line" if torn else "")
     detail = record_error_detail(exc)
     if then is None:
-        return UsageError(f"{name} {where} is not a magpie record ({detail})")
-    return UsageError(f"{name} is not a magpie JSONL ({where}: {detail}); {then}")
+        note = "; an incomplete last line" if torn else ""
+        return UsageError(f"{name} line {lineno} is not a magpie record ({detail}{note})")
+    note = ", an incomplete last line" if torn else ""
+    return UsageError(f"{name} is not a magpie JSONL (line {lineno}{note}: {detail}); {then}")
 
 
 def open_lines(source: Path | str) -> Iterator[bytes]:
@@ -133,7 +134,7 @@ class RecordReader:
         self.records = 0
         self.torn = b""
 
-    def __iter__(self) -> Iterator[RecordLine]:
+    def __iter__(self) -> Generator[RecordLine, None, None]:
         source = self._source
         lines = open_lines(source) if isinstance(source, str | Path) else source
         for lineno, raw in enumerate(lines, start=1):
@@ -163,13 +164,15 @@ def read_records(
     *,
     torn: TornPolicy = "error",
     then: str | None = None,
-) -> Iterator[Record]:
+) -> Generator[Record, None, None]:
     """The records of ``source``, streamed (see :class:`RecordReader`)."""
     for line in RecordReader(source, name, torn=torn, then=then):
         yield line.record
 
 
-def read_objects(source: Path | str | Iterable[bytes]) -> Iterator[dict[str, Any] | None]:
+def read_objects(
+    source: Path | str | Iterable[bytes],
+) -> Generator[dict[str, Any] | None, None, None]:
     """Each non-blank line of a JSONL that is not (only) records, such as a
     rejects file, parsed leniently: a JSON object, or None when the line is not
     one (its reader counts or skips those)."""
