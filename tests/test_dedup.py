@@ -383,8 +383,15 @@ def test_open_refuses_a_foreign_file_and_ignores_a_torn_tail(tmp_path: Path) -> 
     index = DedupIndex.open(out)
     assert len(index) == 2
     foreign = tmp_path / "f.jsonl"
-    foreign.write_text('{"id": "a", "instruction": "x"}\n{"text": "hello"}\n')
-    with pytest.raises(UsageError, match="line 2"):
+    write_output(foreign, [LONG])
+    with foreign.open("ab") as fh:
+        fh.write(b'{"text": "hello"}\n')
+    with pytest.raises(UsageError, match=r"line 2: .*; cannot build its dedup index"):
+        DedupIndex.open(foreign)
+    # the index reads records as every reader does (store.jsonl): an id and an
+    # instruction alone are not a record
+    foreign.write_text('{"id": "a", "instruction": "x"}\n')
+    with pytest.raises(UsageError, match="line 1"):
         DedupIndex.open(foreign)
     assert DedupIndex.open(tmp_path / "none.jsonl").source == "empty"
 

@@ -145,3 +145,26 @@ def test_headless_chromium_finds_a_record_in_datasette(
     dom = proc.stdout
     assert "<table" in dom and first["id"] in dom
     assert first["instruction"].split()[0] in dom
+
+
+def test_the_file_is_written_by_the_one_atomic_writer(
+    run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A bad line leaves nothing behind; a killed export's temporary file is
+    swept by the next one; the file is 0644 (``store.atomic.AtomicFile``)."""
+    from magpie.commands.publish.sqlite import export_sqlite
+    from magpie.errors import UsageError
+
+    data, rejects = run
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(data.read_bytes() + b'{"id": 1}\n')
+    db_path = tmp_path / "data.db"
+    with pytest.raises(UsageError, match=r"bad\.jsonl line \d+ is not a magpie record"):
+        export_sqlite(bad, db_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+    stale = tmp_path / ".data.db.999999999.x1y2.tmp"  # its process is gone
+    stale.write_bytes(b"half a database")
+    done = export_sqlite(data, db_path, rejects=rejects)
+    assert done.records == len(data.read_text().splitlines()) and done.rejects > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "data.db"]
+    assert db_path.stat().st_mode & 0o777 == 0o644

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Generator
 from pathlib import Path
-from typing import IO, Any, Protocol
-
-from pydantic import ValidationError
+from typing import Any, Protocol
 
 from magpie.errors import UsageError
 from magpie.pipeline.stages.dedup.index import (
@@ -19,10 +17,9 @@ from magpie.pipeline.stages.dedup.index import (
     Duplicate,
 )
 from magpie.pipeline.stages.dedup.minhash import BATCH
-from magpie.records import Record
 from magpie.store.atomic import AtomicOutput
-from magpie.store.jsonl import record_error_detail
-from magpie.store.targets import STDIO, refuse_same, same_file, stdin_bytes
+from magpie.store.jsonl import RecordReader
+from magpie.store.targets import STDIO, refuse_same, same_file
 
 
 def dedup_file(
@@ -59,11 +56,8 @@ def dedup_file(
         out.open()
         if rej is not None:
             rej.open()
-        with contextlib.ExitStack() as stack:
-            fin: IO[bytes] = (
-                stdin_bytes() if src_name == STDIO else stack.enter_context(open(src_name, "rb"))
-            )
-            for batch in _record_batches(fin, src_name):
+        with contextlib.closing(_record_batches(src_name)) as batches:
+            for batch in batches:
                 dups = index.check_and_add_many((rid, text) for _, rid, text in batch)
                 for (raw, _, _), dup in zip(batch, dups, strict=True):
                     counts.total += 1
@@ -78,18 +72,11 @@ def dedup_file(
     return counts
 
 
-def _record_batches(fin: IO[bytes], name: str) -> Iterable[list[tuple[bytes, str, str]]]:
+def _record_batches(src: str) -> Generator[list[tuple[bytes, str, str]], None, None]:
+    """Batches of ``(line, id, instruction)`` of ``src`` (``-``: stdin)."""
     batch: list[tuple[bytes, str, str]] = []
-    for lineno, raw in enumerate(fin, start=1):
-        if not raw.strip():
-            continue
-        try:
-            rec = Record.model_validate_json(raw)
-        except (ValidationError, ValueError) as exc:
-            raise UsageError(
-                f"{name} is not a magpie JSONL (line {lineno}: {record_error_detail(exc)}); nothing written"
-            ) from None
-        batch.append((raw, rec.id, rec.instruction))
+    for line in RecordReader(src, then="nothing written"):
+        batch.append((line.raw, line.record.id, line.record.instruction))
         if len(batch) >= BATCH:
             yield batch
             batch = []

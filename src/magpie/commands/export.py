@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
-
-from pydantic import ValidationError
 
 from magpie.errors import UsageError
 from magpie.records import Record
 from magpie.store.atomic import AtomicFile
+from magpie.store.jsonl import read_records
 from magpie.store.targets import STDIO, check_target, same_file, stdin_bytes, stdout_bytes
 
 Format = Literal["openai", "sharegpt", "alpaca", "dpo"]
@@ -113,22 +112,6 @@ def convert(record: Record, fmt: str) -> dict[str, Any] | None:
     raise UsageError(f"unknown export format {fmt!r}; pick one of: {', '.join(FORMATS)}")
 
 
-def read_records(lines: Iterable[bytes], name: str) -> Iterator[Record]:
-    """Parse magpie records from JSONL lines; a bad line is a UsageError."""
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            yield Record.model_validate_json(line)
-        except (ValidationError, ValueError) as exc:
-            if isinstance(exc, ValidationError):
-                err = exc.errors()[0]
-                detail = f"{'.'.join(str(x) for x in err['loc']) or 'record'}: {err['msg']}"
-            else:
-                detail = str(exc).splitlines()[0]
-            raise UsageError(f"{name} line {lineno} is not a magpie record ({detail})") from None
-
-
 def export_file(src: str, fmt: str, dst: str, *, overwrite: bool = False) -> int:
     """Convert ``src`` (``-`` = stdin) into ``dst`` (``-`` = stdout).
 
@@ -147,22 +130,25 @@ def export_file(src: str, fmt: str, dst: str, *, overwrite: bool = False) -> int
             )
         check_target(out_path, "output", overwrite=overwrite)
     if src == STDIO:
-        fh = stdin_bytes()
+        stdin_bytes()  # a closed stdin fails now, before any output is made
+        source: Path | str = STDIO
         name = "stdin"
     else:
-        p = Path(src).expanduser()
-        if not p.is_file():
+        source = Path(src).expanduser()
+        if not source.is_file():
             raise UsageError(
-                f"input {p} not found" if not p.exists() else f"input {p} is not a file"
+                f"input {source} not found"
+                if not source.exists()
+                else f"input {source} is not a file"
             )
-        fh = p.open("rb")  # bytes: a line that is not UTF-8 is a bad record, not a crash
-        name = str(p)
+        name = str(source)
+    records = read_records(source, name)
     count = 0
     skipped: Counter[str] = Counter()
 
     def rows() -> Iterator[str]:
         nonlocal count
-        for rec in read_records(fh, name):
+        for rec in records:
             row = convert(rec, fmt)
             if row is None:
                 skipped[skip_reason(rec, fmt) or "empty"] += 1
@@ -182,5 +168,4 @@ def export_file(src: str, fmt: str, dst: str, *, overwrite: bool = False) -> int
                     out.write(line)
         return ExportCount(count, skipped)
     finally:
-        if src != STDIO:
-            fh.close()
+        records.close()

@@ -12,7 +12,6 @@ thresholds costs no model calls).
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from magpie.store.jsonl import (
     RejectsWriter,
     check_output_path,
     check_rejects_path,
+    read_objects,
+    read_records,
     scan_output,
 )
 from magpie.store.lock import OutputLock
@@ -48,35 +49,21 @@ class FilterResult:
 
 def _done_ids(path: Path | None) -> set[str]:
     """Ids in a rejects file (lines that carry an ``id``)."""
-    ids: set[str] = set()
     if path is None or not path.exists():
-        return ids
-    with path.open("rb") as fh:
-        for line in fh:
-            try:
-                rid = json.loads(line).get("id")
-            except (ValueError, AttributeError):
-                continue
-            if rid:
-                ids.add(rid)
-    return ids
+        return set()
+    return {
+        rid
+        for obj in read_objects(path)
+        if obj is not None and isinstance(rid := obj.get("id"), str) and rid
+    }
 
 
 def _records(src: Path, skip: set[str], counter: list[int]) -> Iterator[Record]:
-    from pydantic import ValidationError
-
-    with src.open("rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = Record.model_validate_json(line)
-            except (ValidationError, ValueError):
-                raise UsageError(f"{src} line {lineno} is not a magpie record") from None
-            if rec.id in skip:
-                counter[0] += 1
-                continue
-            yield rec
+    for rec in read_records(src, str(src)):
+        if rec.id in skip:
+            counter[0] += 1
+            continue
+        yield rec
 
 
 async def afilter(

@@ -5,7 +5,10 @@ A reader (or a crash) sees the old file or the new one, never half of one.
 A process killed mid-write (SIGKILL) leaves its temporary file: the next
 writer of the same file removes it (the PID in its name is gone).
 The manifest, the dedup index cache, ``magpie dedup``/``merge``/``export``
-outputs and the HTML stats report are all written this way.
+outputs (the SQLite file too) and the HTML stats report are all written this
+way: :class:`AtomicFile` is the one atomic writer of a file.  (The Hugging Face
+folder of ``export --format hf`` is a directory: it is built under a temporary
+name and renamed the same way, in :mod:`magpie.commands.publish.folder`.)
 """
 
 from __future__ import annotations
@@ -93,6 +96,13 @@ class AtomicFile:
         )
         self._tmp: Path | None = Path(tmp)
         self.fh: IO[Any] = os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb")
+
+    @property
+    def tmp_path(self) -> Path:
+        """The temporary file, for a writer that opens it by name (SQLite): its
+        bytes are synced and renamed into place by :meth:`commit` all the same."""
+        assert self._tmp is not None, "already committed or aborted"
+        return self._tmp
 
     def commit(self) -> None:
         """Flush, fsync and rename into place."""

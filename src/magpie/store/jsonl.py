@@ -1,5 +1,10 @@
-"""JSONL output: append-only, one complete line per record, safe to resume.
+"""The dataset's JSONL: the one reader of record files, and the writers.
 
+* :class:`RecordReader` (and :func:`read_records`) is the one reader of record
+  files: streamed line by line, a torn last line and a line that is not a
+  record handled (and the error worded, :func:`record_error`) in one place;
+  :func:`read_objects` reads the lenient lines of a rejects file.  Reading never
+  changes the file.
 * :func:`scan_output` reads an existing output (read-only) and says how many
   valid records it holds and where a top-up run continues.  A file that is not a
   magpie JSONL is refused (exit 2), never touched.
@@ -16,19 +21,171 @@ import json
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Literal, NamedTuple
 
 from pydantic import ValidationError
 
 from magpie.errors import OutputClosed, UsageError, WriteFailed
 from magpie.records import Record, Rejection
-from magpie.store.targets import STDIO, check_target, refuse_same, stdout_bytes
+from magpie.store.dataset import TORN_SUFFIX, sidecar
+from magpie.store.targets import STDIO, check_target, refuse_same, stdin_bytes, stdout_bytes
 
 #: How every record line starts (``schema_version`` is Record's first field):
 #: a torn first line that does not start so is not a torn record.
 _RECORD_START = b'{"schema_version":'
+
+
+# -- reading -----------------------------------------------------------------
+
+#: What the reader does with a last line that has no newline and is no record:
+#: ``"error"`` refuses the file (a command reading its input); ``"stop"`` ends
+#: there and keeps it in :attr:`RecordReader.torn` (a torn write by a hard kill:
+#: ``generate`` sets it aside, the dedup index ignores it).
+TornPolicy = Literal["error", "stop"]
+
+
+class RecordLine(NamedTuple):
+    """One record line: its number (from 1), its bytes as read, the record."""
+
+    lineno: int
+    raw: bytes
+    record: Record
+
+
+def record_error_detail(exc: Exception) -> str:
+    """Why a line is not a record, in a few words (the first validation error)."""
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        return f"{'.'.join(str(x) for x in err['loc']) or 'record'}: {err['msg']}"
+    return str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+
+
+def record_error(
+    name: str, lineno: int, exc: Exception, *, torn: bool = False, then: str | None = None
+) -> UsageError:
+    """The one message for a line that is not a record (exit 2).
+
+    With ``then`` (what the command does about it: ``nothing written``):
+    ``NAME is not a magpie JSONL (line N: DETAIL); THEN``; without it, for a
+    converter of records: ``NAME line N is not a magpie record (DETAIL)``.
+    ``torn``: the line is a last line without a newline (an incomplete write).
+    """
+    detail = record_error_detail(exc)
+    if then is None:
+        note = "; an incomplete last line" if torn else ""
+        return UsageError(f"{name} line {lineno} is not a magpie record ({detail}{note})")
+    note = ", an incomplete last line" if torn else ""
+    return UsageError(f"{name} is not a magpie JSONL (line {lineno}{note}: {detail}); {then}")
+
+
+def open_lines(source: Path | str) -> Iterator[bytes]:
+    """The lines of ``source`` (``-``: stdin), as bytes, one at a time; opened
+    read-only (a file read is never changed), closed when the iterator ends or
+    is closed.  A file that cannot be opened is a UsageError."""
+    if str(source) == STDIO:
+        yield from stdin_bytes()
+        return
+    path = Path(source)
+    try:
+        fh: BinaryIO = path.open("rb")
+    except FileNotFoundError:
+        raise UsageError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory, not a JSONL file") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    with fh:
+        yield from fh
+
+
+class RecordReader:
+    """The one reader of record files: ``for line in RecordReader(src): ...``.
+
+    ``source`` is a path (``-``: stdin) or any iterable of byte lines (an open
+    file, a stream); it is read one line at a time, never whole.  Each record
+    line comes as a :class:`RecordLine` (a version 1 record upgraded, as
+    :class:`~magpie.records.Record` reads it); blank lines are skipped.  A line
+    that is not a record raises :func:`record_error` (``name`` and ``then``
+    make its message), except a torn last line with ``torn="stop"``: reading
+    ends there and the line is kept in :attr:`torn`.  A torn *first* line that
+    does not start as a record does is never torn: it is a file of something
+    else (a one-line note), and refused.
+
+    While it reads, :attr:`good_bytes` is the offset just after the last
+    whole line (records and blank lines) and :attr:`records` the records read.
+    """
+
+    def __init__(
+        self,
+        source: Path | str | Iterable[bytes],
+        name: str | None = None,
+        *,
+        torn: TornPolicy = "error",
+        then: str | None = None,
+    ) -> None:
+        self._source = source
+        self.name = name if name is not None else str(source)
+        self._policy = torn
+        self._then = then
+        self.good_bytes = 0
+        self.records = 0
+        self.torn = b""
+
+    def __iter__(self) -> Generator[RecordLine, None, None]:
+        source = self._source
+        lines = open_lines(source) if isinstance(source, str | Path) else source
+        for lineno, raw in enumerate(lines, start=1):
+            whole = raw.endswith(b"\n")
+            if not raw.strip() and (whole or self._policy == "error"):
+                self.good_bytes += len(raw) if whole else 0
+                continue
+            try:
+                rec = Record.model_validate_json(raw)
+            except (ValidationError, ValueError) as exc:
+                if whole or self._policy == "error":
+                    raise record_error(
+                        self.name, lineno, exc, torn=not whole, then=self._then
+                    ) from None
+                if not self.records and not raw.startswith(_RECORD_START):
+                    raise record_error(self.name, lineno, exc, then=self._then) from None
+                self.torn = raw
+                return
+            self.good_bytes += len(raw)
+            self.records += 1
+            yield RecordLine(lineno, raw, rec)
+
+
+def read_records(
+    source: Path | str | Iterable[bytes],
+    name: str | None = None,
+    *,
+    torn: TornPolicy = "error",
+    then: str | None = None,
+) -> Generator[Record, None, None]:
+    """The records of ``source``, streamed (see :class:`RecordReader`)."""
+    for line in RecordReader(source, name, torn=torn, then=then):
+        yield line.record
+
+
+def read_objects(
+    source: Path | str | Iterable[bytes],
+) -> Generator[dict[str, Any] | None, None, None]:
+    """Each non-blank line of a JSONL that is not (only) records, such as a
+    rejects file, parsed leniently: a JSON object, or None when the line is not
+    one (its reader counts or skips those)."""
+    lines = open_lines(source) if isinstance(source, str | Path) else source
+    for raw in lines:
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            yield None
+            continue
+        yield obj if isinstance(obj, dict) else None
 
 
 @dataclass
@@ -105,15 +262,8 @@ def _probe_writable(p: Path, what: str) -> None:
         ) from None
 
 
-def _record_error(path: Path, lineno: int, exc: Exception) -> UsageError:
-    detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-    if isinstance(exc, ValidationError):
-        err = exc.errors()[0]
-        detail = f"{'.'.join(str(x) for x in err['loc']) or 'record'}: {err['msg']}"
-    return UsageError(
-        f"{path} is not a magpie JSONL (line {lineno}: {detail}); refusing to touch it: "
-        "pick another --output, or pass --overwrite to replace it"
-    )
+#: What ``generate`` and ``filter`` say of an output that is not theirs.
+_NOT_YOURS = "refusing to touch it: pick another --output, or pass --overwrite to replace it"
 
 
 def scan_output(path: Path | None) -> ExistingOutput:
@@ -121,38 +271,10 @@ def scan_output(path: Path | None) -> ExistingOutput:
     result = ExistingOutput(path=path)
     if path is None or not path.exists() or path.stat().st_size == 0:
         return result
-    offset = 0
-    lineno = 0
-    with path.open("rb") as fh:
-        for raw in fh:
-            lineno += 1
-            if not raw.endswith(b"\n"):
-                # The last line has no newline: a torn write, unless it is a
-                # whole record that only lost its newline.
-                try:
-                    rec = Record.model_validate_json(raw)
-                except (ValidationError, ValueError) as exc:
-                    if not result.count and not raw.startswith(_RECORD_START):
-                        # No record before it, and not the start of one: a
-                        # file of something else (a one-line note), not torn.
-                        raise _record_error(path, lineno, exc) from None
-                    result.torn = raw
-                    break
-                result.torn = b""
-                _count(result, rec)
-                offset += len(raw)
-                result.good_bytes = offset
-                break
-            offset += len(raw)
-            if not raw.strip():
-                result.good_bytes = offset
-                continue
-            try:
-                rec = Record.model_validate_json(raw)
-            except (ValidationError, ValueError) as exc:
-                raise _record_error(path, lineno, exc) from None
-            _count(result, rec)
-            result.good_bytes = offset
+    reader = RecordReader(path, str(path), torn="stop", then=_NOT_YOURS)
+    for line in reader:
+        _count(result, line.record)
+    result.good_bytes, result.torn = reader.good_bytes, reader.torn
     return result
 
 
@@ -209,7 +331,7 @@ class JsonlWriter:
             fh.seek(ex.good_bytes)
             tail = fh.read()
         if tail:
-            self.torn_path = self.path.with_name(self.path.name + ".torn")
+            self.torn_path = sidecar(self.path, TORN_SUFFIX)
             with open(self.torn_path, "ab") as t:
                 t.write(tail if tail.endswith(b"\n") else tail + b"\n")
                 t.flush()
@@ -331,11 +453,3 @@ class RejectsWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-def record_error_detail(exc: Exception) -> str:
-    """Why a line is not a record, in a few words (the first validation error)."""
-    if isinstance(exc, ValidationError):
-        err = exc.errors()[0]
-        return f"{'.'.join(str(x) for x in err['loc']) or 'record'}: {err['msg']}"
-    return str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from magpie.store.atomic import AtomicFile
+from magpie.store.dataset import CORRUPT_SUFFIX, MANIFEST_SUFFIX, sidecar
 
 MANIFEST_VERSION = 1
 
@@ -64,7 +65,7 @@ class Manifest(BaseModel):
 
 
 def manifest_path(output: Path) -> Path:
-    return output.with_name(output.name + ".manifest.json")
+    return sidecar(output, MANIFEST_SUFFIX)
 
 
 def read_manifest(output: Path) -> Manifest | None:
@@ -87,7 +88,7 @@ def set_aside_corrupt(output: Path) -> Path | None:
     except FileNotFoundError:
         return None
     except (ValueError, OSError):
-        aside = path.with_name(path.name + ".corrupt")
+        aside = sidecar(path, CORRUPT_SUFFIX)
         path.replace(aside)
         return aside
 

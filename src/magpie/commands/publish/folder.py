@@ -16,8 +16,6 @@ when complete; an existing DIR is replaced only with ``overwrite``.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shutil
 from collections import Counter
@@ -26,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from magpie.commands.export import read_records
 from magpie.commands.publish.card import DEFAULT_LICENSE, CardConfig, CardInput, render_card
 from magpie.commands.publish.card import languages_of as default_languages
 from magpie.commands.stats import DataStats, compute_stats
-from magpie.commands.stats.html_page import _svg_columns, _svg_hbars
+from magpie.commands.stats.svg import columns, hbars, standalone
 from magpie.errors import UsageError
 from magpie.store.atomic import fsync_dir
+from magpie.store.jsonl import read_objects, read_records
 from magpie.store.manifest import Manifest, manifest_path, read_manifest
 from magpie.store.targets import kind_of
 
@@ -62,12 +60,11 @@ def scan(src: Path, rejects: Path | None = None) -> Scan:
     stats = compute_stats(src, rejects=rejects)
     manifest = read_manifest(src) if manifest_path(src).is_file() else None
     pairs, n, systems = False, 0, Counter[str]()
-    with src.open("rb") as fh:
-        for rec in read_records(fh, str(src)):
-            n += 1
-            pairs = pairs or rec.chosen is not None
-            if rec.system_name:
-                systems[rec.system_name] += 1
+    for rec in read_records(src):
+        n += 1
+        pairs = pairs or rec.chosen is not None
+        if rec.system_name:
+            systems[rec.system_name] += 1
     return Scan(stats, manifest, n, pairs, systems)
 
 
@@ -111,16 +108,13 @@ def _charts(stats: DataStats) -> dict[str, tuple[str, str]]:
         ),
         "response_words.svg": ("Response length (words)", hist(stats.response_length.words)),
     }
-    out = {name: (title, _svg_columns(items)) for name, (title, items) in charts.items() if items}
+    out = {name: (title, columns(items)) for name, (title, items) in charts.items() if items}
     if stats.judge.task_categories:
         items = list(stats.judge.task_categories.items())
-        out["task_categories.svg"] = ("Task categories", _svg_hbars(items))
+        out["task_categories.svg"] = ("Task categories", hbars(items))
     if stats.rejected:
-        out["rejected.svg"] = ("Rejected by reason", _svg_hbars(list(stats.rejected.items())))
-    return {
-        name: (title, svg.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1))
-        for name, (title, svg) in out.items()
-    }
+        out["rejected.svg"] = ("Rejected by reason", hbars(list(stats.rejected.items())))
+    return {name: (title, standalone(svg)) for name, (title, svg) in out.items()}
 
 
 def _write_shards(
@@ -163,12 +157,8 @@ def _write_shards(
 
 
 def _reject_lines(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open("rb") as fh:
-        for line in fh:
-            with contextlib.suppress(ValueError):
-                obj = json.loads(line)
-                if isinstance(obj, dict):
-                    yield obj
+    """The JSON objects of a rejects file (other lines are skipped)."""
+    return (obj for obj in read_objects(path) if obj is not None)
 
 
 @dataclass
@@ -220,9 +210,8 @@ def export_hf(
     tmp.mkdir()
     try:
         schema = record_schema(found.pairs)
-        with src_p.open("rb") as fh:
-            rows = (record_row(r, found.pairs) for r in read_records(fh, str(src_p)))
-            n = _write_shards(tmp / "data", rows, schema, found.records, shard_records)
+        rows = (record_row(r, found.pairs) for r in read_records(src_p))
+        n = _write_shards(tmp / "data", rows, schema, found.records, shard_records)
         configs = [CardConfig("default", "data/train-*.parquet")]
         n_rej = 0
         if rej_p is not None:

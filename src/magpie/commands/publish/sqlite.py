@@ -16,19 +16,17 @@ is built under a temporary name beside the target and renamed into place.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from magpie.commands.export import read_records
 from magpie.errors import UsageError
 from magpie.records import Record
-from magpie.store.atomic import fsync_dir
+from magpie.store.atomic import AtomicFile
+from magpie.store.jsonl import read_objects, read_records
 from magpie.store.targets import check_target, same_file
 
 _BATCH = 1_000
@@ -68,12 +66,7 @@ def _judge_row(rec: Record) -> dict[str, Any] | None:
 def _reject_rows(path: Path) -> Iterator[dict[str, Any]]:
     from magpie.commands.publish.columns import reject_row
 
-    with path.open("rb") as fh:
-        for line in fh:
-            with contextlib.suppress(ValueError):
-                obj = json.loads(line)
-                if isinstance(obj, dict):
-                    yield reject_row(obj)
+    return (reject_row(obj) for obj in read_objects(path) if obj is not None)
 
 
 @dataclass
@@ -108,14 +101,16 @@ def export_sqlite(
     rej_p = Path(rejects).expanduser() if rejects else None
     if rej_p is not None and not rej_p.is_file():
         raise UsageError(f"--rejects {rej_p} not found")
-    tmp = dst_p.with_name(f".{dst_p.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
     n = n_rej = 0
     try:
-        db = sqlite_utils.Database(tmp)
-        records, messages, judge = db["records"], db["messages"], db["judge_tags"]
-        with src_p.open("rb") as fh:
-            recs = read_records(fh, str(src_p))
+        target = AtomicFile(dst_p)
+    except OSError as exc:
+        raise UsageError(f"output {dst_p} is not writable ({exc.strerror})") from None
+    with target:  # renamed into place when the block ends, removed on an error
+        db = sqlite_utils.Database(target.tmp_path)
+        try:
+            records, messages, judge = db["records"], db["messages"], db["judge_tags"]
+            recs = read_records(src_p)
             while batch := list(islice(recs, _BATCH)):
                 n += len(batch)
                 records.insert_all((_record_row(r) for r in batch), pk="id", alter=True)  # type: ignore[union-attr]
@@ -132,24 +127,20 @@ def export_sqlite(
                 rows = [row for r in batch if (row := _judge_row(r)) is not None]
                 if rows:
                     judge.insert_all(rows, pk="record_id", alter=True)  # type: ignore[union-attr]
-        if not records.exists():
-            records.create({"id": str, "instruction": str, "response": str}, pk="id")  # type: ignore[union-attr]
-        records.enable_fts(["instruction", "response"], fts_version="FTS5")  # type: ignore[union-attr]
-        if judge.exists():
-            judge.add_foreign_key("record_id", "records", "id")  # type: ignore[union-attr]
-        if rej_p is not None:
-            table = db["rejects"]
-            rows_iter = _reject_rows(rej_p)
-            while batch_r := list(islice(rows_iter, _BATCH)):
-                n_rej += len(batch_r)
-                table.insert_all(batch_r, alter=True)  # type: ignore[union-attr]
-            if not table.exists():
-                table.create({"index": int, "reason": str, "instruction": str})  # type: ignore[union-attr]
-        db.conn.commit()
-        db.close()
-        os.replace(tmp, dst_p)
-        fsync_dir(dst_p.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            if not records.exists():
+                records.create({"id": str, "instruction": str, "response": str}, pk="id")  # type: ignore[union-attr]
+            records.enable_fts(["instruction", "response"], fts_version="FTS5")  # type: ignore[union-attr]
+            if judge.exists():
+                judge.add_foreign_key("record_id", "records", "id")  # type: ignore[union-attr]
+            if rej_p is not None:
+                table = db["rejects"]
+                rows_iter = _reject_rows(rej_p)
+                while batch_r := list(islice(rows_iter, _BATCH)):
+                    n_rej += len(batch_r)
+                    table.insert_all(batch_r, alter=True)  # type: ignore[union-attr]
+                if not table.exists():
+                    table.create({"index": int, "reason": str, "instruction": str})  # type: ignore[union-attr]
+            db.conn.commit()
+        finally:
+            db.close()
     return SqliteExport(dst_p, n, n_rej)

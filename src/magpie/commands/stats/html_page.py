@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import html
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from magpie.commands.stats.compute import (
@@ -16,6 +15,7 @@ from magpie.commands.stats.compute import (
     pct,
 )
 from magpie.commands.stats.diversity import diversity_rows
+from magpie.commands.stats.svg import COLORS, columns, hbars
 from magpie.errors import UsageError
 from magpie.store.atomic import AtomicFile
 from magpie.store.targets import check_target, same_file
@@ -36,91 +36,10 @@ td,th{padding:.25rem .5rem;border-bottom:1px solid #eef0f2;text-align:right}
 td:first-child,th:first-child{text-align:left}.muted{color:#9aa5b1}
 svg text{font:12px system-ui,sans-serif;fill:#323f4b}svg .n{fill:#616e7c}
 """
-_COLORS = ("#3b82f6", "#10b981", "#f59e0b", "#ef4444", "#8b5cf6", "#06b6d4")
 
 
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
-
-
-def _svg_hbars(items: list[tuple[str, int]], color: str = _COLORS[0], width: int = 500) -> str:
-    """Horizontal bars with labels and counts."""
-    if not items:
-        return '<p class="muted">nothing to show</p>'
-    label_w, row = 170, 22
-    top = max(n for _, n in items) or 1
-    bar_w = width - label_w - 60
-    height = row * len(items) + 4
-    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
-    for i, (label, n) in enumerate(items):
-        y = 2 + i * row
-        w = bar_w * n / top
-        parts.append(
-            f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">{_e(_clip(label))}'
-            f"<title>{_e(label)}</title></text>"
-            f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row - 6}" rx="3" '
-            f'fill="{color}"><title>{_e(label)}: {n}</title></rect>'
-            f'<text class="n" x="{label_w + w + 5:.1f}" y="{y + 15}">{n:,}</text>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _text_width(text: str) -> float:
-    """Roughly how wide ``text`` is at 12 px (plus a little room), in pixels."""
-    return 7.0 * len(text) + 6
-
-
-def _clip(text: str, limit: int = 22) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _count_label(value: float) -> str:
-    return f"{value:,.0f}"
-
-
-def _svg_columns(
-    items: list[tuple[str, float]],
-    color: str = _COLORS[0],
-    *,
-    fmt: Callable[[float], str] = _count_label,
-    width: int = 500,
-    height: int = 200,
-) -> str:
-    """Vertical bars (a histogram or ordered levels), labels below, values above."""
-    if not items:
-        return '<p class="muted">nothing to show</p>'
-    top = max(n for _, n in items) or 1
-    left, bottom, head = 8, 34, 16
-    slot = (width - 2 * left) / len(items)
-    plot_h = height - bottom - head
-    # Label every column whose label fits; else every 2nd, 3rd... column.
-    every = max(1, math.ceil(max(_text_width(label) for label, _ in items) / slot))
-    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">']
-    for i, (label, n) in enumerate(items):
-        h = plot_h * n / top
-        x = left + i * slot
-        parts.append(
-            f'<rect x="{x + 1:.1f}" y="{head + plot_h - h:.1f}" width="{max(1.0, slot - 2):.1f}" '
-            f'height="{h:.1f}" fill="{color}"><title>{_e(label)}: {fmt(n)}</title></rect>'
-        )
-        if n and _text_width(fmt(n)) <= slot:
-            parts.append(
-                f'<text class="n" x="{x + slot / 2:.1f}" y="{head + plot_h - h - 3:.1f}" '
-                f'text-anchor="middle">{fmt(n)}</text>'
-            )
-        if i % every == 0:
-            half = _text_width(label) / 2
-            cx = min(max(x + slot / 2, half), width - half)  # keep the label inside
-            parts.append(
-                f'<text x="{cx:.1f}" y="{height - bottom + 16}" '
-                f'text-anchor="middle">{_e(label)}</text>'
-            )
-    base = head + plot_h
-    parts.append(
-        f'<line x1="{left}" y1="{base}" x2="{width - left}" y2="{base}" stroke="#cbd2d9"/></svg>'
-    )
-    return "".join(parts)
 
 
 def _hist_items(d: Distribution) -> list[tuple[str, int]]:
@@ -171,11 +90,11 @@ def _length_html(stats: DataStats) -> str:
     charts = [
         _panel(
             f"{field.capitalize()} length ({unit})",
-            _svg_columns(_hist_items(getattr(lengths, unit)), color),
+            columns(_hist_items(getattr(lengths, unit)), color),
         )
         for field, lengths, color in (
-            ("instruction", stats.instruction_length, _COLORS[0]),
-            ("response", stats.response_length, _COLORS[1]),
+            ("instruction", stats.instruction_length, COLORS[0]),
+            ("response", stats.response_length, COLORS[1]),
         )
         for unit in ("chars", "words")
     ]
@@ -189,17 +108,15 @@ def _judge_html(stats: DataStats) -> str:
     panels = [
         _panel(
             f"Task categories ({j.status})",
-            _svg_hbars(list(j.task_categories.items()), _COLORS[4]),
+            hbars(list(j.task_categories.items()), COLORS[4]),
         ),
-        _panel(
-            f"Input quality ({j.status})", _svg_columns(list(j.input_quality.items()), _COLORS[1])
-        ),
-        _panel(f"Difficulty ({j.status})", _svg_columns(list(j.difficulty.items()), _COLORS[2])),
+        _panel(f"Input quality ({j.status})", columns(list(j.input_quality.items()), COLORS[1])),
+        _panel(f"Difficulty ({j.status})", columns(list(j.difficulty.items()), COLORS[2])),
     ]
     if j.response_scored:
         title = f"Response score ({j.response_status}, mean {fmt(j.response_score_mean)})"
         items = [(str(k), v) for k, v in j.response_scores.items()]
-        panels.append(_panel(title, _svg_columns(items, _COLORS[5])))
+        panels.append(_panel(title, columns(items, COLORS[5])))
     else:
         panels.append(_panel("Response score", f'<p class="muted">{NOT_JUDGED}</p>'))
     return '<div class="grid">' + "".join(panels) + "</div>"
@@ -223,10 +140,10 @@ def _runs_html(tp: Throughput | None) -> str:
     )
     return (
         '<div class="grid">'
-        + _panel("Records written per run", _svg_columns(written, _COLORS[0]))
+        + _panel("Records written per run", columns(written, COLORS[0]))
         + _panel(
             f"Records per second per run (overall {fmt(tp.records_per_s, 3)})",
-            _svg_columns(rates, _COLORS[2], fmt=_rate_label),
+            columns(rates, COLORS[2], fmt=_rate_label),
         )
         + "</div>"
         + _panel("Runs", table)
@@ -238,7 +155,7 @@ def _rate_label(value: float) -> str:
 
 
 def _counts_html(title: str, counts: Mapping[str, int]) -> str:
-    return _panel(title, _svg_hbars(list(counts.items()), _COLORS[3]))
+    return _panel(title, hbars(list(counts.items()), COLORS[3]))
 
 
 def _diversity_html(stats: DataStats) -> str:
@@ -250,7 +167,7 @@ def _diversity_html(stats: DataStats) -> str:
         _panel("Diversity", f"<table>{rows}</table>"),
         _panel(
             "Most common openings (first 3 words)",
-            _svg_hbars([(s.value, s.count) for s in d.openings], _COLORS[2]),
+            hbars([(s.value, s.count) for s in d.openings], COLORS[2]),
         ),
     ]
     for title, spread in (("Personas", d.personas), ("Topics", d.topics)):
@@ -258,7 +175,7 @@ def _diversity_html(stats: DataStats) -> str:
             panels.append(
                 _panel(
                     f"{title} (top {len(spread.top)} of {spread.distinct:,})",
-                    _svg_hbars([(s.value, s.count) for s in spread.top], _COLORS[4]),
+                    hbars([(s.value, s.count) for s in spread.top], COLORS[4]),
                 )
             )
     return '<div class="grid">' + "".join(panels) + "</div>"

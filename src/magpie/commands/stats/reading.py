@@ -1,15 +1,15 @@
 """One pass over a dataset and its rejects file: the accumulators of
-``magpie stats``."""
+``magpie stats``.  Lines are read leniently (:func:`magpie.store.jsonl.read_objects`):
+stats count the lines that are not records instead of refusing the file."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from magpie.commands.stats.diversity import (
     DiversityCounter,
@@ -30,39 +30,7 @@ from magpie.commands.stats.figures import (
     normalize_instruction,
 )
 from magpie.errors import UsageError
-from magpie.store.targets import STDIO, stdin_bytes
-
-# ----------------------------------------------------------------------------- reading
-
-
-def _lines(path: Path) -> Iterator[bytes]:
-    """The lines of ``path`` (``-``: stdin), one at a time."""
-    if str(path) == STDIO:
-        yield from stdin_bytes()
-        return
-    try:
-        fh: BinaryIO = path.open("rb")
-    except FileNotFoundError:
-        raise UsageError(f"file not found: {path}") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path} is a directory, not a JSONL file") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    with fh:
-        yield from fh
-
-
-def _objects(path: Path) -> Iterator[dict[str, Any] | None]:
-    """Each non-blank line parsed as a JSON object, or None when it is not one."""
-    for raw in _lines(path):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            yield None
-            continue
-        yield obj if isinstance(obj, dict) else None
+from magpie.store.jsonl import read_objects
 
 
 def _is_record(obj: dict[str, Any] | None) -> bool:
@@ -237,7 +205,7 @@ class _Records:
 
 def _read_records(path: Path, sample_size: int = 0) -> _Records:
     acc = _Records(sample_size)
-    for obj in _objects(path):
+    for obj in read_objects(path):
         if _is_record(obj):
             acc.add(obj)  # type: ignore[arg-type]
         else:
@@ -266,7 +234,7 @@ class _Rejects:
 
 def _read_rejects(path: Path) -> _Rejects:
     acc = _Rejects()
-    for obj in _objects(path):
+    for obj in read_objects(path):
         if obj is None:
             acc.invalid += 1
         else:

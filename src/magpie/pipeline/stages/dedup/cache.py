@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from magpie.errors import UsageError
+from magpie.store.jsonl import RecordReader
 
 CACHE_SUFFIX = ".dedup.npz"
 #: Bump when normalization, shingle hashing or the cache layout change.
@@ -62,22 +62,7 @@ def read_cache(path: Path) -> dict[str, Any] | None:
 
 
 def read_instructions(output: Path) -> Iterable[tuple[str, str]]:
-    """``(id, instruction)`` of each record of an output JSONL, streamed."""
-    with output.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-                record_id, text = obj["id"], obj["instruction"]
-                if not isinstance(record_id, str) or not isinstance(text, str):
-                    raise ValueError("id and instruction must be strings")
-            except (ValueError, TypeError, KeyError) as exc:
-                if not raw.endswith(b"\n"):
-                    return  # a torn last line: generate sets it aside
-                detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
-                raise UsageError(
-                    f"{output} is not a magpie JSONL (line {lineno}: {detail.splitlines()[0]}); "
-                    "cannot build its dedup index"
-                ) from None
-            yield record_id, text
+    """``(id, instruction)`` of each record of an output JSONL, streamed; a torn
+    last line is ignored (``generate`` sets it aside)."""
+    for line in RecordReader(output, torn="stop", then="cannot build its dedup index"):
+        yield line.record.id, line.record.instruction
