@@ -11,6 +11,8 @@ in ``--out`` for reading.
     python benchmarks/diversity.py --num 200                 # plain, personas, topics, both
     python benchmarks/diversity.py --num 200 --only plain personas
     python benchmarks/diversity.py --num 80 --persona-templates   # the template candidates
+    python benchmarks/diversity.py --num 200 --sampling --response-max-tokens 16
+                                                    # personas at narrower samplings
 
 Run it alone: it loads a model (never two at once on 2 cores).
 """
@@ -31,6 +33,15 @@ PERSONA_TEMPLATES = {
     "talking-with": "{system} You are talking with {persona}. They ask you for help with something from their own life or work.",
     "user-is": "{system} The user is {persona}.",
     "helping": "{system} Today you are helping {persona}, who asks you a question about their day-to-day life.",
+}
+
+#: Instruction samplings compared by --sampling (with --personas everyday).
+SAMPLINGS = {
+    "t0.8": ["--instruction-temperature", "0.8"],
+    "top-p0.9": ["--instruction-top-p", "0.9"],
+    "min-p0.05": ["--instruction-min-p", "0.05"],
+    "t1.2-min-p0.1": ["--instruction-temperature", "1.2", "--instruction-min-p", "0.1"],
+    "t1.5-min-p0.1": ["--instruction-temperature", "1.5", "--instruction-min-p", "0.1"],
 }
 
 
@@ -89,6 +100,11 @@ def main() -> int:
         action="store_true",
         help="compare the candidate persona templates instead",
     )
+    ap.add_argument(
+        "--sampling",
+        action="store_true",
+        help="compare narrower instruction samplings with --personas everyday instead",
+    )
     ap.add_argument("--only", nargs="+", help="run only these configurations")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -97,6 +113,8 @@ def main() -> int:
             f"persona-{k}": ["--personas", "everyday", "--persona-template", v]
             for k, v in PERSONA_TEMPLATES.items()
         }
+    elif a.sampling:
+        configs = {f"personas-{k}": ["--personas", "everyday", *v] for k, v in SAMPLINGS.items()}
     else:
         configs = {
             "plain": [],

@@ -157,6 +157,26 @@ def test_sampling_schedule_cycles(tmp_path: Path) -> None:
     assert "100% unique instructions" in proc.stderr.splitlines()[-1]
 
 
+def test_min_p_is_sent_and_recorded_only_when_given(tmp_path: Path) -> None:
+    with scripted_server() as srv:
+        given = run_magpie(
+            *gen_args(srv, tmp_path / "a.jsonl", 2, "--seed", "1", "--instruction-min-p", "0.1")
+        )
+        sent = [g.body["options"] for g in srv.requests_to("/api/generate")]
+        answers = [c.body["options"] for c in srv.requests_to("/api/chat")]
+        srv.clear_requests()
+        plain = run_magpie(*gen_args(srv, tmp_path / "b.jsonl", 2, "--seed", "1"))
+        unsent = [g.body["options"] for g in srv.requests_to("/api/generate")]
+    assert given.returncode == 0, given.stderr
+    assert plain.returncode == 0, plain.stderr
+    assert sent and all(o["min_p"] == 0.1 for o in sent)
+    assert answers and all("min_p" not in o for o in answers)  # --response-min-p not given
+    assert unsent and all("min_p" not in o for o in unsent)
+    assert {r.instruction_generation.min_p for r in read_records(tmp_path / "a.jsonl")} == {0.1}
+    line = json.loads((tmp_path / "b.jsonl").read_text().splitlines()[0])
+    assert "min_p" not in line["instruction_generation"]  # records as before the option
+
+
 def test_preference_pairs_and_dpo_export(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     out, dpo = tmp_path / "d.jsonl", tmp_path / "dpo.jsonl"

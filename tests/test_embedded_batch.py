@@ -157,6 +157,38 @@ def test_same_text_as_llama(
     assert mine == theirs
 
 
+def test_min_p_same_text_as_llama_and_it_narrows(
+    backend: BatchedEmbeddedBackend, pre_query: PreQuery, smollm2_path: Path
+) -> None:
+    """``min_p`` goes into the batched engine's sampler chain where
+    llama_cpp.Llama puts it: the same text for the same seed, and at a high
+    temperature it changes what is sampled."""
+    hot = SAMPLED.model_copy(update={"temperature": 1.8})
+    narrowed = hot.model_copy(update={"min_p": 0.2})
+
+    async def texts(b: Any, sampling: Sampling) -> list[str]:
+        out = []
+        for s in (21, 22, 23):
+            c = await b.complete(pre_query.text, sampling=sampling, stop=pre_query.stop, seed=s)
+            out.append(c.text)
+        return out
+
+    async def compare() -> tuple[list[str], list[str], list[str]]:
+        plain = EmbeddedBackend(smollm2_path, n_ctx=1024)
+        try:
+            return (
+                await texts(backend, narrowed),
+                await texts(plain, narrowed),
+                await texts(backend, hot),
+            )
+        finally:
+            await plain.aclose()
+
+    mine, theirs, unnarrowed = run(compare())
+    assert mine == theirs
+    assert mine != unnarrowed
+
+
 def test_chat_reuses_its_instruction_cells(
     backend: BatchedEmbeddedBackend, pre_query: PreQuery, smollm2_path: Path
 ) -> None:

@@ -120,6 +120,7 @@ class StageInfo(BaseModel):
     top_p: float
     top_k: int | None = None
     repeat_penalty: float | None = None
+    min_p: float | None = None
     max_tokens: int
     seed: int | None = None
     finish_reason: str
@@ -133,11 +134,11 @@ class StageInfo(BaseModel):
 
     @model_serializer(mode="wrap")
     def _without_unset_n(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
-        """Leave ``n``/``choice`` out unless set: records of one-sample requests
-        are written exactly as before these fields existed."""
+        """Leave ``n``/``choice`` (and ``min_p``) out unless set: records of
+        one-sample requests are written exactly as before these fields existed."""
         data = handler(self)
         if isinstance(data, dict):
-            for key in ("n", "choice"):
+            for key in ("n", "choice", "min_p"):
                 if data.get(key) is None:
                     data.pop(key, None)
         return data

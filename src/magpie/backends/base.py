@@ -65,6 +65,11 @@ class Sampling(BaseModel):
     #: 0 disables top-k.  Sent explicitly: servers default to 40 otherwise.
     top_k: int | None = Field(0, ge=0)
     repeat_penalty: float | None = Field(1.0, gt=0.0)
+    #: Drop tokens less likely than ``min_p`` times the most likely one, before
+    #: the temperature (Nguyen et al. 2024): a small model stays coherent at a
+    #: higher temperature.  None sends nothing (Ollama's default is 0, llama.cpp's
+    #: and llama-server's 0.05); the embedded backend then uses 0.
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
     max_tokens: int = Field(512, gt=0, le=1_000_000)
 
 

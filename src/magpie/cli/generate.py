@@ -94,6 +94,12 @@ def generate(
     instruction_top_p: float | None = typer.Option(
         None, "--instruction-top-p", help="Instruction top-p (default 1.0)."
     ),
+    instruction_min_p: float | None = typer.Option(
+        None,
+        "--instruction-min-p",
+        help="Instruction min-p: drop tokens less likely than this times the top one "
+        "(default: not sent; the server's own).",
+    ),
     instruction_max_tokens: int | None = typer.Option(
         None, "--instruction-max-tokens", help="Instruction token limit (default 512)."
     ),
@@ -102,6 +108,9 @@ def generate(
     ),
     response_top_p: float | None = typer.Option(
         None, "--response-top-p", help="Response top-p (default 1.0)."
+    ),
+    response_min_p: float | None = typer.Option(
+        None, "--response-min-p", help="Response min-p (default: not sent)."
     ),
     response_max_tokens: int | None = typer.Option(
         None, "--response-max-tokens", help="Response token limit (default 2048)."

@@ -71,6 +71,7 @@ def stage_info(
         top_p=sampling.top_p,
         top_k=sampling.top_k,
         repeat_penalty=sampling.repeat_penalty,
+        min_p=sampling.min_p,
         max_tokens=sampling.max_tokens,
         seed=seed,
         finish_reason=c.finish_reason,

@@ -384,7 +384,7 @@ class _BatchEngine:
             add(chain, L.llama_sampler_init_top_k(s.top_k or 0))
             add(chain, L.llama_sampler_init_typical(1.0, 1))
             add(chain, L.llama_sampler_init_top_p(s.top_p, 1))
-            add(chain, L.llama_sampler_init_min_p(0.0, 1))
+            add(chain, L.llama_sampler_init_min_p(s.min_p or 0.0, 1))
             add(chain, L.llama_sampler_init_temp(s.temperature))
             add(chain, L.llama_sampler_init_dist(job.seed & 0xFFFFFFFF))
         return chain

@@ -192,9 +192,9 @@ class EmbeddedBackend(Backend):
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             # llama.cpp's own defaults (top_k 40, min_p 0.05) would narrow
-            # sampling behind the user's back; 0 disables them.
+            # sampling behind the user's back; 0 disables them (min_p: unless set).
             "top_k": sampling.top_k if sampling.top_k is not None else 0,
-            "min_p": 0.0,
+            "min_p": sampling.min_p or 0.0,
             "repeat_penalty": sampling.repeat_penalty or 1.0,
             "seed": seed,
         }

@@ -42,6 +42,8 @@ def request_options(sampling: Sampling, seed: int | None, stop: list[str] | None
         opts["top_k"] = sampling.top_k
     if sampling.repeat_penalty is not None:
         opts["repeat_penalty"] = sampling.repeat_penalty
+    if sampling.min_p is not None:
+        opts["min_p"] = sampling.min_p
     if seed is not None:
         opts["seed"] = seed
     if stop:

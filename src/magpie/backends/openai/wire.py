@@ -26,6 +26,8 @@ def sampling_fields(sampling: Sampling, seed: int | None, stop: list[str] | None
         body["repetition_penalty"] = sampling.repeat_penalty
         if sampling.repeat_penalty != 1.0:
             body["repeat_penalty"] = sampling.repeat_penalty
+    if sampling.min_p is not None:
+        body["min_p"] = sampling.min_p  # vLLM, SGLang, llama.cpp, LM Studio
     if seed is not None:
         body["seed"] = seed
     if stop:

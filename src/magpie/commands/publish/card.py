@@ -113,7 +113,7 @@ def _dist(name: str, d: Distribution) -> list[object]:
 def _sampling(stage: Mapping[str, Any] | None) -> str:
     if not stage:
         return "not recorded"
-    keys = ("temperature", "top_p", "top_k", "repeat_penalty", "max_tokens")
+    keys = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens")
     return ", ".join(f"{k} {stage[k]}" for k in keys if stage.get(k) is not None)
 
 

@@ -23,6 +23,7 @@ _STAGE = pa.struct(
         ("top_p", pa.float64()),
         ("top_k", pa.int64()),
         ("repeat_penalty", pa.float64()),
+        ("min_p", pa.float64()),
         ("max_tokens", pa.int64()),
         ("seed", pa.int64()),
         ("finish_reason", pa.string()),
