@@ -67,12 +67,7 @@ def stage_info(
     sampling: Sampling, seed: int, c: Completion, n: int | None = None, choice: int | None = None
 ) -> StageInfo:
     return StageInfo(
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        repeat_penalty=sampling.repeat_penalty,
-        min_p=sampling.min_p,
-        max_tokens=sampling.max_tokens,
+        **sampling.model_dump(),  # every sampling setting (StageInfo forbids others)
         seed=seed,
         finish_reason=c.finish_reason,
         prompt_tokens=c.prompt_tokens,

@@ -8,6 +8,7 @@ through importlib.resources: nothing is downloaded at run time.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 from pathlib import Path
@@ -68,9 +69,7 @@ def _llama_cpp() -> Any:
     return llama_cpp
 
 
-_runtime_settled = False
-
-
+@functools.cache
 def settle_cpp_runtime() -> None:
     """Load one GGUF vocabulary now, before a C++ extension with its own
     libstdc++ is imported.
@@ -80,13 +79,9 @@ def settle_cpp_runtime() -> None:
     loaded a llama.cpp vocabulary can never load one (``error loading model
     vocabulary: std::bad_cast``), so a semantic-dedup run on the embedded
     backend would fail to load its model.  Loading one vocabulary first (the
-    default model's, ``vocab_only``: a few milliseconds) settles llama.cpp's
+    default model's, ``vocab_only``: about 0.1 s) settles llama.cpp's
     facets for the life of the process.  Does nothing without llama-cpp-python
     or the default model."""
-    global _runtime_settled
-    if _runtime_settled:
-        return
-    _runtime_settled = True
     try:
         import llama_cpp
 
