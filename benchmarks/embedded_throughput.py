@@ -32,6 +32,7 @@ from typing import Any
 
 from magpie.backends.base import Sampling
 from magpie.backends.llamacpp.batch import BatchedEmbeddedBackend
+from magpie.backends.llamacpp.buildcheck import check_build
 from magpie.backends.llamacpp.model import default_model_path
 from magpie.pipeline.scheduler import Pipeline, PipelineSettings
 from magpie.records import Record
@@ -85,6 +86,7 @@ def plain_loop(model: Path, pre_query: str, pairs: int) -> Result:
     """(a) The sequential loop, exactly as issue 5 defines it (``pairs`` pairs)."""
     import llama_cpp
 
+    check_build(model)
     llm = llama_cpp.Llama(model_path=str(model), n_ctx=2048, verbose=False)
     llm.create_completion(pre_query, max_tokens=1)  # warm-up, not timed
     tokens = 0
@@ -147,6 +149,7 @@ def check_invariance(model: Path) -> None:
     import llama_cpp as L
     import numpy as np
 
+    check_build(model)
     llm = L.Llama(model_path=str(model), n_ctx=64, verbose=False)
     vocab = llm._model.vocab
     n_vocab = L.llama_vocab_n_tokens(vocab)

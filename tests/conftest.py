@@ -49,9 +49,15 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[No
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
+    """The default model; its llama.cpp build checked first (a build this
+    machine rejects fails the tests that use it with one line, instead of
+    killing pytest at the first matrix multiply)."""
+    from magpie.backends.llamacpp.buildcheck import check_build
     from magpie.backends.llamacpp.model import default_model_path
 
-    return default_model_path()
+    path = default_model_path()
+    check_build(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -182,6 +182,9 @@ def _shared_llama(path: Path, n_ctx: int, n_threads: int) -> tuple[_LoadedLlama,
             import llama_cpp
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+            from magpie.backends.llamacpp.buildcheck import check_build
+
+            check_build(path)  # a build this machine rejects: one line, not a crash
             start = time.perf_counter()
             llm = llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False

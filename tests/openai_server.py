@@ -158,6 +158,9 @@ def _vocab(path: str) -> tuple[Any, threading.Lock]:
     """A vocabulary-only llama (cheap: no weights) for metadata and tokenizing."""
     import llama_cpp
 
+    from magpie.backends.llamacpp.buildcheck import check_build
+
+    check_build(path)  # as every llama.cpp load does
     return llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False), threading.Lock()
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from magpie.backends.base import AbortCheck, Backend, Completion, ModelInfo, Sampling
+from magpie.backends.llamacpp.buildcheck import check_build
 from magpie.errors import BackendUnavailable, UsageError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -81,11 +82,14 @@ def settle_cpp_runtime() -> None:
     backend would fail to load its model.  Loading one vocabulary first (the
     default model's, ``vocab_only``: about 0.1 s) settles llama.cpp's
     facets for the life of the process.  Does nothing without llama-cpp-python
-    or the default model."""
+    or the default model, or with a llama.cpp build this machine cannot run
+    (:func:`~magpie.backends.llamacpp.buildcheck.check_build`: the embedded
+    backend's own load then says so; an Ollama run never needs it)."""
     try:
         import llama_cpp
 
         path = default_model_path()
+        check_build(path)
     except (ModuleNotFoundError, BackendUnavailable):
         return
     from llama_cpp._utils import suppress_stdout_stderr
@@ -146,6 +150,10 @@ class EmbeddedBackend(Backend):
             with self._lock:
                 if self._llm is None:
                     llama_cpp = _llama_cpp()
+                    # A build that crashes on this machine says so in one line
+                    # (checked in a child process once per build), instead of
+                    # killing this process at its first matrix multiply.
+                    check_build(self._path)
                     try:
                         self._llm = llama_cpp.Llama(
                             model_path=str(self._path), verbose=False, **self._llama_options()
