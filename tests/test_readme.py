@@ -42,3 +42,28 @@ def test_python_api_example_runs(tmp_path: Path) -> None:
     assert "10 written" in proc.stdout  # result.stats.summary()
     assert len((tmp_path / "data.jsonl").read_text().splitlines()) == 10
     assert proc.stdout.count("index=") >= 3  # the low-level loop's items
+
+
+def test_every_documented_llama_cpp_install_is_portable() -> None:
+    """Each documented command that may compile llama.cpp (the embedded or test
+    extra, llama-cpp-python itself) builds it portably, with the CMAKE_ARGS
+    magpie's own messages give: a native build dies on machines that advertise
+    AMX and reject it (issue 20, item 1)."""
+    from magpie.backends.llamacpp.buildcheck import INSTALL_EMBEDDED, PORTABLE_CMAKE_ARGS
+
+    portable = f'CMAKE_ARGS="{PORTABLE_CMAKE_ARGS}"'
+    root = README.parent
+    installs = []
+    for doc in ("README.md", "DEVELOPERS.md"):
+        text = (root / doc).read_text()
+        for block in re.findall(r"```sh\n(.*?)```", text, re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                if "pip install" in line and re.search(
+                    r"\[(embedded|test)\]|llama-cpp-python", line
+                ):
+                    installs.append(line)
+                    assert portable in line, f"{doc}: {line}"
+    assert len(installs) >= 3  # README's install, quick start and tests; DEVELOPERS' set-up
+    ci = (root / ".ci" / "run").read_text()
+    assert f"export {portable}" in ci
+    assert portable in INSTALL_EMBEDDED

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel
 
 from magpie.backends.base import Backend, ModelInfo
+from magpie.backends.llamacpp.buildcheck import INSTALL_EMBEDDED
 from magpie.backends.retry import RetryPolicy
 from magpie.errors import (
     BackendUnavailable,
@@ -62,7 +63,6 @@ SMOKE_SEED = 0
 QUICK_TIMEOUT = 15.0
 #: Characters of the answer shown in the smoke-test detail.
 ANSWER_PREVIEW = 80
-INSTALL_EMBEDDED = "pip install 'magpie[embedded]'"
 
 
 class Check(BaseModel):

@@ -54,6 +54,8 @@ from magpie.errors import BackendUnavailable
 #: What CI builds with (``.ci/run``, README "Install"): AVX2, FMA and F16C,
 #: nothing newer, whatever the build machine has.
 PORTABLE_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+#: The install command magpie's messages give: the README's, portable.
+INSTALL_EMBEDDED = f"CMAKE_ARGS=\"{PORTABLE_CMAKE_ARGS}\" pip install 'magpie[embedded]'"
 #: Seconds the child may take (loading a large model from a slow disk included).
 CHILD_TIMEOUT = 600.0
 #: Bumped when what a verdict means changes: older verdicts are then ignored.

