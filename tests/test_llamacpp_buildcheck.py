@@ -165,6 +165,16 @@ def test_the_check_evaluates_a_prompt(tmp_path: Path, cache: Path) -> None:
     assert verdicts() == []
 
 
+def test_an_abort_is_reported_without_blaming_the_instructions(tmp_path: Path, cache: Path) -> None:
+    """Other faults (an assertion's SIGABRT) also stop the run with one line,
+    but are not called an instruction problem, and point at no rebuild."""
+    fake = fake_llama_cpp(tmp_path / "fake", load="SIGABRT")
+    out = check_in_child(fake).stdout
+    assert out.startswith("raised: llama.cpp died of SIGABRT running "), out
+    assert "CPU instructions" not in out and "CMAKE_ARGS" not in out
+    assert verdicts() == []
+
+
 def test_a_good_build_is_checked_once_and_cached(tmp_path: Path, cache: Path) -> None:
     fake = fake_llama_cpp(tmp_path / "fake")
     for _ in range(3):  # three processes: one child ran, the others read its verdict

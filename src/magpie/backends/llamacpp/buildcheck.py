@@ -39,6 +39,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -173,13 +174,19 @@ def rebuild_command(version: str) -> str:
     built before."""
     pin = f"=={version}" if version and version != "unknown" else ""
     return (
-        f'CMAKE_ARGS="{portable_cmake_args()}" {sys.executable} -m pip install '
+        f'CMAKE_ARGS="{portable_cmake_args()}" {shlex.quote(sys.executable)} -m pip install '
         f"--force-reinstall --no-cache-dir --no-deps llama-cpp-python{pin}"
     )
 
 
+#: Windows' exit codes for the same faults (NTSTATUS).
+WINDOWS_FAULTS = {0xC000001D: "SIGILL", 0xC0000096: "SIGILL", 0xC0000005: "SIGSEGV"}
+
+
 def signal_name(returncode: int) -> str | None:
     """``SIGSEGV`` for a child killed by signal 11 (return code -11)."""
+    if returncode & 0xFFFFFFFF in WINDOWS_FAULTS and sys.platform == "win32":
+        return WINDOWS_FAULTS[returncode & 0xFFFFFFFF]
     if returncode >= 0:
         return None
     try:
@@ -207,8 +214,13 @@ def crash_error(
             f"llama.cpp died of {sig} running {model} in a child process{words}: {build} "
             "cannot run this model on this machine"
         )
+        fix = f"check {model} (download it again) or install another llama-cpp-python"
+        return BuildCrashed(what, fix=fix)
     if os.environ.get("LLAMA_CPP_LIB_PATH"):
-        fix = f"rebuild the library LLAMA_CPP_LIB_PATH points at portably ({PORTABLE_CMAKE_ARGS}), or unset it"
+        fix = (
+            "rebuild the library LLAMA_CPP_LIB_PATH points at portably "
+            f"({PORTABLE_CMAKE_ARGS}), or unset it"
+        )
     else:
         fix = f"rebuild it portably: {rebuild_command(version)}"
     return BuildCrashed(what, fix=fix)
