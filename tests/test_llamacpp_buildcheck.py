@@ -194,6 +194,20 @@ def test_a_good_build_is_checked_once_and_cached(tmp_path: Path, cache: Path) ->
     assert len(verdicts()) == 2
 
 
+def test_an_unwritable_cache_costs_a_check_per_process(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = fake_llama_cpp(tmp_path / "fake")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # mkdir under a file fails
+    for _ in range(2):
+        proc = check_in_child(fake)
+        assert proc.stdout.strip() == "passed", proc.stderr
+    assert loads(fake) == 2
+    assert blocker.read_text() == ""
+
+
 def test_concurrent_first_runs_check_once(tmp_path: Path, cache: Path) -> None:
     """Runs started together wait for one check (a lock on the verdict) and read it."""
     fake = fake_llama_cpp(tmp_path / "fake", sleep=1.0)
