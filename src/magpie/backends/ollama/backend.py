@@ -482,8 +482,10 @@ class OllamaBackend(Backend):
                     "messages": messages,
                     "stream": False,
                     "_debug_render_only": True,
-                    # The model is loaded for a render too: as for generation,
-                    # or the first generation request reloads it.
+                    # Not cut: with truncate on, Ollama drops the first messages
+                    # of a conversation longer than the context from the render
+                    # too.  And the model is loaded for a render: num_ctx and
+                    # shift as for generation, or the next request reloads it.
                     "options": {"num_predict": 1}
                     | ({"num_ctx": self._num_ctx} if self._num_ctx is not None else {}),
                     **NO_CUTS,
