@@ -99,8 +99,11 @@ class OllamaBackend(Backend):
         return self._host
 
     # -- error mapping ------------------------------------------------------
-    def _overflow(self, found: Overflow, max_tokens: int | None = None) -> ContextOverflow:
-        """The error of a prompt the server refused as too long for the context."""
+    def _overflow(
+        self, found: Overflow, max_tokens: int | None = None, note: str = ""
+    ) -> ContextOverflow:
+        """The error of a prompt the server refused as too long for the context
+        (``note``: how it was found, where the server did not refuse it)."""
         wanted = ""
         if found.prompt_tokens is not None and max_tokens is not None:
             # Room for the prompt and the answer asked for, in steps of 1024.
@@ -112,7 +115,7 @@ class OllamaBackend(Backend):
         )
         return ContextOverflow(
             f"the prompt does not fit the context of {self._model!r} on Ollama at "
-            f"{self._host} ({found.counts()})",
+            f"{self._host} ({found.counts()}){note}",
             prompt_tokens=found.prompt_tokens,
             context=found.context,
             fix=f"raise the context with --num-ctx{wanted or ' N'} ({now}; sent as "
@@ -131,8 +134,10 @@ class OllamaBackend(Backend):
             and result.prompt_tokens >= self._num_ctx
         ):
             raise self._overflow(
-                Overflow(None, self._num_ctx, f"prompt_eval_count {result.prompt_tokens}"),
+                Overflow(None, self._num_ctx, ""),
                 options.get("num_predict"),
+                f"; the server cut it to {result.prompt_tokens} tokens (an Ollama older "
+                "than 0.12.6 ignores truncate: update it)",
             )
         return result
 
