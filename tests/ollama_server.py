@@ -10,6 +10,15 @@ real HTTP. It follows the protocol facts in ``shared/reference/ollama-api.md``:
   Modelfile parameters apply first and request options override key by key (a
   request ``stop`` list replaces the model's); empty prompt => ``done_reason``
   ``"load"``; raw + template/system/context => 400; unknown model => 404.
+* The context (``num_ctx`` from the Modelfile or the request, else
+  :data:`DEFAULT_NUM_CTX`), as Ollama 0.33 keeps it: a prompt that does not
+  fit is cut silently by default (``truncate`` and ``shift`` true: its first
+  ``num_keep`` tokens and its end, ``prompt_eval_count`` the cut length);
+  with ``truncate: false`` it is refused with 400 and llama-server's
+  ``exceed_context_size_error`` body as a string, with ``shift: false`` alone
+  with 400 :data:`PROMPT_TOO_LONG`; with ``shift: false`` a generation stops
+  at the end of the context (``done_reason`` "length").  Engines that count a
+  prompt's tokens (``prompt_tokens``) get this; others are not checked.
 * ``POST /api/show``, ``GET /api/tags``, ``GET /api/ps``, ``GET /api/version``,
   ``GET|HEAD /``, ``POST /api/embed`` (a TEST STAND-IN for an embedding model,
   not a model: :func:`word_embedding`, a normalised bag of hashed lower-cased
@@ -28,7 +37,8 @@ Simplifications, by design: a request ``template`` on non-raw generate is
 ignored (the model's chat template is always used), the returned ``context`` is
 a placeholder list of ints that is never read back, ``format`` is honoured with a
 JSON grammar (llama) or a schema-shaped example (scripted), load-time options
-(``num_ctx``...) are ignored.
+other than ``num_ctx`` are ignored (and ``num_ctx`` never reloads anything: a
+:class:`LlamaEngine` decodes in its own ``n_ctx``).
 
 Command line (prints the URL on one line, serves until SIGTERM/SIGINT)::
 
@@ -81,6 +91,43 @@ OLLAMA_DEFAULTS: dict[str, Any] = {
 }
 
 RAW_CONFLICT = "raw mode does not support template, system, or context"
+#: Ollama's context when neither the request nor the Modelfile sets ``num_ctx``
+#: (on a machine with little VRAM; ``server/routes.go``).
+DEFAULT_NUM_CTX = 4096
+#: Ollama 0.33's answer (400) to a prompt that does not fit with ``truncate``
+#: on and ``shift`` off (``llm/llama_server.go``).
+PROMPT_TOO_LONG = (
+    "the prompt is longer than the context length currently available to the model; "
+    "shorten the prompt, adjust the context length in settings, or use a model with a "
+    "longer context length"
+)
+
+
+def context_error(prompt_tokens: int, n_ctx: int) -> str:
+    """llama-server's 400 body for a prompt that does not fit, compact, as Ollama
+    0.33 passes it on inside its own ``{"error": "..."}`` (``truncate: false``)."""
+    return json.dumps(
+        {
+            "error": {
+                "code": 400,
+                "message": f"request ({prompt_tokens} tokens) exceeds the available context "
+                f"size ({n_ctx} tokens), try increasing it",
+                "type": "exceed_context_size_error",
+                "n_prompt_tokens": prompt_tokens,
+                "n_ctx": n_ctx,
+            }
+        },
+        separators=(",", ":"),
+    )
+
+
+def cut_limit(n_ctx: int, n_keep: int) -> int:
+    """How long Ollama 0.33 cuts a prompt that does not fit (``truncate`` and
+    ``shift`` on): ``contextShiftPromptLimit`` in ``llm/llama_server.go``."""
+    n_keep = max(0, min(n_keep, n_ctx - 1))
+    return n_ctx - max((n_ctx - n_keep) // 2, 1)
+
+
 BUSY = "server busy, please try again.  maximum pending requests exceeded"
 
 
@@ -173,8 +220,11 @@ _LLAMA_CACHE: dict[str, _LoadedLlama] = {}
 _LLAMA_CACHE_LOCK = threading.Lock()
 
 
-def _shared_llama(path: Path, n_ctx: int, n_threads: int) -> tuple[_LoadedLlama, float]:
-    """Load a GGUF once per process; returns it and the load time charged to this caller."""
+def _shared_llama(
+    path: Path, n_ctx: int, n_threads: int, *, charge: bool = True
+) -> tuple[_LoadedLlama, float]:
+    """Load a GGUF once per process; returns it and the load time charged to this
+    caller (``charge=False``: none, and the next caller is charged as if first)."""
     key = f"{path.resolve()}|{n_ctx}|{n_threads}"
     with _LLAMA_CACHE_LOCK:
         loaded = _LLAMA_CACHE.get(key)
@@ -199,7 +249,7 @@ def _shared_llama(path: Path, n_ctx: int, n_threads: int) -> tuple[_LoadedLlama,
             loaded = _LoadedLlama(llm, threading.Lock(), formatter, time.perf_counter() - start)
             _LLAMA_CACHE[key] = loaded
         charged = 0.0 if loaded.used else loaded.load_seconds
-        loaded.used = True
+        loaded.used = loaded.used or charge
         return loaded, charged
 
 
@@ -225,6 +275,29 @@ class LlamaEngine:
 
     def _path(self) -> Path:
         return self.gguf_path if self.gguf_path is not None else smollm2_gguf_path()
+
+    @staticmethod
+    def _tokens(
+        loaded: _LoadedLlama, prompt: str | None, messages: list[dict[str, Any]] | None
+    ) -> tuple[list[int], list[str], Any]:
+        """The prompt's tokens, with the chat template's stop strings and
+        stopping criteria (none for a raw prompt)."""
+        llm = loaded.llm
+        if messages is None:
+            return llm.tokenize((prompt or "").encode(), add_bos=True, special=True), [], None
+        rendered = loaded.formatter(
+            messages=[{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+        )
+        tokens = llm.tokenize(rendered.prompt.encode(), add_bos=False, special=True)
+        return tokens, list(rendered.stop or []), rendered.stopping_criteria
+
+    def prompt_tokens(self, source: str | list[dict[str, Any]]) -> int:
+        """The length of a raw prompt (a str) or of rendered messages (a list)."""
+        loaded, _ = _shared_llama(self._path(), self.n_ctx, self.n_threads, charge=False)
+        with loaded.lock:
+            if isinstance(source, str):
+                return len(self._tokens(loaded, source, None)[0])
+            return len(self._tokens(loaded, None, source)[0])
 
     def generate(self, prompt: str, options: Mapping[str, Any], fmt: Any = None) -> Generation:
         """Raw completion of ``prompt``."""
@@ -268,18 +341,14 @@ class LlamaEngine:
         budget = _num_predict(opts) or 10 * self.n_ctx
         with loaded.lock:
             llm = loaded.llm
-            criteria = None
-            if messages is not None:
-                rendered = loaded.formatter(
-                    messages=[
-                        {"role": m["role"], "content": m.get("content") or ""} for m in messages
-                    ]
-                )
-                tokens = llm.tokenize(rendered.prompt.encode(), add_bos=False, special=True)
-                stop = stop + list(rendered.stop or [])
-                criteria = rendered.stopping_criteria
-            else:
-                tokens = llm.tokenize((prompt or "").encode(), add_bos=True, special=True)
+            tokens, more_stop, criteria = self._tokens(loaded, prompt, messages)
+            stop = stop + more_stop
+            cut = opts.get("_cut_to")
+            if cut is not None and len(tokens) > int(cut):
+                # Ollama's cut of a prompt that does not fit: its first num_keep
+                # tokens and its end.
+                keep = min(int(opts.get("num_keep", 4)), int(cut))
+                tokens = tokens[:keep] + tokens[len(tokens) - (int(cut) - keep) :]
             gen.prompt_eval_count = len(tokens)
             if budget == 0:
                 gen.done_reason = "length"
@@ -496,8 +565,19 @@ class ScriptedEngine:
             text = _ANSWER.format(n=n) if answer else _instruction(n)
         gen = Generation()
         gen.prompt_eval_count = max(1, len(key.split()))
+        if options.get("_cut_to") is not None:
+            gen.prompt_eval_count = min(gen.prompt_eval_count, int(options["_cut_to"]))
         gen.pieces = self._emit(gen, text, options)
         return gen
+
+    @staticmethod
+    def prompt_tokens(source: str | list[dict[str, Any]]) -> int:
+        """The prompt's length as ``prompt_eval_count`` counts it (words of the
+        raw prompt, or of the messages' key)."""
+        if isinstance(source, str):
+            return max(1, len(source.split()))
+        key = json.dumps([[m.get("role"), m.get("content")] for m in source])
+        return max(1, len(key.split()))
 
     def _emit(self, gen: Generation, text: str, options: Mapping[str, Any]) -> Iterator[str]:
         if self.latency:
@@ -1013,12 +1093,18 @@ class _Handler(BaseHTTPRequestHandler):
             return
         options = model.options(body.get("options"))
         fmt = body.get("format") or None
-        if raw:
-            start = functools.partial(model.engine.generate, prompt, options, fmt)
-        else:
+        messages: list[dict[str, Any]] = []
+        if not raw:
             system = body.get("system") or model.system
             messages = [{"role": "system", "content": system}] if system else []
             messages.append({"role": "user", "content": prompt})
+        fitted = self._fit_context(model, body, options, prompt if raw else messages)
+        if fitted is None:
+            return
+        options = fitted
+        if raw:
+            start = functools.partial(model.engine.generate, prompt, options, fmt)
+        else:
             start = functools.partial(model.engine.chat, messages, options, fmt)
         self._serve_generation(
             name, model, body, start, fault, chat=False, raw=raw, thinking=thinking
@@ -1041,10 +1127,49 @@ class _Handler(BaseHTTPRequestHandler):
             return
         options = model.options(body.get("options"))
         fmt = body.get("format") or None
-        start = functools.partial(model.engine.chat, messages, options, fmt)
+        fitted = self._fit_context(model, body, options, messages)
+        if fitted is None:
+            return
+        start = functools.partial(model.engine.chat, messages, fitted, fmt)
         self._serve_generation(
             name, model, body, start, fault, chat=True, raw=False, thinking=thinking
         )
+
+    def _fit_context(
+        self,
+        model: TestModel,
+        body: dict[str, Any],
+        options: dict[str, Any],
+        source: str | list[dict[str, Any]],
+    ) -> dict[str, Any] | None:
+        """The options a generation runs with in the model's context, as Ollama
+        0.33 keeps it (see the module docstring), or None once a 400 was sent
+        for a prompt that does not fit.  An engine that cannot count a
+        prompt's tokens is not checked."""
+        count = getattr(model.engine, "prompt_tokens", None)
+        if count is None:
+            return options
+        n_ctx = int(options.get("num_ctx") or DEFAULT_NUM_CTX)
+        truncate = body.get("truncate") is not False
+        shift = body.get("shift") is not False
+        n = int(count(source))
+        if n >= n_ctx:  # llama-server needs room for one token after the prompt
+            if not truncate:
+                self._error(400, context_error(n, n_ctx))
+                return None
+            if not shift:
+                self._error(400, PROMPT_TOO_LONG)
+                return None
+            # Cut silently (logged by the server alone, and counted here).
+            with self.owner._lock:
+                self.owner.cut_prompts += 1
+            return {**options, "_cut_to": cut_limit(n_ctx, int(options.get("num_keep", 4)))}
+        if not shift:
+            # No context shift: the generation stops at the end of the context.
+            room = n_ctx - n
+            budget = _num_predict(options)
+            return {**options, "num_predict": room if budget is None else min(budget, room)}
+        return options
 
     def _loaded(
         self, name: str, model: TestModel, body: dict[str, Any], content: dict[str, Any]
@@ -1414,6 +1539,8 @@ class OllamaTestServer:
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        #: Prompts cut to fit the context (Ollama's "truncating input prompt").
+        self.cut_prompts = 0
 
     # -- lifecycle
 

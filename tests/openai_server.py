@@ -27,6 +27,14 @@ routes and the wire format differ.
   ``index``, not by position.
 * Errors are ``{"error": {"message", "type", "code"}}`` (``legacy_errors``:
   older vLLM's top-level ``{"object": "error", "message", ...}``).
+* ``context`` (llama-server's ``-c`` per slot, vLLM's ``--max-model-len``) for
+  engines that count a prompt's tokens (``prompt_tokens``): llama-server
+  refuses a prompt that leaves no room for a token with 400
+  ``exceed_context_size_error`` (``n_prompt_tokens``, ``n_ctx``) and stops a
+  generation at the end of the context (no context shift: finish reason
+  "length"); vLLM refuses a prompt whose ``max_tokens`` do not fit beside it
+  with 400 and :func:`vllm_context_message` (a prompt longer than the context
+  without ``max_tokens``: its engine's text).  Neither cuts a prompt.
 
 Two flavors set the differences that matter to a client:
 
@@ -117,6 +125,39 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "vllm": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repeat_penalty": 1.0},
     "llamacpp": {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "repeat_penalty": 1.0},
 }
+
+
+def llamacpp_context_error(prompt_tokens: int, n_ctx: int) -> dict[str, Any]:
+    """llama-server's 400 body for a prompt that leaves no room in the context."""
+    return {
+        "error": {
+            "code": 400,
+            "message": f"request ({prompt_tokens} tokens) exceeds the available context size "
+            f"({n_ctx} tokens), try increasing it",
+            "type": "exceed_context_size_error",
+            "n_prompt_tokens": prompt_tokens,
+            "n_ctx": n_ctx,
+        }
+    }
+
+
+def vllm_context_message(prompt_tokens: int, max_tokens: int | None, context: int) -> str:
+    """vLLM's 400 text (``vllm/renderers/params.py``, the engine's
+    ``_validate_prompt_len`` without ``max_tokens``)."""
+    if max_tokens is None:
+        return (
+            f"The decoder prompt (length {prompt_tokens}) is longer than the maximum model "
+            f"length of {context}. Make sure that `max_model_len` is no smaller than the "
+            "number of text tokens."
+        )
+    return (
+        f"You passed {prompt_tokens} input tokens and requested {max_tokens} output tokens. "
+        f"However, the model's context length is only {context} tokens, resulting in a "
+        f"maximum input length of {context - max_tokens} tokens. Please reduce the length "
+        "of the input prompt."
+    )
+
+
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -258,13 +299,15 @@ class OpenAITestServer(OllamaTestServer):
         embeddings: bool = True,
         apply_template: bool | None = None,
         reasoning_format: str | None = None,
+        context: int = 8192,
     ) -> None:
         """``embeddings``: serve /v1/embeddings (llama-server needs
         ``--embeddings`` for it and answers 501 without); ``apply_template``:
         llama.cpp's ``POST /apply-template`` (default: on for "llamacpp");
         ``reasoning_format`` "deepseek": a streamed chat answer's leading
         ``<think>...</think>`` goes out as ``delta.reasoning_content`` (llama-server
-        ``--reasoning-format deepseek``, vLLM ``--reasoning-parser``)."""
+        ``--reasoning-format deepseek``, vLLM ``--reasoning-parser``); ``context``:
+        the tokens of a prompt and its answer (see the module docstring)."""
         super().__init__([], host, port, slots=slots, max_queue=max_queue)
         self.embeddings = embeddings
         self.apply_template = flavor == "llamacpp" if apply_template is None else apply_template
@@ -279,6 +322,7 @@ class OpenAITestServer(OllamaTestServer):
         self.usage = usage
         self.ignore_stream = ignore_stream
         self.reasoning_format = reasoning_format
+        self.context = context
 
     def __enter__(self) -> OpenAITestServer:
         return self.start()
@@ -443,7 +487,10 @@ class _OpenAIHandler(_Handler):
         self._send_json(
             200,
             {
-                "default_generation_settings": {"n_ctx": 2048, "params": DEFAULTS["llamacpp"]},
+                "default_generation_settings": {
+                    "n_ctx": self.owner.context,
+                    "params": DEFAULTS["llamacpp"],
+                },
                 "total_slots": self.owner.slots or 1,
                 "model_path": f"/models/{model.id}.gguf",
                 "chat_template": model.chat_template or "",
@@ -483,7 +530,10 @@ class _OpenAIHandler(_Handler):
         else:
             text = str(body.get("prompt", ""))
             tokens = tokenize(model, text, body.get("add_special_tokens", True) is not False)
-            self._send_json(200, {"tokens": tokens, "count": len(tokens), "max_model_len": 2048})
+            self._send_json(
+                200,
+                {"tokens": tokens, "count": len(tokens), "max_model_len": self.owner.context},
+            )
 
     def _embeddings(self, body: dict[str, Any]) -> None:
         if not self.owner.embeddings:
@@ -557,6 +607,28 @@ class _OpenAIHandler(_Handler):
             opts["stop"] = [stop] if isinstance(stop, str) else list(stop)
         return opts
 
+    def _fit_context(
+        self, model: ServedModel, source: str | list[dict[str, Any]], opts: dict[str, Any]
+    ) -> bool:
+        """Whether the prompt fits the context (else the server's 400 was sent);
+        llama-server's generation is capped at the end of the context."""
+        count = getattr(model.engine, "prompt_tokens", None)
+        if count is None:
+            return True
+        n, context = int(count(source)), self.owner.context
+        budget = opts.get("num_predict")
+        if self.owner.flavor == "llamacpp":
+            if n >= context:
+                self._send_json(400, llamacpp_context_error(n, context))
+                return False
+            room = context - n
+            opts["num_predict"] = room if budget is None else min(int(budget), room)
+            return True
+        if n + (1 if budget is None else int(budget)) > context:
+            self._error(400, vllm_context_message(n, budget, context))
+            return False
+        return True
+
     @staticmethod
     def _format(body: dict[str, Any]) -> Any:
         spec = body.get("response_format") or {}
@@ -586,11 +658,15 @@ class _OpenAIHandler(_Handler):
             if not isinstance(messages, list) or not messages:
                 raise _BadRequest("messages must be a non-empty list")
             engine_call: Callable[..., Generation] = functools.partial(model.engine.chat, messages)
+            source: str | list[dict[str, Any]] = messages
         else:
             prompt = body.get("prompt")
             if not isinstance(prompt, str):
                 raise _BadRequest("prompt must be a string")
             engine_call = functools.partial(model.engine.generate, prompt)
+            source = prompt
+        if not self._fit_context(model, source, opts):
+            return
 
         def start(i: int) -> Generation:
             if isinstance(fault, EmptyResponse):

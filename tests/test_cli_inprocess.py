@@ -68,6 +68,7 @@ GENERATE_OPTIONS = [
     "--drop-unsafe",
     "--rejects",
     "--shard",
+    "--num-ctx",
     "--turns",
     "--responses",
     "--samples-per-request",

@@ -20,7 +20,7 @@ import pytest
 from magpie.backends.base import Completion, Sampling
 from magpie.backends.llamacpp.batch import BatchedEmbeddedBackend, common_prefix, render_chat
 from magpie.backends.llamacpp.model import EmbeddedBackend
-from magpie.errors import BackendError
+from magpie.errors import BackendError, ContextOverflow
 from magpie.pipeline.scheduler import Pipeline, PipelineSettings
 from magpie.records import Record
 from magpie.templates import PreQuery, resolve_pre_query
@@ -433,22 +433,36 @@ def test_json_schema_chat_matches_embedded(
         assert out.text.lstrip().startswith("{")
 
 
-def test_context_overflow_is_length(smollm2_path: Path) -> None:
-    async def go() -> tuple[Completion, Completion, int]:
+def test_context_overflow_is_refused_and_the_end_of_the_context_is_length(
+    smollm2_path: Path,
+) -> None:
+    """A prompt that leaves no room in the context is refused (ContextOverflow,
+    with the counts: the pipeline's context_overflow), never answered as an
+    empty "length"; a prompt that fits generates until the end of the context,
+    finish reason "length"."""
+
+    async def go() -> tuple[ContextOverflow, Completion, ContextOverflow, int]:
         b = BatchedEmbeddedBackend(smollm2_path, n_ctx=256, max_batch=2)
+        plain = EmbeddedBackend(smollm2_path, n_ctx=256)
         try:
-            huge = await b.complete("word " * 400, sampling=GREEDY, stop=[])
+            with pytest.raises(ContextOverflow) as huge:
+                await b.complete("word " * 400, sampling=GREEDY, stop=[])
             near = await b.complete(
                 "word " * 230, sampling=GREEDY.model_copy(update={"max_tokens": 100}), stop=[]
             )
+            with pytest.raises(ContextOverflow) as unbatched:
+                await plain.complete("word " * 400, sampling=GREEDY, stop=[])
             assert b._workers is not None
-            return huge, near, b._workers.engines[0].n_ctx_seq
+            return huge.value, near, unbatched.value, b._workers.engines[0].n_ctx_seq
         finally:
             await b.aclose()
+            await plain.aclose()
 
-    huge, near, n_ctx_seq = run(go())
-    assert huge.finish_reason == "length" and huge.text == "" and huge.completion_tokens == 0
+    huge, near, unbatched, n_ctx_seq = run(go())
     assert huge.prompt_tokens is not None and huge.prompt_tokens >= n_ctx_seq
+    assert huge.context == n_ctx_seq and not huge.retryable
+    assert "--num-ctx" in str(huge) and f"({n_ctx_seq} tokens)" in str(huge)
+    assert unbatched.prompt_tokens == huge.prompt_tokens and unbatched.context == 256
     assert near.finish_reason == "length"
     assert near.prompt_tokens + near.completion_tokens == n_ctx_seq  # type: ignore[operator]
 

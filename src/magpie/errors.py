@@ -83,6 +83,30 @@ class BackendError(MagpieError):
         self.cause = cause
 
 
+class ContextOverflow(BackendError):
+    """The prompt (with the answer asked for, where the server counts it) does
+    not fit the model's context, and the server refused it rather than cut it.
+
+    Never retryable: the same request overflows again.  ``prompt_tokens`` and
+    ``context`` are the server's counts where it gave them (None where not);
+    ``fix`` says how to raise the context on this backend.  The pipeline turns
+    it into the rejection ``context_overflow``, its one line as the detail.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        prompt_tokens: int | None = None,
+        context: int | None = None,
+        fix: str | None = None,
+    ) -> None:
+        super().__init__(message, retryable=False, cause="context_overflow")
+        self.prompt_tokens = prompt_tokens
+        self.context = context
+        self.fix = fix
+
+
 class OutputClosed(MagpieError):
     """The reader of stdout went away (``magpie generate -o - | head``)."""
 

@@ -267,7 +267,8 @@ class Rejection(BaseModel):
 
     index: int
     reason: str
-    #: "request": a request failed after all its retries (reason failed_<cause>).
+    #: "request": a request failed after all its retries (reason failed_<cause>),
+    #: or its prompt did not fit the model's context (context_overflow).
     stage: Literal["instruction", "response", "judge", "guard", "request"] = "instruction"
     text: str = ""
     detail: str = ""

@@ -128,3 +128,26 @@ def thinking_models(ollama: RealOllama) -> RealOllama:
             )
         ollama.thinking_made = True  # type: ignore[attr-defined]
     return ollama
+
+
+#: A model whose Modelfile sets a small context (``PARAMETER num_ctx 512``),
+#: for prompts longer than the context (tests/real/test_context.py).
+CONTEXT_MODEL = "smollm2-ctx512"
+CONTEXT = 512
+
+
+@pytest.fixture()
+def context_model(ollama: RealOllama) -> RealOllama:
+    """The session's real Ollama with :data:`CONTEXT_MODEL` created (once)."""
+    if not getattr(ollama, "context_made", False):
+        from real_servers import SHARED_SERVERS, THREADS, _servers_dir
+
+        folder = (_servers_dir() or SHARED_SERVERS) / "modelfiles"
+        modelfile = (folder / "smollm2.Modelfile").read_text()
+        ollama.create(
+            CONTEXT_MODEL,
+            modelfile.replace("{GGUF}", str(smollm2_gguf()))
+            + f"\nPARAMETER num_thread {THREADS}\nPARAMETER num_ctx {CONTEXT}\n",
+        )
+        ollama.context_made = True  # type: ignore[attr-defined]
+    return ollama

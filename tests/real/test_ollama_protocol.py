@@ -317,3 +317,151 @@ def test_thinking_matches_the_real_server(thinking_models: RealOllama) -> None:
             if real != ours:
                 diffs.append(f"{name}: real {real} != double {ours}")
     assert not diffs, "\n".join(diffs)
+
+
+# ----------------------------------------------------------------- the context
+
+#: About 2,000 tokens of raw prompt (SmolLM2's tokenizer): four times a 512 context.
+OVER_LONG = "The quick brown fox jumps over the lazy dog. " * 200
+#: About 420 tokens: fits a 512 context, with room for about 90 more.
+NEAR_THE_END = "The quick brown fox jumps over the lazy dog. " * 40 + (
+    "Now count from 1 to 500 with commas: 1, 2, 3,"
+)
+
+
+def _context_probes(model: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """Prompts longer than the context (and a generation that reaches its
+    end) with and without magpie's truncate/shift false."""
+    opts = {"temperature": 0.0, "top_k": 0, "num_predict": 8, "seed": 3}
+    raw = {"model": model, "prompt": OVER_LONG, "raw": True, "stream": True, "options": opts}
+    chat = {
+        "model": model,
+        "messages": [{"role": "user", "content": OVER_LONG}],
+        "stream": True,
+        "options": opts,
+    }
+    no_cuts = {"truncate": False, "shift": False}
+    yield "raw, truncate and shift false", "/api/generate", {**raw, **no_cuts}
+    yield "chat, truncate and shift false", "/api/chat", {**chat, **no_cuts}
+    yield "raw, not streamed", "/api/generate", {**raw, **no_cuts, "stream": False}
+    yield "raw, shift false only", "/api/generate", {**raw, "truncate": True, "shift": False}
+    yield "raw, Ollama's defaults: cut", "/api/generate", raw
+    yield (
+        "raw to the end of the context, shift false",
+        "/api/generate",
+        {
+            **raw,
+            **no_cuts,
+            "prompt": NEAR_THE_END,
+            "options": {**opts, "num_predict": 300, "stop": []},
+        },
+    )
+
+
+def _context_shape(name: str, status: int, ctype: str, lines: list[Any]) -> dict[str, Any]:
+    """What magpie reads of these replies: the status, the error nested as
+    text (llama-server's body, its type and counts), or the counts of a reply."""
+    out: dict[str, Any] = {"status": status, "content type": ctype}
+    if status >= 400:
+        error = lines[0]["error"]
+        out["error is text"] = isinstance(error, str)
+        try:
+            inner = json.loads(error)["error"]
+        except ValueError:
+            out["error"] = error
+            return out
+        out["type"], out["n_ctx"] = inner["type"], inner["n_ctx"]
+        prompt = inner["n_prompt_tokens"]
+        # A chat's count depends on how its template is rendered (Go or Jinja).
+        out["n_prompt_tokens"] = prompt if name.startswith("raw") else prompt > inner["n_ctx"]
+        return out
+    last = lines[-1]
+    out["done_reason"] = last.get("done_reason")
+    if "end" in name:
+        out["prompt + eval"] = last["prompt_eval_count"] + last["eval_count"]
+    else:
+        out["prompt_eval_count"] = last["prompt_eval_count"]
+    return out
+
+
+def test_double_answers_a_prompt_longer_than_the_context_as_the_real_server(  # type: ignore[no-untyped-def]
+    context_model: RealOllama,
+):
+    """Ollama 0.33 cuts a prompt that does not fit silently unless asked not to:
+    ``truncate: false`` gives 400 with llama-server's exceed_context_size_error
+    as a string (the counts in it), ``shift: false`` alone another 400, and
+    with ``shift: false`` a generation stops at the end of the context
+    ("length").  The double answers each the same."""
+    from ollama_server import LlamaEngine, OllamaTestServer, smollm2_model
+
+    from .conftest import CONTEXT, CONTEXT_MODEL
+
+    model = smollm2_model(LlamaEngine(n_threads=1))
+    model.show["parameters"] += f"\nnum_ctx                        {CONTEXT}"
+    diffs, seen = [], {}
+    with OllamaTestServer([model]) as srv:
+        for name, path, body in _context_probes(CONTEXT_MODEL):
+            real = _context_shape(name, *_post(context_model.url + path, body))
+            ours = _context_shape(name, *_post(srv.url + path, {**body, "model": model.name}))
+            seen[name] = real
+            if real != ours:
+                diffs.append(f"{name}: real {real} != double {ours}")
+    assert not diffs, "\n".join(diffs)
+    # What the parity holds the double to, on the real server.
+    assert seen["raw, truncate and shift false"]["type"] == "exceed_context_size_error"
+    assert seen["raw, Ollama's defaults: cut"]["prompt_eval_count"] < CONTEXT
+    assert seen["raw to the end of the context, shift false"] == {
+        "status": 200,
+        "content type": "application/x-ndjson",
+        "done_reason": "length",
+        "prompt + eval": CONTEXT,
+    }
+
+
+def test_backend_reads_the_real_refusal(context_model: RealOllama) -> None:
+    """magpie's requests on both paths: a ContextOverflow with the real server's
+    counts, and an answer that reaches the end of the context is "length"."""
+    from magpie.errors import ContextOverflow
+
+    from .conftest import CONTEXT, CONTEXT_MODEL
+
+    async def main(direct: bool) -> tuple[ContextOverflow, Any]:
+        async with OllamaBackend(CONTEXT_MODEL, context_model.url, direct_stream=direct) as b:
+            with pytest.raises(ContextOverflow) as info:
+                await b.complete(OVER_LONG, sampling=GREEDY, stop=[])
+            near = await b.complete(
+                NEAR_THE_END, sampling=GREEDY.model_copy(update={"max_tokens": 300}), stop=[]
+            )
+            return info.value, near
+
+    for direct in (True, False):
+        err, near = _run(main(direct))
+        assert err.context == CONTEXT and err.prompt_tokens is not None
+        assert err.prompt_tokens > 1900 and not err.retryable
+        assert near.finish_reason == "length"
+        assert near.prompt_tokens + near.completion_tokens == CONTEXT
+
+
+def test_a_render_is_never_cut(context_model: RealOllama) -> None:
+    """With truncate on, Ollama drops the first messages of a conversation
+    longer than the context from a render too: a pre-query or a conversation
+    template learned from such a render would miss turns (``--turns`` with a
+    long system prompt then failed to start).  magpie's renders send
+    truncate false."""
+    from .conftest import CONTEXT_MODEL
+
+    messages = [
+        {"role": "system", "content": OVER_LONG},
+        {"role": "user", "content": "The first question?"},
+        {"role": "assistant", "content": "The first answer."},
+        {"role": "user", "content": "The second question?"},
+    ]
+
+    async def render() -> str | None:
+        async with OllamaBackend(CONTEXT_MODEL, context_model.url) as b:
+            return await b.render_chat(messages)
+
+    rendered = _run(render())
+    assert rendered is not None
+    for m in messages:
+        assert m["content"].strip() in rendered, m

@@ -7,7 +7,8 @@
 - :func:`transport_failure`: what a client's exception means (the server is
   unreachable, it timed out, the connection failed), for aiohttp and httpx.
 - :func:`retryable_status` and :func:`error_message`: an HTTP error's status
-  and body.
+  and body; :func:`context_overflow`: whether it is a prompt the server
+  refused as too long for its context, with the server's counts.
 
 Ollama's backend streams generation over :class:`AioSession` and asks
 everything else through the official ``ollama`` client (httpx); the
@@ -20,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -91,6 +94,105 @@ def error_message(body: bytes) -> str:
         if "detail" in data:
             return str(data["detail"])
     return text[:300]
+
+
+@dataclass(frozen=True)
+class Overflow:
+    """What a server said when it refused a prompt too long for its context:
+    its counts where it gave them, and its own words."""
+
+    prompt_tokens: int | None
+    context: int | None
+    said: str
+
+    def counts(self) -> str:
+        """``"2001 tokens, context 512"``, as far as the server counted."""
+        parts = []
+        if self.prompt_tokens is not None:
+            parts.append(f"{self.prompt_tokens} tokens")
+        if self.context is not None:
+            parts.append(f"context {self.context}")
+        return ", ".join(parts) or "no counts given"
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+#: A prompt too long for the context, in each server's words, and where the
+#: prompt's token count (``p``) and the context (``c``) are in them.
+_OVERFLOW_TEXTS = (
+    # llama-server (and Ollama 0.33, which passes it on as a string).
+    re.compile(r"request \((?P<p>\d+) tokens\) exceeds the available context size \((?P<c>\d+)"),
+    # Ollama 0.33 with truncate on and shift off; its /api/embed.
+    re.compile(r"prompt is longer than the context length"),
+    re.compile(r"input length exceeds the context length"),
+    # vLLM (recent): the prompt with the output tokens asked for.
+    re.compile(
+        r"You passed (?P<p>\d+) input tokens and requested \d+ output tokens\. However, "
+        r"the model's context length is only (?P<c>\d+) tokens"
+    ),
+    re.compile(
+        r"input characters and requested \d+ output tokens\. However, the model's "
+        r"context length is only (?P<c>\d+) tokens"
+    ),
+    # vLLM's engine, and its older servers.
+    re.compile(r"prompt \(length (?P<p>\d+)\) .*?maximum model length of (?P<c>\d+)"),
+    re.compile(
+        r"maximum context length is (?P<c>\d+) tokens\. However, you requested \d+ tokens "
+        r"\((?P<p>\d+) in the messages"
+    ),
+    re.compile(r"maximum context length is (?P<c>\d+) tokens.*?has (?P<p>\d+) input tokens"),
+    re.compile(r"maximum context length is (?P<c>\d+) tokens"),
+    # SGLang.
+    re.compile(
+        r"input \((?P<p>\d+) tokens\) is longer than the model's context length \((?P<c>\d+)"
+    ),
+)
+
+
+def context_overflow(status: int, body: bytes | str) -> Overflow | None:
+    """The overflow an HTTP error reports, or None when it is another error.
+
+    Read from llama-server's ``exceed_context_size_error`` (its
+    ``n_prompt_tokens`` and ``n_ctx``), also where Ollama nests that body as a
+    string in its own ``{"error": "..."}``, and from the texts of Ollama,
+    vLLM and SGLang (:data:`_OVERFLOW_TEXTS`).  Only a 400 (or 413) is one: a
+    server error that mentions the context is not the prompt's fault.
+    """
+    if status not in (400, 413):
+        return None
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    fields: dict[str, Any] = {}
+    said = text.strip()
+    for _ in range(3):  # {"error": "{\"error\": {...}}"}: unwrap the nesting
+        try:
+            data = json.loads(said)
+        except ValueError:
+            break
+        if not isinstance(data, dict):
+            break
+        err = data.get("error", data)
+        if isinstance(err, dict):
+            fields.update(err)
+            said = str(err.get("message") or err.get("detail") or said)
+            break
+        if not isinstance(err, str):
+            break
+        said = err.strip()
+    prompt, context = _int(fields.get("n_prompt_tokens")), _int(fields.get("n_ctx"))
+    if fields.get("type") == "exceed_context_size_error":
+        return Overflow(prompt, context, said[:300])
+    for pattern in _OVERFLOW_TEXTS:
+        match = pattern.search(said)
+        if match is not None:
+            found = match.groupdict()
+            return Overflow(
+                prompt if found.get("p") is None else int(found["p"]),
+                context if found.get("c") is None else int(found["c"]),
+                said[:300],
+            )
+    return None
 
 
 class LineSplitter:

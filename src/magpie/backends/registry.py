@@ -32,6 +32,8 @@ def looks_like_gguf(model: str | None) -> bool:
 
 #: Sequences the embedded backend decodes at once under ``--concurrency auto``.
 EMBEDDED_AUTO_BATCH = 16
+#: The embedded backend's context per sequence when ``--num-ctx`` is not given.
+EMBEDDED_N_CTX = 4096
 
 
 def _embedded(spec: BackendSpec) -> Backend:
@@ -42,7 +44,10 @@ def _embedded(spec: BackendSpec) -> Backend:
 
     k = spec.concurrency if isinstance(spec.concurrency, int) else EMBEDDED_AUTO_BATCH
     return BatchedEmbeddedBackend(
-        spec.model, n_ctx=spec.n_ctx, n_threads=spec.threads, max_batch=max(1, k)
+        spec.model,
+        n_ctx=spec.num_ctx or EMBEDDED_N_CTX,
+        n_threads=spec.threads,
+        max_batch=max(1, k),
     )
 
 
@@ -62,7 +67,9 @@ def _ollama(spec: BackendSpec, model: str) -> Backend:
 
     return _pooled(
         spec,
-        lambda host: OllamaBackend(model, host, timeout=spec.timeout, keep_alive=spec.keep_alive),
+        lambda host: OllamaBackend(
+            model, host, timeout=spec.timeout, keep_alive=spec.keep_alive, num_ctx=spec.num_ctx
+        ),
     )
 
 

@@ -26,8 +26,11 @@ class BackendSpec(BaseModel):
     concurrency: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     timeout: float = 300.0
     keep_alive: str | None = None
-    #: llama.cpp in process only.
-    n_ctx: int = 4096
+    #: The model's context in tokens (``--num-ctx``): Ollama's ``num_ctx``, the
+    #: embedded backend's context per sequence (None: 4096 there, the model's
+    #: or the server's own on Ollama).  An OpenAI-compatible server fixes its
+    #: own when it starts.
+    num_ctx: int | None = None
     threads: int | None = None
 
     @property

@@ -199,6 +199,12 @@ def generate(
     responses: int | None = typer.Option(
         None, "--responses", help="Sample K answers per instruction; with --judge: chosen/rejected."
     ),
+    num_ctx: int | None = typer.Option(
+        None,
+        "--num-ctx",
+        help="The model's context in tokens: Ollama's num_ctx, the embedded backend's "
+        "context (default 4096); an OpenAI-compatible server sets its own at start.",
+    ),
     samples_per_request: int | None = typer.Option(
         None,
         "--samples-per-request",

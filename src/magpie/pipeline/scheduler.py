@@ -21,7 +21,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from magpie.backends.base import Backend
-from magpie.errors import BackendError, MagpieError
+from magpie.errors import BackendError, ContextOverflow, MagpieError
 from magpie.pipeline.attempt import (
     Generator,
     SystemChoice,
@@ -47,6 +47,7 @@ from magpie.records import Record, Rejection
 from magpie.templates import PreQuery
 
 __all__ = [
+    "CONTEXT_OVERFLOW",
     "FAILED_PREFIX",
     "Instruction",
     "InstructionFilter",
@@ -60,15 +61,28 @@ __all__ = [
 
 #: Reject reasons of pairs whose request failed after its retries: failed_<cause>.
 FAILED_PREFIX = "failed_"
+#: The reject reason of a pair one of whose prompts did not fit the model's
+#: context (:class:`~magpie.errors.ContextOverflow`: refused by the server,
+#: never cut); its detail has the token counts.
+CONTEXT_OVERFLOW = "context_overflow"
 
 #: Reject reasons that point at a template that does not fit the model.
 _TEMPLATE_REASONS = {"empty", "truncated", "special_token", "role_leak", "repetition"}
 
 
-def _streak_message(streak: int, stats: RunStats, balance: CategoryBalance | None = None) -> str:
+def _streak_message(
+    streak: int,
+    stats: RunStats,
+    balance: CategoryBalance | None = None,
+    overflow: ContextOverflow | None = None,
+) -> str:
     reasons = ", ".join(f"{r} {n}" for r, n in stats.rejected.most_common())
     top = stats.rejected.most_common(1)[0][0] if stats.rejected else ""
-    if top in _TEMPLATE_REASONS:
+    if top == CONTEXT_OVERFLOW:
+        counts = f" (last: {overflow.message})" if overflow is not None else ""
+        fix = overflow.fix if overflow is not None and overflow.fix else "raise it (--num-ctx)"
+        hint = f"the prompts do not fit the model's context{counts}; {fix}"
+    elif top in _TEMPLATE_REASONS:
         hint = (
             "the template probably does not fit this model; check --template and --system "
             "(`magpie templates list`)"
@@ -161,6 +175,9 @@ class Pipeline:
         self.stages: list[Stage] = [s for s in built if s is not None]
         #: The first attempt index not yet yielded by ``run()``.
         self.next_index = 0
+        #: The last prompt that did not fit the context (its counts, and how to
+        #: raise the context on this backend), for the messages that say so.
+        self.overflow: ContextOverflow | None = None
 
     # The generator's own, read through the pipeline.
     @property
@@ -233,9 +250,16 @@ class Pipeline:
         """:meth:`attempt`, with a request that failed after all its retries
         turned into a rejection (``failed_<cause>``, the error as its detail):
         one pair's bad luck does not end a nightly run (``run()`` stops when
-        ``max_failure_streak`` pairs in a row fail)."""
+        ``max_failure_streak`` pairs in a row fail).  A prompt that did not fit
+        the context is the rejection ``context_overflow`` (never retried, not a
+        failure: its detail has the counts and how to raise the context)."""
         try:
             return await self.attempt(index)
+        except ContextOverflow as exc:
+            # Not a failure (retrying overflows again) and not a cut record:
+            # the pair is rejected, the run goes on.
+            self.overflow = exc
+            return Rejection(index=index, reason=CONTEXT_OVERFLOW, stage="request", detail=str(exc))
         except BackendError as exc:
             return Rejection(
                 index=index, reason=f"{FAILED_PREFIX}{exc.cause}", stage="request", detail=str(exc)
@@ -361,7 +385,9 @@ class Pipeline:
                             "rerun continues from here"
                         )
                     if streak >= self.settings.max_reject_streak:
-                        raise MagpieError(_streak_message(streak, self.stats, self.balance))
+                        raise MagpieError(
+                            _streak_message(streak, self.stats, self.balance, self.overflow)
+                        )
                 if deadline is not None and (not pending or loop.time() >= deadline):
                     return
         finally:

@@ -8,7 +8,14 @@ import sys
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from magpie.backends.base import Sampling
 from magpie.backends.retry import RetryPolicy
@@ -106,7 +113,12 @@ class RunConfig(BaseModel):
     #: model not to think (``--reasoning``; see magpie.pipeline.stages.reasoning).
     reasoning: ReasoningMode = "keep"
     extra_stop: list[str] = Field(default_factory=list)
-    n_ctx: int = Field(4096, ge=256)
+    #: The model's context in tokens (``--num-ctx``): sent to Ollama as
+    #: ``options.num_ctx``, the embedded backend's context per sequence (4096
+    #: when unset); None leaves it to the model and server.  Not for an
+    #: OpenAI-compatible server, which fixes its own when it starts.  A config
+    #: file's ``n_ctx`` (its old name) is read as this.
+    num_ctx: int | None = Field(None, ge=256, le=16_777_216)
     threads: int | None = Field(None, ge=1)
     keep_alive: str | None = None
     #: Rule filters run on every instruction before its response is requested.
@@ -180,6 +192,18 @@ class RunConfig(BaseModel):
     instruction: Sampling = Field(default_factory=default_instruction_sampling)
     response: Sampling = Field(default_factory=default_response_sampling)
     quiet: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        """``n_ctx`` (the embedded backend's setting before ``num_ctx`` served
+        every backend) is read as ``num_ctx``."""
+        if isinstance(data, Mapping) and "n_ctx" in data:
+            data = dict(data)
+            old = data.pop("n_ctx")
+            if data.get("num_ctx") is None:
+                data["num_ctx"] = old
+        return data
 
     @field_validator("instruction", "response", mode="before")
     @classmethod
@@ -269,7 +293,7 @@ class RunConfig(BaseModel):
             concurrency=self.concurrency,
             timeout=self.timeout,
             keep_alive=self.keep_alive,
-            n_ctx=self.n_ctx,
+            num_ctx=self.num_ctx,
             threads=self.threads,
         )
 

@@ -39,6 +39,10 @@ class BackendTraits:
     takes_n: bool = False
     #: Checks one of its host URLs (exit 2 on a bad one).
     check_url: Callable[[str], object] = _ollama_url
+    #: The context is set per run (``--num-ctx``): Ollama loads the model with
+    #: it, the embedded backend makes its contexts with it; an OpenAI-compatible
+    #: server fixes its own when it starts.
+    sets_context: bool = True
 
 
 BACKENDS: dict[str, BackendTraits] = {
@@ -51,6 +55,7 @@ BACKENDS: dict[str, BackendTraits] = {
         reads_ollama_host=False,
         takes_n=True,
         check_url=_openai_url,
+        sets_context=False,
     ),
 }
 #: Semantic dedup's embedding server when the generator cannot host it.

@@ -61,7 +61,7 @@ from typing import Any
 
 from magpie.backends.base import Completion, FinishReason
 from magpie.backends.llamacpp.jobs import _Cached, _closed_error, _Job, _JobQueue, _Sequence
-from magpie.backends.llamacpp.model import _llama_cpp
+from magpie.backends.llamacpp.model import _llama_cpp, context_overflow
 from magpie.backends.llamacpp.prompts import common_prefix
 from magpie.errors import BackendError, UsageError
 
@@ -257,10 +257,10 @@ class _BatchEngine:
         if n == 0:
             raise BackendError("empty prompt", retryable=False, cause="empty_prompt")
         if n >= self.n_ctx_seq:
-            job.resolve(
-                Completion(text="", finish_reason="length", prompt_tokens=n, completion_tokens=0)
-            )
-            return
+            # No room for a token after it: refused, never cut.  A prompt that
+            # fits generates until max_tokens or the end of the context,
+            # whichever comes first (finish reason "length" either way).
+            raise context_overflow(n, self.n_ctx_seq)
         sampler = self._sampler(job)
         try:
             slot, shared = self._place(job) if self.flash_attn else self._place_alone(job)

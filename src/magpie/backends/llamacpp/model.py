@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
 
 from magpie.backends.base import AbortCheck, Backend, Completion, ModelInfo, Sampling
 from magpie.backends.llamacpp.buildcheck import INSTALL_EMBEDDED, check_build
-from magpie.errors import BackendUnavailable, UsageError
+from magpie.errors import BackendUnavailable, ContextOverflow, UsageError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_MAGIC = b"GGUF"
@@ -100,6 +101,23 @@ def settle_cpp_runtime() -> None:
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
     if model:  # (None: already too late; the model's own load will say so)
         llama_cpp.llama_model_free(model)
+
+
+def context_overflow(prompt_tokens: int, n_ctx: int) -> ContextOverflow:
+    """The error of a prompt of ``prompt_tokens`` that leaves no room for a
+    token in a context of ``n_ctx``."""
+    return ContextOverflow(
+        f"the prompt ({prompt_tokens} tokens) does not fit the embedded model's context "
+        f"({n_ctx} tokens)",
+        prompt_tokens=prompt_tokens,
+        context=n_ctx,
+        fix=f"raise it with --num-ctx (now {n_ctx}), or ask for less (--turns, "
+        "--response-max-tokens)",
+    )
+
+
+#: llama_cpp.Llama's refusal of a prompt that fills its context.
+_TOO_LONG = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
 
 
 class EmbeddedBackend(Backend):
@@ -212,7 +230,13 @@ class EmbeddedBackend(Backend):
             # seed, whatever ran before (llama.cpp's AVX-512/AMX kernels round
             # a one-token batch differently from a long one).
             llm.reset()
-            return fn(llm, *args, **kwargs)
+            try:
+                return fn(llm, *args, **kwargs)
+            except ValueError as exc:
+                match = _TOO_LONG.search(str(exc))
+                if match is None:
+                    raise
+                raise context_overflow(int(match[1]), int(match[2])) from None
 
     @staticmethod
     def _completion(out: Any, text: str, aborted: bool) -> Completion:

@@ -6,9 +6,17 @@ import contextlib
 from typing import Any
 
 from magpie.backends.base import AbortCheck, Backend, Completion, ModelInfo, Sampling
-from magpie.backends.http import AioSession, retryable_status, transport_failure
+from magpie.backends.http import (
+    AioSession,
+    Overflow,
+    context_overflow,
+    retryable_status,
+    transport_failure,
+)
 from magpie.backends.ollama.generate import (
+    NO_CUTS,
     NOT_SENT,
+    client_stream,
     request_options,
     stream_client,
     stream_direct,
@@ -20,7 +28,7 @@ from magpie.backends.ollama.show import (
     stops_from_parameters,
     system_from_modelfile,
 )
-from magpie.errors import BackendError, BackendUnavailable, ModelNotFound
+from magpie.errors import BackendError, BackendUnavailable, ContextOverflow, ModelNotFound
 
 #: Seconds without a byte from the server (on any request of the run) before a
 #: request fails and is retried.
@@ -51,11 +59,18 @@ class OllamaBackend(Backend):
         timeout: float = DEFAULT_TIMEOUT,
         keep_alive: str | float | None = None,
         direct_stream: bool = True,
+        num_ctx: int | None = None,
     ) -> None:
         """``direct_stream``: stream /api/generate and /api/chat as NDJSON over
         aiohttp (the default) instead of through ``ollama.AsyncClient`` (same
         requests, headers and errors; about a fifth of the client CPU per
-        request).  Everything else always goes through ``ollama.AsyncClient``."""
+        request).  Everything else always goes through ``ollama.AsyncClient``.
+
+        ``num_ctx``: the context to load the model with (``options.num_ctx`` of
+        every request; ``--num-ctx``); None leaves it to the Modelfile's
+        ``PARAMETER num_ctx`` or the server's default.  Every generation request
+        sends ``truncate`` and ``shift`` false (:data:`NO_CUTS`): a prompt that
+        does not fit raises :class:`~magpie.errors.ContextOverflow`."""
         import ollama
 
         host, auth = host_credentials(host)
@@ -63,6 +78,7 @@ class OllamaBackend(Backend):
         self._host = resolve_host(host)
         self._timeout = timeout
         self._keep_alive = keep_alive
+        self._num_ctx = num_ctx
         self._client = ollama.AsyncClient(host=self._host, timeout=timeout, headers=auth)
         self._direct: AioSession | None = None
         self._renders: bool | None = None  # whether the server renders on request
@@ -83,12 +99,57 @@ class OllamaBackend(Backend):
         return self._host
 
     # -- error mapping ------------------------------------------------------
-    def _translate(self, exc: BaseException) -> Exception:
+    def _overflow(
+        self, found: Overflow, max_tokens: int | None = None, note: str = ""
+    ) -> ContextOverflow:
+        """The error of a prompt the server refused as too long for the context
+        (``note``: how it was found, where the server did not refuse it)."""
+        wanted = ""
+        if found.prompt_tokens is not None and max_tokens is not None:
+            # Room for the prompt and the answer asked for, in steps of 1024.
+            wanted = f" {-(-(found.prompt_tokens + max_tokens) // 1024) * 1024}"
+        now = (
+            f"now {self._num_ctx}"
+            if self._num_ctx is not None
+            else "not set: the Modelfile's or the server's default"
+        )
+        return ContextOverflow(
+            f"the prompt does not fit the context of {self._model!r} on Ollama at "
+            f"{self._host} ({found.counts()}){note}",
+            prompt_tokens=found.prompt_tokens,
+            context=found.context,
+            fix=f"raise the context with --num-ctx{wanted or ' N'} ({now}; sent as "
+            f"options.num_ctx) or `PARAMETER num_ctx{wanted or ' N'}` in the model's "
+            "Modelfile, or ask for less (--turns, --response-max-tokens)",
+        )
+
+    def _checked(self, result: Completion, options: dict[str, Any]) -> Completion:
+        """``result``, unless the server cut its prompt: one older than 0.12.6
+        ignores ``truncate`` and cuts a prompt that does not fit to exactly the
+        context, which it then reports as ``prompt_eval_count``; where the
+        context is known (``num_ctx``), such a count is an overflow."""
+        if (
+            self._num_ctx is not None
+            and result.prompt_tokens is not None
+            and result.prompt_tokens >= self._num_ctx
+        ):
+            raise self._overflow(
+                Overflow(None, self._num_ctx, ""),
+                options.get("num_predict"),
+                f"; the server cut it to {result.prompt_tokens} tokens (an Ollama older "
+                "than 0.12.6 ignores truncate: update it)",
+            )
+        return result
+
+    def _translate(self, exc: BaseException, max_tokens: int | None = None) -> Exception:
         import ollama
 
         if isinstance(exc, ollama.ResponseError):
             code = exc.status_code
             msg = str(exc.error).strip()
+            found = context_overflow(code, msg)
+            if found is not None:
+                return self._overflow(found, max_tokens)
             if code == 404:
                 return ModelNotFound(
                     f"model {self._model!r} is not on the Ollama server at {self._host}: "
@@ -143,26 +204,37 @@ class OllamaBackend(Backend):
         ``ollama.AsyncClient`` (:func:`~magpie.backends.ollama.generate.stream_direct`),
         its errors mapped by :meth:`_translate`."""
         assert self._direct is not None
+        options = payload["options"]
         try:
-            return await stream_direct(self._direct, path, payload, piece, abort, thought)
+            result = await stream_direct(self._direct, path, payload, piece, abort, thought)
         except Exception as exc:  # noqa: BLE001 - translated below
-            translated = self._translate(exc)
+            translated = self._translate(exc, options.get("num_predict"))
             if translated is exc:
                 raise
             raise translated from exc
+        return self._checked(result, options)
 
     async def _stream(
-        self, call: Any, piece: Any, abort: AbortCheck | None, thought: Any = None
+        self,
+        path: str,
+        body: dict[str, Any],
+        piece: Any,
+        abort: AbortCheck | None,
+        thought: Any = None,
     ) -> Completion:
-        """Run a streaming request of ``ollama.AsyncClient`` and gather its
-        chunks into one Completion (:func:`~magpie.backends.ollama.generate.stream_client`)."""
+        """Stream ``body`` to ``path`` through ``ollama.AsyncClient`` and gather
+        its chunks into one Completion (:func:`~magpie.backends.ollama.generate.stream_client`)."""
+        options = body["options"]
         try:
-            return await stream_client(call, piece, abort, thought)
+            result = await stream_client(
+                lambda: client_stream(self._client, path, body), piece, abort, thought
+            )
         except Exception as exc:  # noqa: BLE001 - translated below
-            translated = self._translate(exc)
+            translated = self._translate(exc, options.get("num_predict"))
             if translated is exc:
                 raise
             raise translated from exc
+        return self._checked(result, options)
 
     # -- the contract -------------------------------------------------------
     async def complete(
@@ -174,7 +246,7 @@ class OllamaBackend(Backend):
         seed: int | None = None,
         abort: AbortCheck | None = None,
     ) -> Completion:
-        options = request_options(sampling, seed, stop)
+        options = request_options(sampling, seed, stop, self._num_ctx)
         if self._direct is not None:
             payload: dict[str, Any] = {
                 "model": self._model,
@@ -186,6 +258,7 @@ class OllamaBackend(Backend):
                 # defaults to true) and moves text it takes for thinking out of
                 # "response": an instruction must come back as written.
                 "think": False,
+                **NO_CUTS,
             }
             if self._keep_alive is not None:
                 payload["keep_alive"] = self._keep_alive
@@ -193,18 +266,19 @@ class OllamaBackend(Backend):
                 "/api/generate", payload, lambda c: c.get("response") or "", abort
             )
         else:
+            from ollama._types import GenerateRequest
+
+            body = GenerateRequest(
+                model=self._model,
+                prompt=prompt,
+                raw=True,
+                options=options,
+                stream=True,
+                keep_alive=self._keep_alive,
+                think=False,
+            ).model_dump(exclude_none=True)
             result = await self._stream(
-                lambda: self._client.generate(
-                    model=self._model,
-                    prompt=prompt,
-                    raw=True,
-                    options=options,
-                    stream=True,
-                    keep_alive=self._keep_alive,
-                    think=False,
-                ),
-                lambda c: c.response or "",
-                abort,
+                "/api/generate", {**body, **NO_CUTS}, lambda c: c.response or "", abort
             )
         if not result.text and not result.completion_tokens:
             # Concurrent raw requests against a cold model can come back empty
@@ -222,13 +296,14 @@ class OllamaBackend(Backend):
         json_schema: dict[str, Any] | None = None,
         think: bool | None = None,
     ) -> Completion:
-        options = request_options(sampling, seed, None)
+        options = request_options(sampling, seed, None, self._num_ctx)
         if self._direct is not None:
             payload: dict[str, Any] = {
                 "model": self._model,
                 "stream": True,
                 "messages": messages,
                 "options": options,
+                **NO_CUTS,
             }
             if json_schema is not None:
                 payload["format"] = json_schema
@@ -244,16 +319,21 @@ class OllamaBackend(Backend):
                 abort,
                 lambda c: (c.get("message") or {}).get("thinking") or "",
             )
+        from ollama._types import ChatRequest
+
+        body = ChatRequest(
+            model=self._model,
+            messages=messages,
+            tools=[],
+            options=options,
+            format=json_schema,
+            stream=True,
+            keep_alive=self._keep_alive,
+            think=think,
+        ).model_dump(exclude_none=True)
         return await self._stream(
-            lambda: self._client.chat(
-                model=self._model,
-                messages=messages,
-                options=options,
-                format=json_schema,
-                stream=True,
-                keep_alive=self._keep_alive,
-                think=think,
-            ),
+            "/api/chat",
+            {**body, **NO_CUTS},
             lambda c: (c.message.content or "") if c.message else "",
             abort,
             lambda c: (c.message.thinking or "") if c.message else "",
@@ -407,7 +487,13 @@ class OllamaBackend(Backend):
                     "messages": messages,
                     "stream": False,
                     "_debug_render_only": True,
-                    "options": {"num_predict": 1},
+                    # Not cut: with truncate on, Ollama drops the first messages
+                    # of a conversation longer than the context from the render
+                    # too.  And the model is loaded for a render: num_ctx and
+                    # shift as for generation, or the next request reloads it.
+                    "options": {"num_predict": 1}
+                    | ({"num_ctx": self._num_ctx} if self._num_ctx is not None else {}),
+                    **NO_CUTS,
                 },
             )
         except Exception as exc:  # noqa: BLE001 - translated below

@@ -32,7 +32,24 @@ NOT_SENT = frozenset({"accept-encoding", "connection", "content-length", "host"}
 Piece = Callable[[Any], str]
 
 
-def request_options(sampling: Sampling, seed: int | None, stop: list[str] | None) -> dict[str, Any]:
+#: Sent with every /api/generate and /api/chat request (Ollama 0.12.6 and
+#: later; older servers ignore them).  Both default to true: a prompt longer
+#: than the context is cut silently (``truncate``: the start of a raw prompt,
+#: the first messages of a chat) and a generation that reaches the end of the
+#: context drops early tokens and goes on (``shift``).  With both false the
+#: server answers 400 ``exceed_context_size_error`` for such a prompt, and a
+#: generation stops at the end of the context (``done_reason`` "length").
+#: ``shift`` is also how the server loads the model (llama-server's
+#: ``--context-shift``): requests that differ in it reload the model, so every
+#: request magpie sends to a model, render included, sends the same.
+NO_CUTS: dict[str, Any] = {"truncate": False, "shift": False}
+
+
+def request_options(
+    sampling: Sampling, seed: int | None, stop: list[str] | None, num_ctx: int | None = None
+) -> dict[str, Any]:
+    """The ``options`` of a generation request: the sampling, and ``num_ctx``
+    when one is set (``--num-ctx``; else the model's or the server's)."""
     opts: dict[str, Any] = {
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
@@ -48,7 +65,20 @@ def request_options(sampling: Sampling, seed: int | None, stop: list[str] | None
         opts["seed"] = seed
     if stop:
         opts["stop"] = list(stop)
+    if num_ctx is not None:
+        opts["num_ctx"] = num_ctx
     return opts
+
+
+async def client_stream(client: Any, path: str, body: dict[str, Any]) -> Any:
+    """A streaming request of ``ollama.AsyncClient`` with a body the caller
+    built (with the client's own request types, plus :data:`NO_CUTS`, which
+    the client's ``generate``/``chat`` do not take): its chunks as the
+    client's ``GenerateResponse`` / ``ChatResponse``, its errors its own."""
+    import ollama
+
+    cls = ollama.GenerateResponse if path == "/api/generate" else ollama.ChatResponse
+    return await client._request(cls, "POST", path, json=body, stream=True)  # noqa: SLF001
 
 
 def _json_line(line: bytes) -> dict[str, Any]:

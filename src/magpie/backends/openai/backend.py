@@ -10,10 +10,21 @@ from typing import Any
 import httpx
 
 from magpie.backends.base import AbortCheck, Backend, Completion, ModelInfo, Sampling
-from magpie.backends.http import error_message, retryable_status, transport_failure
+from magpie.backends.http import (
+    context_overflow,
+    error_message,
+    retryable_status,
+    transport_failure,
+)
 from magpie.backends.openai.hosts import normalize_host
 from magpie.backends.openai.wire import Reply, events, sampling_fields
-from magpie.errors import BackendError, BackendUnavailable, MagpieError, ModelNotFound
+from magpie.errors import (
+    BackendError,
+    BackendUnavailable,
+    ContextOverflow,
+    MagpieError,
+    ModelNotFound,
+)
 
 #: Seconds without a byte from the server before a request fails (and is retried).
 DEFAULT_TIMEOUT = 300.0
@@ -71,6 +82,19 @@ class OpenAIBackend(Backend):
     def _status_error(self, status: int, body: bytes, path: str) -> Exception:
         msg = error_message(body)
         where = f"the OpenAI-compatible server at {self._host}"
+        found = context_overflow(status, body)
+        if found is not None:
+            # llama-server's exceed_context_size_error, vLLM's and SGLang's 400s:
+            # the server refuses what does not fit (vLLM counts the answer asked
+            # for too), it never cuts it.
+            return ContextOverflow(
+                f"the prompt does not fit the context of {where} ({found.counts()}: {found.said})",
+                prompt_tokens=found.prompt_tokens,
+                context=found.context,
+                fix="the server fixes its context when it starts: restart it with a longer "
+                "one (llama-server -c N, shared by its --parallel slots; vllm serve "
+                "--max-model-len N), or ask for less (--turns, --response-max-tokens)",
+            )
         if status == 404:
             lowered = msg.lower()
             if "model" in lowered or (self._model and self._model.lower() in lowered):

@@ -51,6 +51,11 @@ def check_run(config: RunConfig, steering: Steering | None | Literal["load"] = "
             "(a server that honours `n`, e.g. vLLM); the Ollama and embedded backends "
             "take one sample per request"
         )
+    if config.num_ctx is not None and not traits.sets_context:
+        raise UsageError(
+            f"--num-ctx {config.num_ctx}: an OpenAI-compatible server fixes its context when "
+            "it starts (llama-server -c N, vllm serve --max-model-len N); drop --num-ctx"
+        )
     if config.system_preset is not None and config.system is not None:
         raise UsageError("pass --system or --system-preset, not both")
     config.validate_semantic()

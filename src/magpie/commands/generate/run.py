@@ -29,7 +29,7 @@ from magpie.commands.generate.topup import (
 )
 from magpie.errors import ExitStatus, MagpieError, UsageError
 from magpie.pipeline.counters import RunStats
-from magpie.pipeline.scheduler import Pipeline, check_samples_per_request
+from magpie.pipeline.scheduler import CONTEXT_OVERFLOW, Pipeline, check_samples_per_request
 from magpie.pipeline.stages.balance import CategoryBalance
 from magpie.pipeline.stages.filters import build_filters
 from magpie.records import Record, Rejection
@@ -275,9 +275,12 @@ async def _close(
         _best_effort(result, lambda: dedup.save(path), "the dedup cache (rebuilt next run)")
     await stages.aclose(backend)
     result.next_index = pipeline.next_index
-    warning = no_system_warning(pipeline, stats, bool(config.systems))
-    if warning is not None:
-        result.warnings.append(warning)
+    for warning in (
+        no_system_warning(pipeline, stats, bool(config.systems)),
+        overflow_warning(pipeline, stats),
+    ):
+        if warning is not None:
+            result.warnings.append(warning)
 
 
 def _best_effort(result: RunResult, step: Callable[[], object], what: str) -> None:
@@ -309,6 +312,20 @@ def no_system_warning(pipeline: Pipeline, stats: RunStats, has_systems: bool) ->
         + f") and the pre-query of {pipeline.backend.model!r} has no system prompt: pass "
         '--system "You are a helpful assistant." or give the model a SYSTEM line in its '
         "Modelfile (`ollama show --modelfile MODEL`)"
+    )
+
+
+def overflow_warning(pipeline: Pipeline, stats: RunStats) -> str | None:
+    """How to raise the context, when prompts that did not fit it were
+    frequent (a tenth of the attempts or more): the server refused them (magpie
+    asks it to refuse rather than cut), so those pairs are missing."""
+    n = stats.rejected[CONTEXT_OVERFLOW]
+    last = pipeline.overflow
+    if not n or last is None or n * 10 < stats.attempts:
+        return None
+    return (
+        f"{n} of {stats.attempts} attempts were rejected as {CONTEXT_OVERFLOW}: a prompt did "
+        f"not fit the model's context (last: {last.message}); {last.fix or 'raise it'}"
     )
 
 
