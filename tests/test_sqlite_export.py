@@ -51,10 +51,10 @@ def test_tables_and_full_text_search(run: tuple[Path, Path], tmp_path: Path) -> 
     assert db["rejects"].count == len(rejects.read_text().splitlines())
     first = records[0]
     row = db["records"].get(first["id"])
-    assert (
-        row["instruction"] == first["instruction"]
-        and row["chosen"] == first["chosen"][-1]["content"]
-    )
+    # The pair as the record holds it: whole conversations (JSON text).
+    assert row["instruction"] == first["instruction"]
+    assert json.loads(row["chosen"]) == first["chosen"]
+    assert json.loads(row["chosen"])[-1]["content"] == first["chosen"][-1]["content"]
     assert row["score_chosen"] == first["score_chosen"]
     # Full-text search: a word of one instruction finds that record.
     word = max(first["instruction"].strip("?.").split(), key=len)

@@ -30,6 +30,19 @@ Format = Literal["openai", "sharegpt", "alpaca", "dpo"]
 FORMATS: tuple[str, ...] = ("openai", "sharegpt", "alpaca", "dpo")
 _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
 
+#: What of a record each format carries: its conversation (the metadata stays
+#: in the magpie JSONL and the hf and sqlite exports, which carry every field).
+#: ``openai`` and ``dpo`` write whole messages, so a new field of
+#: :class:`~magpie.records.Message` reaches them by itself; the message fields
+#: the other formats have no place for are named here, and a test holds this
+#: list to the Message model.
+NO_PLACE: dict[str, frozenset[str]] = {
+    "openai": frozenset(),
+    "sharegpt": frozenset({"reasoning_content"}),  # {"from", "value"} only
+    "alpaca": frozenset({"reasoning_content"}),  # instruction/output texts only
+    "dpo": frozenset(),
+}
+
 
 #: Why a record has no DPO row (``skip_reason``), and what to do about it.
 DPO_SKIPS = {
@@ -79,12 +92,14 @@ def convert(record: Record, fmt: str) -> dict[str, Any] | None:
     messages = [m.model_dump() for m in record.messages]
     if fmt == "dpo":
         pair = record.preference()
-        if skip_reason(record, fmt) is not None or pair is None:
+        chosen, rejected = record.chosen, record.rejected
+        if skip_reason(record, fmt) is not None or pair is None or not chosen or not rejected:
             return None
         return {
             "prompt": [m.model_dump() for m in pair.prompt],
-            "chosen": [{"role": "assistant", "content": pair.chosen}],
-            "rejected": [{"role": "assistant", "content": pair.rejected}],
+            # The answers as the record holds them (with their reasoning).
+            "chosen": [chosen[-1].model_dump()],
+            "rejected": [rejected[-1].model_dump()],
             "score_chosen": pair.score_chosen,
             "score_rejected": pair.score_rejected,
         }

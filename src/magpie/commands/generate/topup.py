@@ -125,47 +125,35 @@ def _model_digest(
     return prep.info.digest, None
 
 
+#: The settings of a run that say where it writes and how it reports, not how
+#: its records were made: left out of the manifest (every other setting is in).
+NOT_RECORDED = frozenset({"num", "output", "overwrite", "rejects", "quiet", "allow_mixed"})
+
+
 def recorded_settings(
     config: RunConfig, settings: PipelineSettings, steering: Steering | None = None
 ) -> dict[str, Any]:
     """The settings a manifest records (provenance, and the dataset card's
-    account of how records were judged and kept)."""
-    return {
-        **(steering.describe() if steering is not None else {}),
-        "balance": (
+    account of how records were made, judged and kept): every setting of the
+    run (derived from :class:`RunConfig`, so a new one is recorded by itself)
+    but :data:`NOT_RECORDED`, with what was resolved at start in place of the
+    asked-for value (the sampling and concurrency in use, the persona and topic
+    lists read, the system prompt set) and the judge's thresholds."""
+    recorded = config.model_dump(mode="json", exclude=set(NOT_RECORDED))
+    recorded.update(steering.describe() if steering is not None else {})
+    recorded.update(
+        balance=(
             {"categories": config.categories, "tolerance": config.balance_tolerance}
             if config.balance
             else None
         ),
-        "instruction": settings.instruction.model_dump(),
-        "response": settings.response.model_dump(),
-        "extra_stop": settings.extra_stop,
-        "keep_truncated": settings.keep_truncated,
-        "reasoning": settings.reasoning,
-        "guard": config.guard,
-        "concurrency": settings.concurrency,
-        "max_retries": config.max_retries,
-        "timeout": config.timeout,
-        "unreachable_budget": config.unreachable_budget,
-        "shard": config.shard,
-        "samples_per_request": settings.samples_per_request,
-        "dedup": config.dedup,
-        "dedup_threshold": config.dedup_threshold if config.dedup else None,
-        "semantic_model": config.semantic_model if config.dedup else None,
-        "semantic_threshold": (
-            config.semantic_threshold if config.dedup and config.semantic_model else None
-        ),
-        "judge": config.judge,
-        "thresholds": settings.thresholds.model_dump() if config.judge else None,
-        "responses": config.responses,
-        "turns": config.turns,
-        "system_preset": config.system_preset,
-        "systems": (
-            {name: spec.model_dump() for name, spec in config.systems.items()}
-            if config.systems
-            else None
-        ),
-    }
+        instruction=settings.instruction.model_dump(),
+        response=settings.response.model_dump(),
+        concurrency=settings.concurrency,
+        samples_per_request=settings.samples_per_request,
+        thresholds=settings.thresholds.model_dump() if config.judge else None,
+    )
+    return recorded
 
 
 def start_manifest(

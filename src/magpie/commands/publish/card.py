@@ -117,6 +117,13 @@ def _sampling(stage: Mapping[str, Any] | None) -> str:
     return ", ".join(f"{k} {stage[k]}" for k in keys if stage.get(k) is not None)
 
 
+def _filters(filters: object) -> str:
+    """The rule filters of the run, as set (``key value``, every one recorded)."""
+    if not isinstance(filters, Mapping) or not filters:
+        return "not recorded"
+    return ", ".join(f"{k} {v}" for k, v in filters.items() if v is not None) or "none"
+
+
 def _judge_name(judge: object) -> str:
     if not judge:
         return "none"
@@ -157,6 +164,7 @@ def _provenance(card: CardInput) -> str:
         ("answers per instruction", s.get("responses", 1)),
         ("judge", _judge_name(judge)),
         ("judge thresholds", ", ".join(f"{k} {v}" for k, v in thresholds.items()) or "none"),
+        ("rule filters", _filters(s.get("filters"))),
         ("dedup", dedup),
         ("run seed", man.seed),
         ("magpie version", man.magpie_version),

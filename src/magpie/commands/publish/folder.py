@@ -47,6 +47,8 @@ class Scan:
     records: int
     pairs: bool
     systems: Counter[str]
+    #: Whether any message holds ``reasoning_content`` (else it is no column).
+    reasoning: bool = False
 
 
 def scan(src: Path, rejects: Path | None = None) -> Scan:
@@ -59,13 +61,18 @@ def scan(src: Path, rejects: Path | None = None) -> Scan:
         raise UsageError(f"--rejects {rejects} not found")
     stats = compute_stats(src, rejects=rejects)
     manifest = read_manifest(src) if manifest_path(src).is_file() else None
-    pairs, n, systems = False, 0, Counter[str]()
+    pairs = reasoning = False
+    n, systems = 0, Counter[str]()
     for rec in read_records(src):
         n += 1
         pairs = pairs or rec.chosen is not None
+        reasoning = reasoning or any(
+            m.reasoning_content is not None
+            for m in (*rec.messages, *(rec.chosen or ()), *(rec.rejected or ()))
+        )
         if rec.system_name:
             systems[rec.system_name] += 1
-    return Scan(stats, manifest, n, pairs, systems)
+    return Scan(stats, manifest, n, pairs, systems, reasoning)
 
 
 def card_input(found: Scan, **options: Any) -> CardInput:
@@ -195,7 +202,12 @@ def export_hf(
 ) -> HfExport:
     """Write the folder ``dst`` from the magpie JSONL ``src`` (see the module doc)."""
     try:
-        from magpie.commands.publish.columns import REJECTS, record_row, record_schema, reject_row
+        from magpie.commands.publish.columns import (
+            record_row,
+            record_schema,
+            reject_row,
+            rejects_schema,
+        )
     except ImportError as exc:
         raise UsageError(f"--format hf needs pyarrow ({exc}): pip install 'magpie[hf]'") from None
 
@@ -209,15 +221,15 @@ def export_hf(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        schema = record_schema(found.pairs)
-        rows = (record_row(r, found.pairs) for r in read_records(src_p))
+        schema = record_schema(found.pairs, found.reasoning)
+        rows = (record_row(r) for r in read_records(src_p))
         n = _write_shards(tmp / "data", rows, schema, found.records, shard_records)
         configs = [CardConfig("default", "data/train-*.parquet")]
         n_rej = 0
         if rej_p is not None:
             lines = sum(1 for _ in _reject_lines(rej_p))
             rows = (reject_row(line) for line in _reject_lines(rej_p))
-            n_rej = _write_shards(tmp / "rejects", rows, REJECTS, lines, shard_records)
+            n_rej = _write_shards(tmp / "rejects", rows, rejects_schema(), lines, shard_records)
             configs.append(CardConfig("rejects", "rejects/train-*.parquet"))
         charts = _charts(found.stats)
         if charts:

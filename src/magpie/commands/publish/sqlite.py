@@ -2,13 +2,17 @@
 
 Tables (built with sqlite-utils):
 
-* ``records``: one row a record (``id`` the primary key): the texts, model,
-  template, system, seed, time, turns, the judge's response score, and the
-  preference pair's answers and scores; full-text search (FTS5) on
-  ``instruction`` and ``response``;
-* ``messages``: ``record_id``, ``position``, ``role``, ``content``;
+* ``records``: one row a record (``id`` the primary key), a column for every
+  key of its line (derived from the record model, so a new field is a new
+  column; nested values such as ``messages``, ``judge``, ``guard``, ``chosen``
+  as JSON text), and the judge's ``response_score`` beside them; full-text
+  search (FTS5) on ``instruction`` and ``response``;
+* ``messages``: ``record_id``, ``position`` and every key of the message
+  (``role``, ``content``, ``reasoning_content`` where there is one);
 * ``judge_tags``: ``record_id`` and every judge tag (``other_categories`` as JSON);
-* ``rejects`` (with ``--rejects``): index, reason, stage, detail, instruction, response.
+* ``rejects`` (with ``--rejects``): every key of each line (``reason``,
+  ``stage``, ``detail`` for its ``reject_*`` keys), the whole record of a pair
+  rejected after its response.
 
 ``datasette data.db`` opens it as it is.  Records stream in batches; the file
 is built under a temporary name beside the target and renamed into place.
@@ -32,41 +36,43 @@ from magpie.store.targets import check_target, same_file
 _BATCH = 1_000
 
 
-def _record_row(rec: Record) -> dict[str, Any]:
-    pair = rec.preference()
+def _flat(data: dict[str, Any]) -> dict[str, Any]:
+    """A JSON object as one row: nested values as JSON text (Datasette shows
+    them as JSON)."""
     return {
-        "id": rec.id,
-        "index": rec.index,
-        "instruction": rec.instruction,
-        "response": rec.response,
-        "model": rec.model,
-        "backend": rec.backend,
-        "template": rec.template,
-        "system": rec.system,
-        "system_name": rec.system_name,
-        "seed": rec.seed,
-        "created_at": rec.created_at.isoformat(),
-        "turns": rec.turns,
-        "response_score": rec.judge.response_score if rec.judge else None,
-        "chosen": pair.chosen if pair else None,
-        "rejected": pair.rejected if pair else None,
-        "score_chosen": pair.score_chosen if pair else None,
-        "score_rejected": pair.score_rejected if pair else None,
+        k: json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else v
+        for k, v in data.items()
     }
+
+
+def _record_row(rec: Record) -> dict[str, Any]:
+    """Every key of the record's line (derived from the record model: a new
+    field is a new column), and the judge's response score beside them."""
+    row = _flat(rec.model_dump(mode="json"))
+    row["response_score"] = rec.judge.response_score if rec.judge else None
+    return row
+
+
+def _message_rows(rec: Record) -> Iterator[dict[str, Any]]:
+    for i, m in enumerate(rec.messages):
+        yield {"record_id": rec.id, "position": i, **m.model_dump(mode="json")}
 
 
 def _judge_row(rec: Record) -> dict[str, Any] | None:
     if rec.judge is None:
         return None
-    tags = rec.judge.model_dump()
-    tags["other_categories"] = json.dumps(tags.get("other_categories") or [])
-    return {"record_id": rec.id, **{k: v for k, v in tags.items() if not isinstance(v, dict)}}
+    return {"record_id": rec.id, **_flat(rec.judge.model_dump(mode="json"))}
+
+
+#: A rejects line's own keys, and their columns.
+_REJECT_COLUMNS = {"reject_reason": "reason", "reject_stage": "stage", "reject_detail": "detail"}
 
 
 def _reject_rows(path: Path) -> Iterator[dict[str, Any]]:
-    from magpie.commands.publish.columns import reject_row
-
-    return (reject_row(obj) for obj in read_objects(path) if obj is not None)
+    """Every key of each rejects line (a whole record where it holds one)."""
+    for obj in read_objects(path):
+        if obj is not None:
+            yield _flat({_REJECT_COLUMNS.get(k, k): v for k, v in obj.items()})
 
 
 @dataclass
@@ -115,11 +121,7 @@ def export_sqlite(
                 n += len(batch)
                 records.insert_all((_record_row(r) for r in batch), pk="id", alter=True)  # type: ignore[union-attr]
                 messages.insert_all(  # type: ignore[union-attr]
-                    (
-                        {"record_id": r.id, "position": i, "role": m.role, "content": m.content}
-                        for r in batch
-                        for i, m in enumerate(r.messages)
-                    ),
+                    (row for r in batch for row in _message_rows(r)),
                     pk=("record_id", "position"),
                     foreign_keys=[("record_id", "records", "id")],
                     alter=True,
