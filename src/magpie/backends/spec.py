@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from magpie.backends.retry import RetryPolicy
+
 BackendName = Literal["auto", "ollama", "embedded", "openai"]
 
 
@@ -26,6 +28,9 @@ class BackendSpec(BaseModel):
     concurrency: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     timeout: float = 300.0
     keep_alive: str | None = None
+    #: The retries of the start-up requests (``describe``, the pre-query
+    #: render, ...; see :class:`magpie.backends.retry.StartRetry`); None: none.
+    retry: RetryPolicy | None = None
     #: llama.cpp in process only.
     n_ctx: int = 4096
     threads: int | None = None

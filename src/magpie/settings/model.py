@@ -269,6 +269,7 @@ class RunConfig(BaseModel):
             concurrency=self.concurrency,
             timeout=self.timeout,
             keep_alive=self.keep_alive,
+            retry=self.start_retry,
             n_ctx=self.n_ctx,
             threads=self.threads,
         )
