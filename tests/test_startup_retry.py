@@ -71,3 +71,15 @@ def test_doctor_retries_a_busy_server(tmp_path: Path) -> None:
             "doctor", "--model", MODEL, "--host", srv.url, env={"MAGPIE_BACKOFF_BASE": "0.01"}
         )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_start_retry_forwards_the_whole_backend_contract() -> None:
+    """A method added to the contract must be forwarded by the wrapper: the
+    base class's default (``supports_embed`` False, say) would silently stand
+    in for the backend's own."""
+    from magpie.backends.base import Backend
+    from magpie.backends.retry import StartRetry
+
+    public = {n for n in dir(Backend) if not n.startswith("_")}
+    own = {n for n in vars(StartRetry) if not n.startswith("_")}
+    assert public - own - {"name", "render_source", "auto_concurrency"} == set()
