@@ -821,12 +821,24 @@ class _Injection:
     fault: Fault
     remaining: int | None
     path: str | None
+    #: Hit only this share of the matching requests, spread evenly (the n-th
+    #: matching request is hit when floor(share * n) grows): a server that
+    #: answers, say, 30% of all requests with 503, never twice in a row.
+    share: float | None = None
+    seen: int = 0
 
     def matches(self, path: str) -> bool:
         if self.path is not None:
             return self.path == path
         generation_only = isinstance(self.fault, EmptyResponse | MidStreamError)
         return path in GENERATION_PATHS or not generation_only
+
+    def hits(self) -> bool:
+        """Whether this matching request gets the fault (counts it)."""
+        if self.share is None:
+            return True
+        self.seen += 1
+        return int(self.share * self.seen) > int(self.share * (self.seen - 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1630,15 +1642,22 @@ class OllamaTestServer:
 
     # -- faults
 
-    def inject(self, fault: Fault, times: int | None = 1, path: str | None = None) -> None:
+    def inject(
+        self,
+        fault: Fault,
+        times: int | None = 1,
+        path: str | None = None,
+        share: float | None = None,
+    ) -> None:
         """Queue ``fault`` for the next ``times`` matching requests (None: all of them).
 
         ``path`` None matches any path, except that EmptyResponse and
         MidStreamError only match /api/generate and /api/chat. Faults are
-        consumed in FIFO order.
+        consumed in FIFO order.  ``share``: only that share of the matching
+        requests, spread evenly (see :class:`_Injection`).
         """
         with self._lock:
-            self._faults.append(_Injection(fault, times, path))
+            self._faults.append(_Injection(fault, times, path, share))
 
     def clear_faults(self) -> None:
         """Drop every pending fault."""
@@ -1649,6 +1668,8 @@ class OllamaTestServer:
         with self._lock:
             for injection in self._faults:
                 if injection.matches(path):
+                    if not injection.hits():
+                        continue
                     if injection.remaining is not None:
                         injection.remaining -= 1
                         if injection.remaining <= 0:

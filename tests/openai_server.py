@@ -349,14 +349,21 @@ class OpenAITestServer(OllamaTestServer):
             return served[0] if served else None
         return next((m for m in served if m.id == name), None)
 
-    def inject(self, fault: Fault, times: int | None = 1, path: str | None = None) -> None:  # type: ignore[override]
+    def inject(  # type: ignore[override]
+        self,
+        fault: Fault,
+        times: int | None = 1,
+        path: str | None = None,
+        share: float | None = None,
+    ) -> None:
         """Queue ``fault`` for the next ``times`` matching requests (None: all).
 
         ``path`` None matches any path, except that EmptyResponse,
         MidStreamError and CutStream only match the two generation paths.
+        ``share``: only that share of the matching requests, spread evenly.
         """
         with self._lock:
-            self._faults.append(_Injection(fault, times, path))  # type: ignore[arg-type]
+            self._faults.append(_Injection(fault, times, path, share))  # type: ignore[arg-type]
 
     def _take_fault(self, path: str) -> Fault | None:  # type: ignore[override]
         with self._lock:
@@ -368,7 +375,7 @@ class OpenAITestServer(OllamaTestServer):
                     matches = injection.path == path
                 else:
                     matches = path in GENERATION_PATHS or not generation_only
-                if matches:
+                if matches and injection.hits():
                     if injection.remaining is not None:
                         injection.remaining -= 1
                         if injection.remaining <= 0:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from magpie.backends.base import Backend
-from magpie.backends.retry import RetryPolicy
+from magpie.backends.retry import RetryPolicy, call_with_retry, with_start_retry
 from magpie.backends.spec import BackendSpec
 from magpie.errors import BackendUnavailable, MagpieError, UsageError
 
@@ -122,12 +122,13 @@ async def open_judge_backend(spec: BackendSpec, retry: RetryPolicy) -> Backend:
     """The judge's backend (:func:`choose_judge_backend`), its model checked with
     ``describe()``: 5xx and timeouts are retried, a refused connection fails at
     once (exit 3), and the backend is closed when the check fails."""
-    from magpie.backends.retry import call_with_retry
-
     backend = (await choose_judge_backend(spec)).backend
     try:
-        policy = retry.model_copy(update={"unreachable_budget": 0.0})
-        await call_with_retry(backend.describe, policy)
+        if spec.retry is None:  # a spec not made by RunConfig
+            backend = with_start_retry(
+                backend, retry.model_copy(update={"unreachable_budget": 0.0})
+            )
+        await backend.describe()
     except MagpieError as exc:
         await backend.aclose()
         raise _as_judge(exc) from None
@@ -181,11 +182,17 @@ async def _choose_auto(spec: BackendSpec) -> BackendChoice:
     from magpie.backends.ollama import OllamaBackend
 
     probe = OllamaBackend(DEFAULT_OLLAMA_MODEL, spec.hosts[0], timeout=PROBE_TIMEOUT)
+    # A busy server (503) is asked again; a refused connection or no answer
+    # within the probe's time means no Ollama here.
+    policy = (spec.retry or RetryPolicy(max_retries=0)).model_copy(
+        update={"unreachable_budget": 0.0}
+    )
     try:
         try:
-            names = [
-                m["model"] for m in await asyncio.wait_for(probe.list_models(), PROBE_TIMEOUT * 2)
-            ]
+            models = await call_with_retry(
+                lambda: asyncio.wait_for(probe.list_models(), PROBE_TIMEOUT * 2), policy
+            )
+            names = [m["model"] for m in models]
         except (BackendUnavailable, asyncio.TimeoutError, Exception):  # noqa: BLE001
             why = f"Ollama is not reachable at {probe.host}"
         else:
@@ -212,6 +219,10 @@ CHOOSERS: dict[str, Callable[[BackendSpec], Awaitable[BackendChoice]]] = {
 }
 
 
-async def choose_backend(spec: BackendSpec) -> BackendChoice:
-    """Open the backend the spec asks for (``auto``: Ollama if it is up)."""
-    return await CHOOSERS[spec.backend](spec)
+async def choose_backend(
+    spec: BackendSpec, on_retry: Callable[[str], None] | None = None
+) -> BackendChoice:
+    """Open the backend the spec asks for (``auto``: Ollama if it is up), its
+    start-up requests retried by ``spec.retry`` (``on_retry`` counts them)."""
+    choice = await CHOOSERS[spec.backend](spec)
+    return BackendChoice(with_start_retry(choice.backend, spec.retry, on_retry), choice.reason)

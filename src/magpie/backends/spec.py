@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from magpie.backends.retry import RetryPolicy
+
 BackendName = Literal["auto", "ollama", "embedded", "openai"]
 
 
@@ -31,6 +33,9 @@ class BackendSpec(BaseModel):
     #: or the server's own on Ollama).  An OpenAI-compatible server fixes its
     #: own when it starts.
     num_ctx: int | None = None
+    #: The retries of the start-up requests (``describe``, the pre-query
+    #: render, ...; see :class:`magpie.backends.retry.StartRetry`); None: none.
+    retry: RetryPolicy | None = None
     threads: int | None = None
 
     @property

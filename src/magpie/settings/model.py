@@ -294,6 +294,7 @@ class RunConfig(BaseModel):
             timeout=self.timeout,
             keep_alive=self.keep_alive,
             num_ctx=self.num_ctx,
+            retry=self.start_retry,
             threads=self.threads,
         )
 

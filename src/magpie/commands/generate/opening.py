@@ -11,7 +11,6 @@ from typing import Any
 
 from magpie.backends.base import Backend, ModelInfo
 from magpie.backends.registry import choose_backend
-from magpie.backends.retry import call_with_retry
 from magpie.commands.generate.checks import Checked
 from magpie.pipeline.counters import RunStats
 from magpie.pipeline.scheduler import SystemChoice
@@ -53,9 +52,9 @@ async def prepare(
     (its persona and topic lists and system prompt are used, not read again).
     Raises BackendUnavailable / ModelNotFound (exit 3) or UsageError (exit 2).
     """
-    choice = await choose_backend(config.generator_spec)
+    choice = await choose_backend(config.generator_spec, on_retry)
     try:
-        info = await call_with_retry(choice.backend.describe, config.start_retry, on_retry)
+        info = await choice.backend.describe()
         system = checked.system if checked is not None else config.effective_system
         pre_query = await aresolve_pre_query(config.template, choice.backend, info, system)
         systems = await _system_choices(config, choice.backend, info)
@@ -136,7 +135,7 @@ async def _open_guard(config: RunConfig) -> Guard | None:
         return None
     choice = await choose_backend(config.guard_spec)
     try:
-        await call_with_retry(choice.backend.describe, config.start_retry)
+        await choice.backend.describe()
     except BaseException:
         await choice.backend.aclose()
         raise
