@@ -181,3 +181,28 @@ def test_killed_file_command_leaves_no_temp_file(tmp_path: Path, command: str) -
     proc = run_magpie(*args)
     assert proc.returncode == 0, proc.stderr
     assert temps(tmp_path) == [] and out.exists()
+
+
+def test_sigterm_inside_a_pydantic_serializer_still_ends_as_terminated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM raises Terminated wherever the command is; inside a pydantic
+    serializer (``Message``'s, while an export converts a record) pydantic
+    hands it on as PydanticSerializationError.  The command still exits 143
+    (this race failed ``test_killed_file_command_leaves_no_temp_file[export]``)."""
+    from pydantic import BaseModel, model_serializer
+
+    from magpie.cli import terminal
+
+    monkeypatch.setattr(terminal, "_sigterm_seen", False)
+
+    class Serialised(BaseModel):
+        @model_serializer(mode="wrap")
+        def _signal_arrives_here(self, handler: object) -> dict[str, object]:
+            terminal._on_sigterm(signal.SIGTERM, None)
+            return {}
+
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - whatever pydantic makes of it
+        Serialised().model_dump()
+    assert not isinstance(caught.value, terminal.Terminated)  # wrapped: the race's cause
+    assert terminal.fail(caught.value, debug=False).exit_code == 143

@@ -22,6 +22,12 @@ def err(message: str) -> None:
 
 def fail(exc: BaseException, debug: bool) -> typer.Exit:
     """Report an error as one line (a traceback only with --debug)."""
+    if _sigterm_seen:
+        # SIGTERM raised Terminated wherever the command was; code that wraps
+        # what it catches (pydantic turns an exception of a serializer into
+        # PydanticSerializationError) may hand it on as another error: the
+        # command still ends as terminated (143), without a line of its own.
+        return typer.Exit(int(ExitStatus.TERMINATED))
     if isinstance(exc, (BrokenPipeError, OutputClosed)):
         # `magpie ... -o - | head`: the reader has what it wanted; not an error.
         _silence_stdout()
@@ -92,5 +98,11 @@ class Terminated(BaseException):
     temporary file of an output is removed) before exit 143."""
 
 
+#: Whether SIGTERM arrived (see :func:`fail`).
+_sigterm_seen = False
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
+    global _sigterm_seen
+    _sigterm_seen = True
     raise Terminated
