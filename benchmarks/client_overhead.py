@@ -1,6 +1,6 @@
 """Client overhead: magpie vs a bare asyncio loop, same server, same concurrency.
 
-The server is the project's Ollama-protocol test server (tests/ollama_server.py,
+The server is the project's Ollama-protocol test server (tests/support/ollama_server.py,
 in its own process) with a ScriptedEngine that sleeps ``--latency`` seconds per
 request and ``slots = K`` parallel generations (like OLLAMA_NUM_PARALLEL=K).  A
 pair is two requests (raw /api/generate, then /api/chat), so a client that adds
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"Machine: {machine()}\n")
     print(
-        f"Server: tests/ollama_server.py ScriptedEngine, latency {args.latency:g} s per request, "
+        f"Server: tests/support/ollama_server.py ScriptedEngine, latency {args.latency:g} s per request, "
         "slots = K, one NDJSON line per word; its own process"
         + (
             " (untuned: Nagle on, backlog 5)"

@@ -7,7 +7,7 @@ accounting) and print their URL on stdout:
     python benchmarks/common.py scripted-server --latency 0.1 --slots 8
     python benchmarks/common.py instant-server --chunks one
 
-* ``scripted-server``: ``tests/ollama_server.py`` (the project's Ollama-protocol
+* ``scripted-server``: ``tests/support/ollama_server.py`` (the project's Ollama-protocol
   test server, stdlib ThreadingHTTPServer) with a :class:`ScriptedEngine` that
   sleeps ``latency`` seconds per request, ``slots`` parallel generations (like
   ``OLLAMA_NUM_PARALLEL``), and streams one NDJSON line per word.  Its
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ROOT / "tests"
+TESTS = ROOT / "tests" / "support"
 FIXTURE = TESTS / "fixtures" / "ollama" / "llama3.1.json"
 #: The model every benchmark server serves (an Ollama fixture: llama3 template).
 MODEL = "llama3.1:8b"
@@ -114,7 +114,7 @@ def _serve_scripted(latency: float, slots: int | None, port: int, tuned: bool = 
 
 
 def tune_test_server(module: Any) -> None:
-    """Two socket settings of tests/ollama_server.py that distort client benchmarks.
+    """Two socket settings of tests/support/ollama_server.py that distort client benchmarks.
 
     * Go's net/http (Ollama) sets TCP_NODELAY; the stdlib handler does not, and
       with Nagle on, each small NDJSON write after the first waits for the

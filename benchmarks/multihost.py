@@ -1,6 +1,6 @@
 """Multi-host: two test servers, one stopped mid-run (and later restarted).
 
-Two Ollama-protocol test servers (tests/ollama_server.py, ScriptedEngine with
+Two Ollama-protocol test servers (tests/support/ollama_server.py, ScriptedEngine with
 ``--latency`` seconds per request and ``--per-host`` slots each) run in this
 process; magpie runs through its library API (``agenerate`` with both hosts,
 ``per_host`` requests in flight on each, concurrency 2 x per_host).  After
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"Machine: {machine()}\n")
     print(
-        f"Servers: 2 x tests/ollama_server.py ScriptedEngine in this process, latency "
+        f"Servers: 2 x tests/support/ollama_server.py ScriptedEngine in this process, latency "
         f"{args.latency:g} s per request, {args.per_host} slots each; magpie per_host "
         f"{args.per_host}, concurrency {2 * args.per_host}; A = first --host, B = second.\n"
     )

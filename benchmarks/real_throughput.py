@@ -41,11 +41,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "support"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, table, verdict  # noqa: E402
-
 from real_servers import (  # noqa: E402
     RealLlamaServer,
     RealOllama,

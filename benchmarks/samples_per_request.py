@@ -1,6 +1,6 @@
 """``--samples-per-request``: instruction requests and pairs/s, N = 1 vs N = 8.
 
-The OpenAI-protocol test server (tests/openai_server.py, vLLM flavour) runs in
+The OpenAI-protocol test server (tests/support/openai_server.py, vLLM flavour) runs in
 this process with a scripted engine and a fixed ``--latency`` per request,
 whatever its ``n`` (a server that decodes the n samples of a request together);
 the instructions are pseudo-word sentences drawn from each sample's seed, so

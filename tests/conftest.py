@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).parent
+#: The doubles and helpers (``tests/support``) import by their names, and the
+#: real tier's package (``tests/real``) by ``real.``.
 sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS / "support"))
 
 
 def free_port() -> int:
@@ -28,13 +31,18 @@ def free_port() -> int:
 
 CLOSED_PORT = free_port()
 
+#: The tiers (fast, slow, real, ray): markers by rule, order, times, timeouts.
+pytest_plugins = ["tiers"]
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Everything under tests/real is the ``real`` tier (``-m real`` / ``-m 'not real'``)."""
-    real = TESTS / "real"
-    for item in items:
-        if real in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.real)
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Settle llama.cpp's C++ runtime before any test imports usearch: the
+    ``magpie`` command runs in this process (``magpie_cli.run_magpie``), and a
+    process that imported usearch first can never load a llama.cpp model
+    (see ``magpie.backends.llamacpp.model.settle_cpp_runtime``)."""
+    from magpie.backends.llamacpp.model import settle_cpp_runtime
+
+    settle_cpp_runtime()
 
 
 @pytest.fixture(autouse=True)

@@ -84,3 +84,25 @@ def test_no_relative_imports() -> None:
         for node in ast.walk(ast.parse(path.read_text("utf-8"))):
             if isinstance(node, ast.ImportFrom):
                 assert node.level == 0, f"{path}: relative import"
+
+
+TESTS = Path(__file__).resolve().parent
+#: Folders of tests/ that are not a package of src/magpie: the doubles and
+#: helpers, and the real-server and Ray tiers.
+NOT_MIRRORS = {"support", "real", "ray"}
+
+
+def test_the_tests_mirror_the_source() -> None:
+    """tests/<area>/ holds the tests of src/magpie/<area>/ (DEVELOPERS.md)."""
+    folders = {p.name for p in TESTS.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))}
+    areas = {name.split(".")[1] for name in FLOORS if "." in name}
+    assert folders - NOT_MIRRORS <= areas
+    loose = sorted(p.name for p in TESTS.glob("test_*.py"))
+    assert loose == ["test_layout.py", "test_readme.py"], "put a test under the folder of its area"
+
+
+def test_test_modules_have_unique_names() -> None:
+    """Test folders are not packages (but real/): pytest imports a test module
+    by its file name, so two of one name would collide."""
+    names = [p.name for p in TESTS.rglob("test_*.py") if "real" not in p.parts]
+    assert len(names) == len(set(names))

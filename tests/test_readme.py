@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from batch_helpers import scripted_server
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -24,6 +23,7 @@ def python_api_example() -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 def test_python_api_example_runs(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
     code = python_api_example()

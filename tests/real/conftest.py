@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from real_servers import (
     HOW_TO_ENABLE,
     RealLlamaServer,
@@ -91,7 +90,7 @@ def llama_srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealLlamaSer
 
 #: Models with thinking templates over the SmolLM2 weights (both ChatML, so the
 #: weights read them): ``qwen3-on-smollm2`` has the qwen3:8b library template
-#: (tests/fixtures/ollama/qwen3.json); ``thinking-on-smollm2`` the same with the
+#: (tests/support/fixtures/ollama/qwen3.json); ``thinking-on-smollm2`` the same with the
 #: generation prompt ending in ``<think>`` when thinking is on, as thinking-only
 #: models' templates do (Qwen3-Thinking-2507), so that Ollama's parser starts
 #: inside the thinking and returns what the model writes as ``thinking``.
@@ -106,7 +105,7 @@ THINK_PREFILL = (
 def qwen3_template() -> str:
     import json
 
-    fixture = Path(__file__).resolve().parent.parent / "fixtures" / "ollama" / "qwen3.json"
+    fixture = Path(__file__).resolve().parents[1] / "support" / "fixtures" / "ollama" / "qwen3.json"
     return json.loads(fixture.read_text())["show"]["template"]
 
 

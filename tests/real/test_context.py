@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from magpie_cli import run_magpie
+from real_servers import RealLlamaServer, RealOllama, llama_server_binary, smollm2_gguf
 
 from magpie.backends.base import Sampling
 from magpie.backends.openai import OpenAIBackend
 from magpie.errors import ContextOverflow
-from magpie_cli import run_magpie
-from real_servers import RealLlamaServer, RealOllama, llama_server_binary, smollm2_gguf
 
 from .conftest import CONTEXT, CONTEXT_MODEL
 from .helpers import records

@@ -2,16 +2,17 @@
 hub), so the real server checks the path with a model that is no guard:
 SmolLM2's reply to a classification request is no verdict, and the pair must
 be rejected as ``guard_invalid`` with the reply, never kept without a verdict.
-The verdict format itself is covered against the double (tests/test_guard.py)."""
+The verdict format itself is covered against the double (tests/pipeline/test_guard.py)."""
 
 from __future__ import annotations
 
 import asyncio
 
+from real_servers import RealOllama
+
 from magpie.backends.ollama import OllamaBackend
 from magpie.pipeline.stages.guard import Guard
 from magpie.records import Rejection
-from real_servers import RealOllama
 
 
 def test_a_model_that_is_no_guard_gives_guard_invalid(ollama: RealOllama) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from magpie_cli import run_magpie
 from real_servers import RealLlamaServer, llama_server_binary, post_json, smollm2_gguf
 

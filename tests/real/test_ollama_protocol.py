@@ -1,5 +1,5 @@
 """What magpie reads from Ollama, checked on the real server, and the test
-double (tests/ollama_server.py) checked against it field by field."""
+double (tests/support/ollama_server.py) checked against it field by field."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from real_servers import RealOllama
 
 from magpie.backends.base import Sampling
 from magpie.backends.ollama import OllamaBackend
 from magpie.pipeline.stages.clean import clean_instruction
 from magpie.templates.rendered import render_pre_query
-from real_servers import RealOllama
 
 #: A raw prompt after which SmolLM2 writes " A" again and again, greedily:
 #: Ollama's repeat guard (more than 30 equal tokens) ends it.

@@ -5,7 +5,7 @@ SmolLM2-135M never writes ``<think>`` itself, so what a real model's thinking
 looks like on the wire comes from a template whose generation prompt opens the
 block (then Ollama's parser returns what the model writes as ``thinking``); the
 split of a whole ``<think>...</think>`` answer is covered against the doubles
-(tests/test_reasoning.py), whose parser is Ollama's, ported."""
+(tests/pipeline/test_reasoning.py), whose parser is Ollama's, ported."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from magpie_cli import run_magpie
+from real_servers import RealOllama
+
 from magpie.backends.base import Sampling
 from magpie.backends.ollama import OllamaBackend
 from magpie.pipeline.stages.reasoning import split_reasoning
 from magpie.templates.rendered import render_pre_query
-from magpie_cli import run_magpie
-from real_servers import RealOllama
 
 from .helpers import check_records
 

@@ -15,10 +15,10 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from magpie_cli import run_magpie
-from real.helpers import check_records, manifest
 from real_servers import RealOllama, ollama_binary, post_json, smollm2_gguf
+
+from real.helpers import check_records, manifest
 
 #: Seconds the server stays busy (the run's retries back off for about 70 s).
 BUSY_FOR = 20.0

@@ -7,8 +7,13 @@ commands; each lives in the module named after what it does.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TextIO
 
 import typer
 
@@ -63,13 +68,79 @@ app.command()(files.export)
 app.command()(publish.card)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: usage errors too are one line, exit 2.
+def run(
+    argv: Sequence[str] | None = None,
+    *,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    env: Mapping[str, str] | None = None,
+) -> int:
+    """The ``magpie`` command in this process: its exit status.
+
+    ``argv`` (default ``sys.argv[1:]``); ``stdin``, ``stdout``, ``stderr``
+    stand in for the process's streams while it runs (text streams; a
+    command that reads or writes bytes uses their ``buffer``), and ``env``
+    for ``os.environ`` (the whole environment, not additions).  Everything
+    is put back afterwards, the SIGTERM handler too (as httpie's ``main``
+    takes an injected environment): tests and programs run the command
+    without a new interpreter.  Usage errors too are one line, exit 2.
 
     SIGTERM ends a command like Ctrl-C does (generate and filter stop
-    gracefully through their own handlers; the file commands unwind, removing
-    their temporary files), with exit 143."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    gracefully through their own handlers; the file commands unwind,
+    removing their temporary files), with exit 143."""
+    with _streams(stdin, stdout, stderr), _environment(env), _sigterm_handler():
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: :func:`run`, then exit with its status."""
+    sys.exit(run(argv))
+
+
+@contextlib.contextmanager
+def _streams(stdin: TextIO | None, stdout: TextIO | None, stderr: TextIO | None) -> Iterator[None]:
+    saved = sys.stdin, sys.stdout, sys.stderr
+    sys.stdin = stdin or sys.stdin
+    sys.stdout = stdout or sys.stdout
+    sys.stderr = stderr or sys.stderr
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        sys.stdin, sys.stdout, sys.stderr = saved
+
+
+@contextlib.contextmanager
+def _environment(env: Mapping[str, str] | None) -> Iterator[None]:
+    if env is None:
+        yield
+        return
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def _sigterm_handler() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(argv: list[str]) -> int:
     try:  # typer >= 0.29 vendors click
         from typer._click import exceptions as click_exc
     except ImportError:  # pragma: no cover
@@ -79,25 +150,25 @@ def main(argv: list[str] | None = None) -> None:
         rv = app(args=argv, prog_name="magpie", standalone_mode=False)
     except click_exc.NoArgsIsHelpError as exc:
         exc.show()
-        sys.exit(_flush_stdout() or exc.exit_code)
+        return _flush_stdout() or exc.exit_code
     except click_exc.UsageError as exc:
         where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
         err(f"magpie: error: {exc.format_message()}{where}")
-        sys.exit(int(ExitStatus.USAGE))
+        return int(ExitStatus.USAGE)
     except typer.Exit as exc:
         failed = _flush_stdout()
-        sys.exit(failed if failed is not None and not exc.exit_code else exc.exit_code)
+        return failed if failed is not None and not exc.exit_code else exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        sys.exit(int(ExitStatus.INTERRUPTED))
+        return int(ExitStatus.INTERRUPTED)
     except Terminated:
-        sys.exit(int(ExitStatus.TERMINATED))
+        return int(ExitStatus.TERMINATED)
     except BrokenPipeError:
         _silence_stdout()
-        sys.exit(int(ExitStatus.OK))
+        return int(ExitStatus.OK)
     except OSError as exc:  # stdout on a full disk (`--help > /dev/full`), ...
         line, status = os_error_line(exc)
         err(f"magpie: error: {line}")
         _silence_stdout()
-        sys.exit(int(status))
+        return int(status)
     failed = _flush_stdout()
-    sys.exit(failed if failed is not None else rv if isinstance(rv, int) else 0)
+    return failed if failed is not None else rv if isinstance(rv, int) else 0

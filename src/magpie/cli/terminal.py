@@ -66,8 +66,13 @@ def _silence_stdout() -> None:
     still buffered to /dev/null, so that exiting does not fail on it."""
     if sys.stdout is None:
         return
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # a stream of no file (``run(stdout=...)``)
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def out(line: str) -> None:
