@@ -150,3 +150,27 @@ def context_model(ollama: RealOllama) -> RealOllama:
         )
         ollama.context_made = True  # type: ignore[attr-defined]
     return ollama
+
+
+#: A model whose template writes the server's date (``{{ currentDate }}``, as
+#: gpt-oss's does): tests/ollama_server.py's DATED_TEMPLATE over the SmolLM2
+#: weights, with its SYSTEM and stops.
+DATED_MODEL = "dated-on-smollm2"
+
+
+@pytest.fixture()
+def dated_model(ollama: RealOllama) -> RealOllama:
+    """The session's real Ollama with :data:`DATED_MODEL` created (once)."""
+    if not getattr(ollama, "dated_made", False):
+        from ollama_server import DATED_TEMPLATE, SMOLLM2_SYSTEM
+        from real_servers import THREADS
+
+        ollama.create(
+            DATED_MODEL,
+            f'FROM {smollm2_gguf()}\nTEMPLATE """{DATED_TEMPLATE}"""\n'
+            f"SYSTEM {SMOLLM2_SYSTEM}\n"
+            "PARAMETER stop <|im_start|>\nPARAMETER stop <|im_end|>\n"
+            f"PARAMETER num_thread {THREADS}\n",
+        )
+        ollama.dated_made = True  # type: ignore[attr-defined]
+    return ollama

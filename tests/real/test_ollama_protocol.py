@@ -465,3 +465,94 @@ def test_a_render_is_never_cut(context_model: RealOllama) -> None:
     assert rendered is not None
     for m in messages:
         assert m["content"].strip() in rendered, m
+
+
+# ----------------------------------------------------------------- dated templates
+
+
+def test_double_renders_a_dated_template_as_the_real_server(dated_model: RealOllama) -> None:
+    """``_debug_render_only`` of a template that writes ``{{ currentDate }}``
+    (gpt-oss's does): the server's local date as 2006-01-02 (ollama/ollama
+    template/template.go).  The double renders the same template
+    (``render_dated``) on the same day to the same text for the requests magpie
+    makes (the pre-query with and without a system prompt, conversations),
+    and magpie finds the date in both."""
+    from datetime import date, timedelta
+
+    from ollama_server import RENDER_VERSION, OllamaTestServer, ScriptedEngine
+    from ollama_server import dated_model as make_dated
+
+    from .conftest import DATED_MODEL
+
+    s = "MAGPIE_SENTINEL_7f3a9c"
+    probes = [
+        [{"role": "user", "content": s}],
+        [{"role": "system", "content": "You are a chef."}, {"role": "user", "content": s}],
+        [
+            {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1"},
+            {"role": "user", "content": s},
+        ],
+        [
+            {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1"},
+            {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": "A2"},
+            {"role": "user", "content": s},
+        ],
+    ]
+    model = make_dated(ScriptedEngine(), name=f"{DATED_MODEL}:latest")
+    diffs = []
+    with OllamaTestServer([model], version=RENDER_VERSION) as srv:
+        for messages in probes:
+            body = {
+                "model": DATED_MODEL,
+                "messages": messages,
+                "stream": False,
+                "_debug_render_only": True,
+                "options": {"num_predict": 1},
+                "truncate": False,
+                "shift": False,
+            }
+            days = {date.today()}
+            status, _, lines = _post(dated_model.url + "/api/chat", body)
+            days.add(date.today())  # a render at midnight may be either day
+            assert status == 200, lines
+            real = lines[0]
+            ours_by_day = {}
+            for day in days:
+                srv.today = day
+                ours_by_day[day] = _post(srv.url + "/api/chat", body)[2][0]
+            text = real["_debug_info"]["rendered_template"]
+            match = [
+                d for d, o in ours_by_day.items() if o["_debug_info"]["rendered_template"] == text
+            ]
+            if not match:
+                ours = next(iter(ours_by_day.values()))["_debug_info"]["rendered_template"]
+                diffs.append(f"{messages}: real {text!r} != double {ours!r}")
+                continue
+            ours = ours_by_day[match[0]]
+            if sorted(k for k in real if k != "created_at") != sorted(
+                k for k in ours if k != "created_at"
+            ):
+                diffs.append(f"keys: real {sorted(real)} != double {sorted(ours)}")
+            if (real.get("message"), real.get("done")) != (ours.get("message"), ours.get("done")):
+                diffs.append(f"message/done: real {real} != double {ours}")
+            assert f"Current date: {match[0]:%Y-%m-%d}<|im_end|>" in text
+            assert match[0] in (date.today(), date.today() - timedelta(days=1))
+    assert not diffs, "\n".join(diffs)
+
+    # magpie's pre-query from each: the same text, today's date found in it.
+    async def pre_query(url: str):  # type: ignore[no-untyped-def]
+        async with OllamaBackend(DATED_MODEL, url) as b:
+            return await render_pre_query(b, await b.describe())
+
+    with OllamaTestServer([model], version=RENDER_VERSION) as srv:
+        real_pq = _run(pre_query(dated_model.url))
+        srv.today = date.fromisoformat(real_pq.dates[0])
+        double_pq = _run(pre_query(srv.url))
+    assert real_pq.source == double_pq.source == "ollama-render"
+    assert real_pq.text == double_pq.text and real_pq.dates == double_pq.dates
+    assert real_pq.after_user == double_pq.after_user
+    assert real_pq.after_assistant == double_pq.after_assistant
+    assert real_pq.undated == double_pq.undated and real_pq.dates[0] not in real_pq.undated

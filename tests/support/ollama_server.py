@@ -66,12 +66,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
 VERSION = "0.6.0-test"
+#: The version a double reports when asked to render templates
+#: (``_debug_render_only``, Ollama 0.11.5 and later): this Ollama's.
+RENDER_VERSION = "0.33.0-test"
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures" / "ollama"
 EMBED_DIM = 256
 GENERATION_PATHS = ("/api/generate", "/api/chat")
@@ -645,6 +648,11 @@ class TestModel:
     show: dict[str, Any]
     tags: dict[str, Any]
     engine: Engine
+    #: The model's chat template as Python, for ``_debug_render_only`` (Ollama
+    #: renders its Go template; the double cannot): ``render(messages, today)``
+    #: with the request's messages after the Modelfile SYSTEM is added, and the
+    #: server's date (``currentDate``).  None: the double does not render it.
+    render: Callable[[list[dict[str, Any]], date], str] | None = None
 
     def __post_init__(self) -> None:
         self.show = dict(self.show)
@@ -762,6 +770,72 @@ def smollm2_model(engine: Engine | None = None) -> TestModel:
         return model
     show, tags = _builtin_smollm2()
     return TestModel("smollm2:135m", show, tags, engine)
+
+
+#: A chat template that writes the server's date into the system block, as
+#: gpt-oss's does (``Current date: {{ currentDate }}``): Ollama's SmolLM2
+#: template (ChatML) with a date line.  tests/real makes a model with it
+#: (``ollama create``); :func:`render_dated` is the double's rendering of it,
+#: held to the real server's by tests/real/test_ollama_protocol.py.
+DATED_TEMPLATE = """{{- if .Messages }}<|im_start|>system
+{{ if .System }}{{ .System }}
+{{ end }}Current date: {{ currentDate }}<|im_end|>
+{{ range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 -}}
+{{- if eq .Role "user" }}<|im_start|>user
+{{ .Content }}<|im_end|>
+{{ else if eq .Role "assistant" }}<|im_start|>assistant
+{{ .Content }}{{ if not $last }}<|im_end|>
+{{ end }}
+{{- end }}
+{{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
+{{ end }}
+{{- end }}
+{{- else }}<|im_start|>system
+{{ if .System }}{{ .System }}
+{{ end }}Current date: {{ currentDate }}<|im_end|>
+{{ if .Prompt }}<|im_start|>user
+{{ .Prompt }}<|im_end|>
+{{ end }}<|im_start|>assistant
+{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>{{ end }}"""
+
+
+def render_dated(messages: list[dict[str, Any]], today: date) -> str:
+    """:data:`DATED_TEMPLATE` rendered as Ollama renders a chat
+    (``template.Execute``): the system messages joined by a blank line as
+    ``.System``, consecutive messages of one role merged, ``currentDate`` the
+    server's local date as ``2006-01-02``."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    collated: list[dict[str, Any]] = []
+    for m in messages:
+        if collated and collated[-1]["role"] == m["role"]:
+            collated[-1] = {
+                **collated[-1],
+                "content": collated[-1]["content"] + "\n\n" + m["content"],
+            }
+        else:
+            collated.append(dict(m))
+    out = ["<|im_start|>system\n", f"{system}\n" if system else ""]
+    out.append(f"Current date: {today.strftime('%Y-%m-%d')}<|im_end|>\n")
+    for i, m in enumerate(collated):
+        last = i == len(collated) - 1
+        if m["role"] == "user":
+            out.append(f"<|im_start|>user\n{m['content']}<|im_end|>\n")
+        elif m["role"] == "assistant":
+            out.append(f"<|im_start|>assistant\n{m['content']}" + ("" if last else "<|im_end|>\n"))
+        if m["role"] != "assistant" and last:
+            out.append("<|im_start|>assistant\n")
+    return "".join(out)
+
+
+def dated_model(engine: Engine, name: str = "dated-smollm2:latest") -> TestModel:
+    """SmolLM2 with :data:`DATED_TEMPLATE` (its SYSTEM and stops), rendered by
+    :func:`render_dated` on the server's date."""
+    base = smollm2_model(engine)
+    show = {**base.show, "template": DATED_TEMPLATE}
+    show["modelfile"] = show.get("modelfile", "").replace(base.show["template"], DATED_TEMPLATE)
+    tags = {**base.tags, "digest": hashlib.sha256(name.encode()).hexdigest()}
+    return TestModel(name, show, tags, engine, render=render_dated)
 
 
 # --------------------------------------------------------------------------- faults
@@ -1019,7 +1093,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/" and method in ("GET", "HEAD"):
             self._send_text(200, "Ollama is running")
         elif path == "/api/version" and method in ("GET", "HEAD"):
-            self._send_json(200, {"version": VERSION})
+            self._send_json(200, {"version": self.owner.version})
         elif path == "/api/tags" and method in ("GET", "HEAD"):
             # Ollama 0.33 lists each model's capabilities in its tags entry too.
             models = [
@@ -1133,6 +1207,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if model.system and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": model.system}, *messages]
+        if body.get("_debug_render_only") and self.owner.renders:
+            self._render_only(name, model, messages)
+            return
         thinking = thinking_parser(name, model, body)
         if isinstance(thinking, str):
             self._error(400, thinking)
@@ -1145,6 +1222,24 @@ class _Handler(BaseHTTPRequestHandler):
         start = functools.partial(model.engine.chat, messages, fitted, fmt)
         self._serve_generation(
             name, model, body, start, fault, chat=True, raw=False, thinking=thinking
+        )
+
+    def _render_only(self, name: str, model: TestModel, messages: list[dict[str, Any]]) -> None:
+        """``_debug_render_only``: the rendered prompt, no generation (Ollama
+        0.11.5+: ``server/routes.go``), rendered on the server's date."""
+        if model.render is None:
+            self._error(501, f"the test double cannot render the template of {name}")
+            return
+        rendered = model.render(messages, self.owner.today or date.today())
+        self._send_json(
+            200,
+            {
+                "model": name,
+                "created_at": _now(),
+                "message": {"role": "", "content": ""},
+                "done": False,
+                "_debug_info": {"rendered_template": rendered},
+            },
         )
 
     def _fit_context(
@@ -1533,8 +1628,17 @@ class OllamaTestServer:
         *,
         slots: int | None = None,
         max_queue: int | None = None,
+        version: str = VERSION,
+        today: date | None = None,
     ):
         self.models = list(models)
+        #: ``/api/version``: :data:`RENDER_VERSION` answers ``_debug_render_only``
+        #: (with each model's ``render``), the default does not (magpie then
+        #: matches the template by its markers).
+        self.version = version
+        #: The server's date, what a template's ``currentDate`` writes (None:
+        #: today's, as Ollama's ``time.Now()``): a test moves it to another day.
+        self.today = today
         self.host = host
         self.port = port
         self.slots = slots
@@ -1555,6 +1659,12 @@ class OllamaTestServer:
         self.cut_prompts = 0
 
     # -- lifecycle
+
+    @property
+    def renders(self) -> bool:
+        """Whether this server's version answers ``_debug_render_only`` (0.11.5+)."""
+        m = re.match(r"v?(\d+)\.(\d+)\.(\d+)", self.version)
+        return m is not None and tuple(int(x) for x in m.groups()) >= (0, 11, 5)
 
     @property
     def url(self) -> str:

@@ -231,9 +231,12 @@ class HostPool(Backend):
                 host.failed(time.monotonic())
                 down.append(exc)
         if not infos:
+            # How to start them is the backend's to say (Ollama's, an
+            # OpenAI-compatible server's).
+            fix = next((e.fix for e in down if isinstance(e, BackendUnavailable) and e.fix), None)
             raise BackendUnavailable(
-                f"none of the {len(self._hosts)} hosts is reachable ({self.host}): "
-                "start them with `ollama serve`"
+                f"none of the {len(self._hosts)} hosts is reachable ({self.host})",
+                fix=fix or "start their servers, or pass --host with the ones that run",
             )
         info = infos[0].model_copy(update={"host": self.host})
         info.extra["hosts"] = self.hosts

@@ -45,10 +45,16 @@ def filter_cmd(
     rejects: str | None = typer.Option(
         None, "--rejects", help="Where rejected records go, with reasons."
     ),
-    judge: str | None = typer.Option(None, "--judge", help="Judge model (Ollama name or .gguf)."),
+    judge: str | None = typer.Option(
+        None, "--judge", help="Judge model (a model name on --judge-backend, or a .gguf)."
+    ),
     judge_backend: JudgeBackend = None,
     judge_host: str | None = typer.Option(
-        None, "--host", "--judge-host", help="Ollama URL of the judge."
+        None,
+        "--host",
+        "--judge-host",
+        help="URL of the judge's server (Ollama's, or an OpenAI-compatible one with "
+        "--judge-backend openai).",
     ),
     judge_prompt: Path | None = typer.Option(
         None, "--judge-prompt", help="Judge system prompt file."

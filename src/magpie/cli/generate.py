@@ -65,13 +65,18 @@ def generate(
         "(an OpenAI-compatible server: vLLM, SGLang, llama.cpp llama-server, LM Studio).",
     ),
     model: str | None = typer.Option(
-        None, "--model", "-m", help="Ollama model name, or a .gguf file for the embedded backend."
+        None,
+        "--model",
+        "-m",
+        help="Ollama model name, a .gguf file (embedded), or the served model id (openai).",
     ),
     host: list[str] | None = typer.Option(
         None,
         "--host",
         metavar="<url>",
-        help="Ollama URL (default $OLLAMA_HOST or http://127.0.0.1:11434); repeat it to spread the work over several servers.",
+        help="Server URL (default $OLLAMA_HOST or http://127.0.0.1:11434; with --backend openai "
+        "$OPENAI_BASE_URL or http://127.0.0.1:8000, a /v1 path or https as the server has it); "
+        "repeat it to spread the work over several servers.",
     ),
     template: str | None = typer.Option(
         None,
@@ -153,10 +158,15 @@ def generate(
         None, "--language", help="Keep only instructions in this language (ISO 639-1, e.g. en)."
     ),
     judge: str | None = typer.Option(
-        None, "--judge", help="Judge model (Ollama name or .gguf), or 'same' for the generator."
+        None,
+        "--judge",
+        help="Judge model (a model name on --judge-backend, or a .gguf), or 'same' for the "
+        "generator.",
     ),
     judge_backend: JudgeBackend = None,
-    judge_host: str | None = typer.Option(None, "--judge-host", help="Ollama URL of the judge."),
+    judge_host: str | None = typer.Option(
+        None, "--judge-host", help="URL of the judge's server (default: --host)."
+    ),
     judge_prompt: Path | None = typer.Option(
         None, "--judge-prompt", help="Judge system prompt file (see configs/judge/)."
     ),

@@ -80,9 +80,16 @@ def stats(
 
 def doctor(
     ctx: typer.Context,
-    host: str | None = typer.Option(None, "--host", help="Ollama URL."),
+    host: str | None = typer.Option(
+        None,
+        "--host",
+        help="Server URL (Ollama's, or an OpenAI-compatible one with --backend openai).",
+    ),
     model: str | None = typer.Option(
-        None, "--model", "-m", help="Ollama model name or a .gguf file."
+        None,
+        "--model",
+        "-m",
+        help="Ollama model name, a .gguf file (embedded), or the served model id (openai).",
     ),
     backend: str | None = typer.Option(None, "--backend", help="auto, ollama, openai or embedded."),
     template: str | None = typer.Option(

@@ -59,7 +59,8 @@ SMOKE_RESPONSE_TOKENS = 64
 SMOKE_ATTEMPTS = 3
 #: Seed of the smoke test when the config names none (reproducible checks).
 SMOKE_SEED = 0
-#: Seconds the quick Ollama requests (version, tags, show) may take.
+#: Seconds the quick requests (the server's version or model list, the model's
+#: description) may take.
 QUICK_TIMEOUT = 15.0
 #: Characters of the answer shown in the smoke-test detail.
 ANSWER_PREVIEW = 80
@@ -219,11 +220,10 @@ async def _check_smoke(config: RunConfig, backend: Backend, pre_query: PreQuery)
         try:
             result = await pipeline.attempt(index)
         except MagpieError as exc:
-            fix = (
-                "start it with `ollama serve` and check that it stays up"
-                if isinstance(exc, BackendUnavailable)
-                else "look at the server's log; then rerun `magpie doctor`"
-            )
+            if isinstance(exc, BackendUnavailable):  # it went away: its backend says how
+                fix = f"{exc.fix or 'start the server'}, and check that it stays up"
+            else:
+                fix = "look at the server's log; then rerun `magpie doctor`"
             raise _from_error(exc, fix) from None
         if isinstance(result, Record):
             return _smoke_detail(result, time.monotonic() - started, rejected)

@@ -307,7 +307,7 @@ class Generator:
         answer = completion.text.strip()
         reasoning = completion.thinking if k == 1 else None
         return Record(
-            id=record_id(self.backend.model, pre_query.text, self.seed, inst.index),
+            id=record_id(self.backend.model, pre_query.undated, self.seed, inst.index),
             index=inst.index,
             instruction=inst.text,
             response=answer,

@@ -91,7 +91,7 @@ class RunConfig(BaseModel):
     overwrite: bool = False
     backend: BackendName = "auto"
     model: str | None = Field(None, min_length=1)
-    #: One Ollama URL, or several (requests are spread over all healthy hosts).
+    #: One server URL, or several (requests are spread over all healthy hosts).
     host: str | list[str] | None = None
     #: Requests in flight per host when there are several (default: concurrency).
     per_host: int | None = Field(None, ge=1, le=1024)
@@ -340,6 +340,16 @@ class RunConfig(BaseModel):
             update={"backend": name, "model": self.semantic_model or "", "host": host}
         )
 
+    def check_hosts(self) -> None:
+        """Each ``--host`` and ``--judge-host`` by the rules of the backend that
+        will use it (:attr:`BackendTraits.check_url`; exit 2 on a bad one)."""
+        check = BACKENDS[self.backend].check_url
+        for host in self.hosts:
+            if host is not None:
+                check(host, "--host")
+        if self.judge_host is not None:
+            BACKENDS[self.judge_backend].check_url(self.judge_host, "--judge-host")
+
     def validate_semantic(self) -> None:
         """The checks of the semantic settings that need no server (exit 2)."""
         if not self.semantic_model:
@@ -359,12 +369,7 @@ class RunConfig(BaseModel):
             )
         if self.semantic_host is None or host is None:
             return
-        try:
-            traits.check_url(host)
-        except UsageError:
-            raise UsageError(
-                f"--semantic-host {host!r} is not a URL: use e.g. http://127.0.0.1:11434"
-            ) from None
+        traits.check_url(host, "--semantic-host")
 
     @property
     def retry(self) -> RetryPolicy:

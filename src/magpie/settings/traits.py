@@ -7,16 +7,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
-def _ollama_url(host: str) -> object:
+def _ollama_url(host: str, flag: str = "--host") -> object:
     from magpie.backends.ollama import validate_host
 
-    return validate_host(host)
+    return validate_host(host, flag)
 
 
-def _openai_url(host: str) -> object:
+def _openai_url(host: str, flag: str = "--host") -> object:
     from magpie.backends.openai import normalize_host
 
-    return normalize_host(host)
+    return normalize_host(host, flag)
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,11 @@ class BackendTraits:
     reads_ollama_host: bool = True
     #: It takes ``n`` samples per request (``--samples-per-request``).
     takes_n: bool = False
-    #: Checks one of its host URLs (exit 2 on a bad one).
-    check_url: Callable[[str], object] = _ollama_url
+    #: Checks one of its host URLs by its client's rules (exit 2 on a bad one;
+    #: the second argument is the option that named it): the ollama client's
+    #: (``embedded`` has no server: its ``--host`` is the judge's Ollama), or an
+    #: OpenAI-compatible base URL's (``/v1`` or a proxy's path, https).
+    check_url: Callable[[str, str], object] = _ollama_url
     #: The context is set per run (``--num-ctx``): Ollama loads the model with
     #: it, the embedded backend makes its contexts with it; an OpenAI-compatible
     #: server fixes its own when it starts.

@@ -38,6 +38,10 @@ class RunEntry(BaseModel):
     retries: dict[str, int] = Field(default_factory=dict)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: The dates the template rendered into this run's pre-query (Ollama's
+    #: ``currentDate``), when it renders any: the manifest's ``template`` is the
+    #: last run's, and each run's records were made with its own day's.
+    template_dates: list[str] | None = None
     #: "running" until the run ends; a later run marks a stale one "crashed".
     status: str = "running"
     exit_status: int | None = None

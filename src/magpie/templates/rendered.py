@@ -17,6 +17,7 @@ from __future__ import annotations
 from magpie.backends.base import Backend, ModelInfo
 from magpie.errors import TemplateError
 from magpie.templates import jinja
+from magpie.templates.dates import date_formats, find_dates
 from magpie.templates.registry import families
 from magpie.templates.resolve import PreQuery, detect_family, drop_bos, resolve_pre_query
 
@@ -74,6 +75,8 @@ async def render_pre_query(
         adds_bos=info.adds_bos,
         bos_token=info.bos_token or "",
         eos_token=info.eos_token or "",
+        # Today's date, where the template writes it (gpt-oss's `currentDate`).
+        dates=find_dates(text, date_formats(info.template)),
     )
     await _learn_conversation(backend, pq, prefix, system)
     return pq

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from magpie.backends.base import ModelInfo
 from magpie.errors import TemplateError
 from magpie.templates import jinja
+from magpie.templates.dates import date_formats, find_dates, undated
 from magpie.templates.registry import (
     TemplateFamily,
     detect_order,
@@ -49,6 +50,16 @@ class PreQuery(BaseModel):
     bos_token: str = ""
     eos_token: str = ""
     adds_bos: bool = True
+    #: The dates the template rendered into ``text`` (Ollama's ``currentDate``,
+    #: a Jinja template's ``strftime_now``: :mod:`magpie.templates.dates`):
+    #: they change from day to day, the template does not.
+    dates: list[str] = Field(default_factory=list)
+
+    @property
+    def undated(self) -> str:
+        """``text`` with its :attr:`dates` masked: the same on every day (the
+        record id hashes it)."""
+        return undated(self.text, self.dates)
 
     @property
     def multi_turn(self) -> bool:
@@ -186,6 +197,7 @@ def _from_jinja(info: ModelInfo, system: str | None) -> PreQuery:
         bos_token=bos,
         eos_token=eos,
         adds_bos=info.adds_bos,
+        dates=find_dates(text, date_formats(info.template)),
     )
 
 

@@ -19,24 +19,26 @@ def resolve_host(host: str | None) -> str:
     return _parse_host(host or os.getenv("OLLAMA_HOST"))
 
 
-def validate_host(host: str) -> str:
-    """Check that ``host`` looks like a URL or host[:port]; return the resolved URL."""
+def validate_host(host: str, flag: str = "--host") -> str:
+    """Check that ``host`` looks like a URL or host[:port] that the ollama
+    client takes; return the resolved URL (``flag``: the option that named it)."""
+    bad = UsageError(f"{flag} {host!r} is not a URL: use e.g. {DEFAULT_HOST}")
     if (
         not host
         or any(c.isspace() for c in host)
         or "://" in host
         and not host.startswith(("http://", "https://"))
     ):
-        raise UsageError(f"--host {host!r} is not a URL: use e.g. http://127.0.0.1:11434")
+        raise bad
     try:
         url = resolve_host(host)
     except Exception:  # noqa: BLE001 - the client's parser raises various errors
-        raise UsageError(f"--host {host!r} is not a URL: use e.g. http://127.0.0.1:11434") from None
+        raise bad from None
     path = urllib.parse.urlsplit(url).path.rstrip("/")
     if path == "/api" or path.startswith("/api/"):
         base = url[: url.index(path)]
         raise UsageError(
-            f"--host {host!r} ends in an API path ({path}): give the server's base URL, "
+            f"{flag} {host!r} ends in an API path ({path}): give the server's base URL, "
             f"such as {base}"
         )
     return url

@@ -12,14 +12,17 @@ from magpie.errors import UsageError
 DEFAULT_HOST = "http://127.0.0.1:8000"
 
 
-def normalize_host(host: str) -> str:
-    """``host[:port]`` or a URL, as the base URL requests are built on.
+def normalize_host(host: str, flag: str = "--host") -> str:
+    """``host[:port]`` or a URL, as the base URL requests are built on
+    (``flag``: the option that named it, for the error).
 
     A scheme is added when missing; a trailing ``/`` or ``/v1`` (how the
-    ``openai`` client's ``base_url`` is usually written) is dropped.
+    ``openai`` client's ``base_url`` is usually written) is dropped.  Any other
+    path stays (a proxy's prefix: ``https://host/api/v1`` is ``https://host/api``);
+    a query, a fragment or a port out of range is refused.
     """
     text = (host or "").strip()
-    bad = UsageError(f"--host {host!r} is not a URL: use e.g. {DEFAULT_HOST}")
+    bad = UsageError(f"{flag} {host!r} is not a URL: use e.g. {DEFAULT_HOST}")
     if not text or any(c.isspace() for c in text):
         raise bad
     if "://" not in text:
@@ -33,7 +36,13 @@ def normalize_host(host: str) -> str:
         url = httpx.URL(text)
     except Exception:  # noqa: BLE001 - httpx raises several kinds
         raise bad from None
-    if not url.host:
+    if not url.host or url.query or url.fragment or "?" in text or "#" in text:
+        raise bad
+    try:
+        port = url.port
+    except Exception:  # noqa: BLE001 - httpx raises several kinds
+        raise bad from None
+    if port is not None and not 0 < port < 65536:
         raise bad
     return text
 

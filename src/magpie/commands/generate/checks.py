@@ -30,14 +30,11 @@ def check_run(config: RunConfig, steering: Steering | None | Literal["load"] = "
     caller has already loaded (``Prepared.steering``); by default they are
     loaded here (a missing or empty ``--personas`` / ``--topics`` file fails)."""
     from magpie.backends.llamacpp.model import check_gguf
-    from magpie.backends.ollama import validate_host
     from magpie.backends.registry import looks_like_gguf
     from magpie.templates import get_family, load_family_file
 
     traits = BACKENDS[config.backend]
-    for host in config.hosts:
-        if host is not None:
-            validate_host(host)
+    config.check_hosts()  # by the rules of the backend that uses each
     if config.model and traits.loads_gguf and looks_like_gguf(config.model):
         check_gguf(config.model)
     config.shard_spec  # noqa: B018 - validates --shard

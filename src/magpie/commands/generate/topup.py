@@ -27,6 +27,7 @@ from magpie.store.manifest import (
     settle_crashed,
     write_manifest,
 )
+from magpie.templates.dates import same_pre_query
 
 
 @dataclass
@@ -93,8 +94,10 @@ def check_mixed(
     if previous is not None and existing.count:
         if previous.model_digest and digest and previous.model_digest != digest:
             problems.append(f"model digest {previous.model_digest[:19]} (this run: {digest[:19]})")
-        old_text = (previous.template or {}).get("text")
-        if old_text is not None and old_text != prep.pre_query.text and not problems:
+        # A template that renders today's date (gpt-oss's `currentDate`) is the
+        # same template tomorrow: its dates are not compared.
+        same = same_pre_query(previous.template or {}, prep.pre_query.model_dump())
+        if not same and not problems:
             problems.append("a different pre-query text (system prompt or template)")
     if previous is not None and existing.count:
         now = prep.steering.describe() if prep.steering is not None else {}
@@ -172,6 +175,7 @@ def start_manifest(
         existing_before=top.existing.count,
         start_index=top.start_index,
         next_index=top.start_index,
+        template_dates=prep.pre_query.dates or None,
     )
     backend = prep.backend
     manifest = Manifest(

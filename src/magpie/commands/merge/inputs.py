@@ -15,6 +15,7 @@ from magpie.store.atomic import AtomicOutput
 from magpie.store.lock import OutputLock, OutputLocked
 from magpie.store.manifest import Manifest, manifest_path, read_manifest
 from magpie.store.targets import STDIO, refuse_same
+from magpie.templates.dates import same_pre_query
 
 
 def check_inputs(inputs: Sequence[Path | str]) -> list[Path]:
@@ -99,8 +100,8 @@ def check_mixed_manifests(
         name, first_name = template_name(man), template_name(first)
         if name != first_name:
             problems.append(f"template {name!r} ({first_path}: {first_name!r})")
-        text, first_text = (man.template or {}).get("text"), (first.template or {}).get("text")
-        if not problems and text is not None and first_text is not None and text != first_text:
+        # The same template rendered on other days (its `currentDate`) is the same.
+        if not problems and not same_pre_query(man.template or {}, first.template or {}):
             problems.append(
                 f"a different pre-query text (system prompt or template) than {first_path}"
             )

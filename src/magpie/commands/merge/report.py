@@ -17,6 +17,7 @@ from magpie.pipeline.stages.dedup.index import (
     DedupIndex,
 )
 from magpie.store.manifest import Manifest, RunEntry, manifest_path
+from magpie.templates.dates import same_pre_query
 
 
 @dataclass
@@ -125,6 +126,19 @@ def _common(values: list[Any]) -> Any:
     return first if all(v == first for v in values[1:]) else _MISSING
 
 
+def _same_template(a: Any, b: Any) -> bool:
+    """One template: equal, or the same rendered on other days (its dates)."""
+    if a == b:
+        return True
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return False
+
+    def rest(t: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in t.items() if k not in ("text", "dates")}
+
+    return rest(a) == rest(b) and same_pre_query(a, b)
+
+
 def merged_manifest(
     output: Path,
     report: MergeReport,
@@ -135,7 +149,10 @@ def merged_manifest(
     mans = [i.manifest for i in report.inputs if i.manifest is not None]
     fields: dict[str, Any] = {}
     for name in _COMMON:
-        value = _common([getattr(m, name) for m in mans])
+        values = [getattr(m, name) for m in mans]
+        value = _common(values)
+        if name == "template" and values and all(_same_template(values[0], v) for v in values):
+            value = values[0]  # the first input's dates (each run keeps its own)
         fields[name] = None if value is _MISSING else value
     # The records are the source of truth for what they all share (inputs
     # without a manifest have records too).
