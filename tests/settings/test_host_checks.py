@@ -140,7 +140,7 @@ def test_no_ollama_only_words_for_every_backend() -> None:
         text = CliRunner().invoke(app, [command, "--help"], terminal_width=400).output
         line = next(ln for ln in text.splitlines() if option in ln)
         assert "Ollama URL" not in line, line
-    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     description = next(
         ln for ln in pyproject.read_text().splitlines() if ln.startswith("description = ")
     )
