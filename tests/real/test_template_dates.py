@@ -16,11 +16,12 @@ import re
 from datetime import date, timedelta
 from pathlib import Path
 
+from magpie_cli import run_magpie
+from real_servers import RealOllama
+
 from magpie.records import record_id
 from magpie.store.manifest import manifest_path
 from magpie.templates.dates import undated
-from magpie_cli import run_magpie
-from real_servers import RealOllama
 
 from .conftest import DATED_MODEL
 from .helpers import check_records, manifest

@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from real_servers import free_port
 from typer.testing import CliRunner
 
 from magpie.cli.app import app
 from magpie.commands.generate import check_run
 from magpie.errors import ExitStatus, UsageError
 from magpie.settings import BACKENDS, RunConfig
-from real_servers import free_port
 
 #: Base URLs of OpenAI-compatible servers, as their users write them.
 OPENAI_URLS = [

@@ -13,9 +13,17 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from batch_helpers import assert_exact, manifest_of, read_records
+from ollama_server import (
+    DATED_TEMPLATE,
+    RENDER_VERSION,
+    OllamaTestServer,
+    ScriptedEngine,
+    dated_model,
+    render_dated,
+)
 from typer.testing import CliRunner
 
-from batch_helpers import assert_exact, manifest_of, read_records
 from magpie.backends.base import ModelInfo
 from magpie.cli.app import app
 from magpie.commands.merge import merge_files
@@ -31,14 +39,6 @@ from magpie.templates.dates import (
     same_but_dates,
     same_pre_query,
     undated,
-)
-from ollama_server import (
-    DATED_TEMPLATE,
-    RENDER_VERSION,
-    OllamaTestServer,
-    ScriptedEngine,
-    dated_model,
-    render_dated,
 )
 
 TODAY = date.today()
