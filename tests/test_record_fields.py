@@ -11,6 +11,7 @@ where it has a place for the field.  The manifest records every setting.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import types
 from datetime import datetime, timezone
@@ -20,7 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import pytest
 from pydantic import BaseModel
 
-from magpie.commands.export import FORMATS, NO_PLACE, convert, export_file
+from magpie.commands.export import CARRIES, FORMATS, NO_PLACE, convert, export_file
 from magpie.records import Message, Record
 
 #: An extra key for every model that allows extra keys (a line written by a
@@ -275,44 +276,98 @@ def test_rejects_keep_every_key_in_hf_and_sqlite(tmp_path: Path) -> None:
     )
 
 
-def test_no_place_names_message_fields() -> None:
-    assert set(NO_PLACE) == set(FORMATS)
+def _generic(path: str) -> str:
+    """``messages[1].content`` -> ``messages[].content`` (NO_PLACE's spelling)."""
+    return re.sub(r"\[\d+\]", "[]", path)
+
+
+def _excluded(path: str, no_place: frozenset[str]) -> bool:
+    generic = _generic(path)
+    return any(generic == n or generic.startswith((f"{n}.", f"{n}[")) for n in no_place)
+
+
+def test_no_place_names_fields_of_the_record() -> None:
+    """Every entry of NO_PLACE is a field of the record (or of its messages),
+    and what a format carries is named nowhere in its NO_PLACE."""
+    assert set(NO_PLACE) == set(FORMATS) == set(CARRIES)
     for fmt, names in NO_PLACE.items():
-        assert names <= set(Message.model_fields), fmt
+        for name in names:
+            top, _, sub = name.partition("[].")
+            assert top in Record.model_fields, (fmt, name)
+            assert not sub or sub in Message.model_fields, (fmt, name)
+        assert set(Record.model_fields) == {n.partition("[")[0] for n in names} | CARRIES[fmt]
+        assert not names & CARRIES[fmt], fmt
+
+
+def conversation_records() -> list[Record]:
+    """The full record as a conversation (the rejected answer's prompt is the
+    chosen one's, as in every record), and the same led by a system message."""
+    rec = full_record()
+    assert rec.chosen is not None and rec.rejected is not None
+    rec = rec.model_copy(update={"rejected": [*rec.chosen[:-1], rec.rejected[-1]]})
+    system = Message(role="system", content="<a system message>")
+    led = rec.model_copy(
+        update={key: [system, *getattr(rec, key)] for key in ("messages", "chosen", "rejected")}
+    )
+    return [rec, led]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_jsonl_formats_carry_every_message_field_they_have_a_place_for(
-    fmt: str, tmp_path: Path
-) -> None:
-    """Each message field of the conversation reaches the format, unless the
-    format names it in NO_PLACE (derived from the Message model: a new message
-    field fails here until a format carries it or says it cannot)."""
-    rec = full_record()
-    src, out = tmp_path / "data.jsonl", tmp_path / "out.jsonl"
-    src.write_text(rec.model_dump_json() + "\n")
-    assert export_file(str(src), fmt, str(out)) == 1
-    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert row == convert(rec, fmt)
-    text = json.dumps(row)
-    conversation = (
-        [*rec.chosen[:-1], rec.chosen[-1], rec.rejected[-1]]  # type: ignore[index]
-        if fmt == "dpo"
-        else rec.messages
-    )
-    for msg in conversation:
-        for name in Message.model_fields:
-            value = getattr(msg, name)
-            if name in NO_PLACE[fmt] or name == "role":  # roles are renamed by some formats
-                continue
-            assert json.dumps(value)[1:-1] in text, f"{fmt} lost {name} of a message"
-    if fmt == "dpo":
-        assert row["chosen"] == [rec.chosen[-1].model_dump()]  # type: ignore[index]
-        assert row["rejected"] == [rec.rejected[-1].model_dump()]  # type: ignore[index]
-        assert (row["score_chosen"], row["score_rejected"]) == (
-            rec.score_chosen,
-            rec.score_rejected,
-        )
+def test_jsonl_formats_carry_every_field_they_have_a_place_for(fmt: str, tmp_path: Path) -> None:
+    """Every value of the full record reaches the format (its text is in the
+    row), unless NO_PLACE names its field (derived from the record model: a new
+    record field is named there by itself, a new message field fails here
+    until a format carries it or names it)."""
+    for rec in conversation_records():
+        src, out = tmp_path / "data.jsonl", tmp_path / "out.jsonl"
+        src.write_text(rec.model_dump_json() + "\n")
+        assert export_file(str(src), fmt, str(out), overwrite=True) == 1
+        (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+        assert row == convert(rec, fmt)
+        text = json.dumps(row, ensure_ascii=False)
+        data = dump(rec)
+        carried = 0
+        for path in sorted(every_path(data)):
+            if path.split(".")[0].split("[")[0] not in Record.model_fields:
+                continue  # a key beyond the model: no place in any of these formats
+            if _excluded(path, NO_PLACE[fmt]) or path.endswith(".role"):
+                continue  # roles are renamed by some formats: checked below
+            value = _at(data, path)
+            assert json.dumps(value, ensure_ascii=False) in text or (
+                isinstance(value, str) and json.dumps(value, ensure_ascii=False)[1:-1] in text
+            ), f"{fmt} lost {path}"
+            carried += 1
+        assert carried, fmt
+        roles = [m.role for m in rec.messages]
+        if fmt == "openai":
+            assert [m["role"] for m in row["messages"]] == roles
+        if fmt == "sharegpt":
+            assert [m["from"] for m in row["conversations"]] == [
+                {"system": "system", "user": "human", "assistant": "gpt"}[r] for r in roles
+            ]
+        if fmt == "alpaca":
+            assert row["instruction"] == rec.messages[-2].content
+            assert row["output"] == rec.messages[-1].content
+            if roles[0] == "system":
+                assert row["system"] == rec.messages[0].content
+            else:
+                assert "system" not in row
+        if fmt == "dpo":
+            assert rec.chosen is not None and rec.rejected is not None
+            assert row["prompt"] == [m.model_dump() for m in rec.chosen[:-1]]
+            assert row["chosen"] == [rec.chosen[-1].model_dump()]
+            assert row["rejected"] == [rec.rejected[-1].model_dump()]
+            assert (row["score_chosen"], row["score_rejected"]) == (
+                rec.score_chosen,
+                rec.score_rejected,
+            )
+
+
+def _at(data: Any, path: str) -> Any:
+    """The value at ``path`` (as :func:`every_path` spells it) in ``data``."""
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        data = data[int(part[1:-1])] if part.startswith("[") else data[part]
+    return data
 
 
 def test_the_manifest_records_every_setting() -> None:
