@@ -370,6 +370,62 @@ def _at(data: Any, path: str) -> Any:
     return data
 
 
+def test_every_record_field_has_a_description() -> None:
+    """The description is the field's documentation in the dataset card: a
+    field added without one fails here."""
+    for name, f in Record.model_fields.items():
+        assert f.description and f.description.strip(), f"Record.{name} has no description"
+
+
+def _card_fields(card: str) -> dict[str, tuple[str, str]]:
+    """``{name: (type, meaning)}`` of the card's field table."""
+    section = card.split("\n## Fields\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            name, kind, doc = (c.strip() for c in line.strip("|").split(" | "))
+            rows[name.strip("`")] = (kind, doc)
+    return rows
+
+
+def test_the_card_documents_every_column(data_file: Path, tmp_path: Path) -> None:
+    """The card of an hf export names every Parquet column (as ``datasets``
+    reads them, in order) with its description; the card of a JSONL file every
+    key of its records."""
+    datasets = pytest.importorskip("datasets")
+    from magpie.commands.publish.folder import card_text, export_hf
+
+    export_hf(data_file, tmp_path / "hf", rejects=None)
+    ds = datasets.load_dataset(
+        str(tmp_path / "hf"), split="train", cache_dir=str(tmp_path / "cache")
+    )
+    fields = _card_fields((tmp_path / "hf" / "README.md").read_text("utf-8"))
+    assert list(fields) == ds.column_names
+    for name, f in Record.model_fields.items():
+        assert fields[name][1] == f.description, name
+    assert "reasoning_content" in fields["messages"][0] and "extra_fields" in fields["judge"][0]
+
+    jsonl_fields = _card_fields(card_text(data_file))
+    keys = {k for line in data_file.read_text().splitlines() for k in json.loads(line)}
+    assert set(jsonl_fields) == keys - {EXTRA_KEY}
+    assert jsonl_fields["turn_generations"][0].startswith("list of object of {temperature")
+
+
+def test_the_card_needs_no_pyarrow(data_file: Path) -> None:
+    """``magpie card`` of a JSONL file works without the hf extra."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['pyarrow'] = None\n"
+        "from magpie.commands.publish.folder import card_text\n"
+        f"print(card_text({str(data_file)!r}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert set(_card_fields(proc.stdout)) == set(Record.model_fields)
+
+
 def test_the_manifest_records_every_setting() -> None:
     from magpie.commands.generate.topup import NOT_RECORDED, recorded_settings
     from magpie.settings import RunConfig

@@ -16,14 +16,14 @@
 from __future__ import annotations
 
 import json
-import types
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
+from magpie.commands.publish.fields import MESSAGE_LISTS
 from magpie.errors import UsageError
-from magpie.records import Message, Record
+from magpie.records import Record
 from magpie.store.atomic import AtomicFile
 from magpie.store.jsonl import read_records
 from magpie.store.targets import STDIO, check_target, same_file, stdin_bytes, stdout_bytes
@@ -56,19 +56,12 @@ _NO_PLACE_IN_MESSAGES: dict[str, frozenset[str]] = {
 
 def _no_place(fmt: str) -> frozenset[str]:
     carried = CARRIES[fmt]
-    lists = [
-        name
-        for name in carried
-        if get_args(_optional(Record.model_fields[name].annotation)) == (Message,)
-    ]
     return frozenset(Record.model_fields).difference(carried) | {
-        f"{name}[].{field}" for name in lists for field in _NO_PLACE_IN_MESSAGES.get(fmt, ())
+        f"{name}[].{field}"
+        for name in MESSAGE_LISTS
+        if name in carried
+        for field in _NO_PLACE_IN_MESSAGES.get(fmt, ())
     }
-
-
-def _optional(annotation: Any) -> Any:
-    args = [a for a in get_args(annotation) if a is not type(None)]
-    return args[0] if get_origin(annotation) in (Union, types.UnionType) and args else annotation
 
 
 #: What a format has no place for, derived from the record model: every field
