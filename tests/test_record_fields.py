@@ -438,6 +438,43 @@ def test_the_manifest_records_every_setting() -> None:
     assert set(RunConfig.model_fields) >= NOT_RECORDED  # no stale name
 
 
+def test_the_card_shows_every_sampling_setting(data_file: Path) -> None:
+    """Each stage's sampling as the manifest records it reaches the card, every
+    setting (a field added to Sampling, or recorded by a later magpie, too)."""
+    from magpie.backends.base import Sampling
+    from magpie.commands.generate.topup import recorded_settings
+    from magpie.commands.publish.folder import card_text
+    from magpie.settings import RunConfig
+    from magpie.store.manifest import Manifest, write_manifest
+
+    stages = {name: fill_model(Sampling, name) for name in ("instruction", "response")}
+    config = RunConfig.model_validate(stages)
+    settings = recorded_settings(config, config.pipeline_settings(1))
+    settings["response"]["a_later_setting"] = 0.5
+    write_manifest(
+        data_file,
+        Manifest(
+            output=data_file.name,
+            magpie_version="0",
+            backend="ollama",
+            model="m",
+            template=None,
+            settings=settings,
+            seed=1,
+        ),
+    )
+    rows = {
+        line.split(" | ")[0].strip("| "): line
+        for line in card_text(data_file).splitlines()
+        if line.startswith("| ")
+    }
+    for name in ("instruction", "response"):
+        recorded = settings[name]
+        assert set(Sampling.model_fields) <= set(recorded)
+        for key, value in recorded.items():
+            assert f"{key} {value}" in rows[f"{name} sampling"], (name, key)
+
+
 def test_the_card_falls_back_to_the_language_filter(tmp_path: Path) -> None:
     """No judge languages: the card's ``language`` is the run's --language."""
     from magpie_cli import run_magpie

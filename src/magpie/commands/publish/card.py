@@ -114,10 +114,11 @@ def _dist(name: str, d: Distribution) -> list[object]:
 
 
 def _sampling(stage: Mapping[str, Any] | None) -> str:
-    if not stage:
+    """A stage's sampling as recorded: every setting the manifest holds for it
+    (the run's Sampling, whatever its fields), but those left unset."""
+    if not isinstance(stage, Mapping) or not stage:
         return "not recorded"
-    keys = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens")
-    return ", ".join(f"{k} {stage[k]}" for k in keys if stage.get(k) is not None)
+    return ", ".join(f"{k} {v}" for k, v in stage.items() if v is not None)
 
 
 def _filters(filters: object) -> str:
