@@ -22,7 +22,7 @@ import pytest
 from pydantic import BaseModel
 
 from magpie.commands.export import CARRIES, FORMATS, NO_PLACE, convert, export_file
-from magpie.records import Message, Record
+from magpie.records import GuardTags, GuardVerdict, JudgeTags, Message, Record, StageInfo
 
 #: An extra key for every model that allows extra keys (a line written by a
 #: later magpie, or by a user's own tool, keeps it through every export).
@@ -503,3 +503,38 @@ def test_the_readme_schema_names_every_field() -> None:
         assert f"`{name}`" in table, f"README's record schema lacks {name}"
     for name in Message.model_fields:
         assert f'"{name}"' in table or f"messages[].{name}" in table, name
+
+
+def _models_in(annotation: Any, seen: dict[type[BaseModel], str], where: str) -> None:
+    """Every model inside ``annotation`` (a record field's), with the field
+    that holds it."""
+    for arg in get_args(annotation):
+        _models_in(arg, seen, where)
+    if (
+        isinstance(annotation, type)
+        and issubclass(annotation, BaseModel)
+        and annotation not in seen
+    ):
+        seen[annotation] = where
+        for f in annotation.model_fields.values():
+            _models_in(f.annotation, seen, where)
+
+
+def test_the_readme_schema_names_every_nested_field() -> None:
+    """The fields of the models inside a record (generation info, judge tags,
+    guard verdicts, messages) are named in the README's row of the field that
+    holds them: a field added to one of them fails here until documented."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text("utf-8")
+    table = readme.split("## Record schema", 1)[1].split("\n## ", 1)[0]
+    nested: dict[type[BaseModel], str] = {}
+    for name, f in Record.model_fields.items():
+        _models_in(f.annotation, nested, name)
+    assert {StageInfo, JudgeTags, GuardTags, GuardVerdict, Message} <= set(nested)
+    for model, holder in nested.items():
+        rows = [line for line in table.splitlines() if f"`{holder}" in line]
+        assert rows, holder
+        text = "\n".join(rows)
+        for name in model.model_fields:
+            assert any(
+                form in text for form in (f"`{name}`", f'"{name}"', f".{name}`", f"`.{name}`")
+            ), f"README's row of {holder} lacks {model.__name__}.{name}"
