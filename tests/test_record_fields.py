@@ -426,6 +426,40 @@ def test_the_card_needs_no_pyarrow(data_file: Path) -> None:
     assert set(_card_fields(proc.stdout)) == set(Record.model_fields)
 
 
+def test_a_personas_and_topics_run_keeps_them_in_hf_and_sqlite(tmp_path: Path) -> None:
+    """The issue's case through the real command: a ``--personas --topics``
+    run exported to hf and sqlite keeps both, record by record."""
+    datasets = pytest.importorskip("datasets")
+    from magpie_cli import run_magpie
+    from ollama_server import OllamaTestServer, ScriptedEngine, build_models
+
+    out = tmp_path / "data.jsonl"
+    (tmp_path / "p.txt").write_text("a beekeeper\na tax lawyer\n")
+    with OllamaTestServer(build_models(["llama3.1"], ScriptedEngine())) as srv:
+        proc = run_magpie(
+            "generate", "-n", "4", "--model", "llama3.1:8b", "--host", srv.url,
+            "--personas", str(tmp_path / "p.txt"), "--topics", "general", "-o", str(out),
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    want = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert all(r["persona"] and r["topic"] for r in want.values())
+    for fmt, target in (("hf", tmp_path / "hf"), ("sqlite", tmp_path / "data.db")):
+        proc = run_magpie("export", str(out), "--format", fmt, "-o", str(target))
+        assert proc.returncode == 0, proc.stderr
+    ds = datasets.load_dataset(
+        str(tmp_path / "hf"), split="train", cache_dir=str(tmp_path / "cache")
+    )
+    db = sqlite3.connect(tmp_path / "data.db")
+    rows = {rid: (p, t) for rid, p, t in db.execute("select id, persona, topic from records")}
+    for row in ds:
+        assert (row["persona"], row["topic"]) == (
+            want[row["id"]]["persona"],
+            want[row["id"]]["topic"],
+        )
+        assert rows[row["id"]] == (row["persona"], row["topic"])
+    assert len(ds) == len(rows) == 4
+
+
 def test_the_manifest_records_every_setting() -> None:
     from magpie.commands.generate.topup import NOT_RECORDED, recorded_settings
     from magpie.settings import RunConfig
