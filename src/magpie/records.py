@@ -179,58 +179,104 @@ class Record(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    schema_version: int = SCHEMA_VERSION
-    #: Stable and unique: a hash of model, template text, run seed and index.
-    id: str
-    #: Attempt index within the run's seed space (rejected attempts leave gaps).
-    index: int = Field(ge=0)
-    instruction: str
-    response: str
-    #: ``[{"role": "user", ...}, {"role": "assistant", ...}]``: loadable as-is by
-    #: Hugging Face ``datasets`` and TRL's ``SFTTrainer``.
-    messages: list[Message]
-    model: str
-    backend: str
-    host: str | None = None
-    #: Template family name (or ``gguf-jinja``/file name) and its source.
-    template: str
-    template_source: str
-    #: System prompt rendered into the pre-query, if any (not part of ``messages``).
-    system: str | None = None
-    instruction_generation: StageInfo
-    response_generation: StageInfo
-    #: The run seed; per-request seeds are in the stage infos.
-    seed: int
-    created_at: datetime
-    #: LLM-judge tags (``--judge``, ``magpie filter``); absent when not judged.
-    judge: JudgeTags | None = None
-    #: Number of user turns in ``messages`` (``--turns``).
-    turns: int = 1
-    #: Generation info of turns 2.. (turn 1 is in the two fields above).
-    turn_generations: list[dict[str, StageInfo]] | None = None
-    #: Which named system prompt (from a weighted set) made the pre-query.
-    system_name: str | None = None
-    #: ``--personas`` / ``--topics``: the persona and the topic drawn for this
-    #: record (written into ``system`` through their templates).
-    persona: str | None = None
-    topic: str | None = None
-    #: ``--responses K``: every sampled answer, and with a judge the best and
-    #: worst one with their scores (``magpie export --format dpo``).
-    responses: list[str] | None = None
-    #: The first answer's reasoning (thinking), with ``--reasoning keep`` and a
-    #: model that reasons; never part of ``response``.
-    reasoning: str | None = None
-    #: ``--guard MODEL``: the safety classifier's verdicts on the instruction and
-    #: on the response; absent when no guard ran.
-    guard: GuardTags | None = None
-    #: With a judge: the conversation ending in the best (``chosen``) and in the
-    #: worst (``rejected``) answer, TRL's implicit-prompt preference format (its
-    #: ``DPOTrainer`` reads them as they are), and their scores.  Absent without a
-    #: pair, so that ``messages`` is then the only key TRL reserves.
-    chosen: list[Message] | None = None
-    rejected: list[Message] | None = None
-    score_chosen: int | None = None
-    score_rejected: int | None = None
+    # Each field's description is its documentation for users: the dataset
+    # card's field table (magpie.commands.publish.card) shows it, and a test
+    # fails on a field without one.
+    schema_version: int = Field(
+        SCHEMA_VERSION, description="the record schema's version (read: 1 and 2; written: 2)"
+    )
+    id: str = Field(
+        description="stable and unique: a hash of model, pre-query text, run seed and index"
+    )
+    index: int = Field(
+        ge=0,
+        description="the attempt's index in the run's seed space (rejected attempts leave gaps)",
+    )
+    instruction: str = Field(description="the generated user instruction (turn 1), cleaned")
+    response: str = Field(description="the model's answer to it, without its reasoning")
+    #: Loadable as-is by Hugging Face ``datasets`` and TRL's ``SFTTrainer``.
+    messages: list[Message] = Field(
+        description="the conversation in OpenAI/TRL's conversational format: every user "
+        "turn and assistant answer (an answer's reasoning in `reasoning_content`)"
+    )
+    model: str = Field(
+        description="the generator model: Ollama model name, GGUF file name or served model id"
+    )
+    backend: str = Field(description="the backend that ran it: `ollama`, `embedded` or `openai`")
+    host: str | None = Field(None, description="the server that answered")
+    template: str = Field(
+        description="the chat template's family (`llama3`, `gguf-jinja:chatml`, a file's name, ...)"
+    )
+    template_source: str = Field(
+        description="where the template came from: `ollama-render` or `apply-template` "
+        "(the server rendered it), `ollama-auto`, `gguf-jinja`, `registry` or `file`"
+    )
+    system: str | None = Field(
+        None,
+        description="the system prompt rendered into the pre-query, if any "
+        "(not part of `messages`)",
+    )
+    instruction_generation: StageInfo = Field(
+        description="how the instruction was sampled and what it cost: sampling, seed, "
+        "finish reason, tokens"
+    )
+    response_generation: StageInfo = Field(description="the same for the answer (turn 1)")
+    seed: int = Field(description="the run seed (each request's seed is in its generation info)")
+    created_at: datetime = Field(description="when the record was made (ISO 8601, UTC)")
+    judge: JudgeTags | None = Field(
+        None,
+        description="the LLM judge's tags (`--judge`, `magpie filter`): quality, difficulty, "
+        "category, safety, language, the answer's score; absent when not judged",
+    )
+    turns: int = Field(1, description="the number of user turns in `messages` (`--turns`)")
+    turn_generations: list[dict[str, StageInfo]] | None = Field(
+        None,
+        description="the generation info of turns 2.. (`instruction` and `response` of each; "
+        "turn 1's is in the two fields above)",
+    )
+    system_name: str | None = Field(
+        None, description="which named system prompt of a weighted set made the pre-query"
+    )
+    persona: str | None = Field(
+        None,
+        description="`--personas`: the persona drawn for this record "
+        "(written into `system` through its template)",
+    )
+    topic: str | None = Field(
+        None,
+        description="`--topics`: the topic drawn for this record "
+        "(written into `system` through its template)",
+    )
+    #: With a judge, the best and worst of them make the pair below.
+    responses: list[str] | None = Field(None, description="`--responses K`: every sampled answer")
+    reasoning: str | None = Field(
+        None,
+        description="the first answer's reasoning (`--reasoning keep` and a model that "
+        "reasons); never part of `response`",
+    )
+    guard: GuardTags | None = Field(
+        None,
+        description="`--guard`: the safety classifier's verdicts on the instruction and on "
+        "the answer; absent when no guard ran",
+    )
+    #: TRL's implicit-prompt preference format (its ``DPOTrainer`` reads them as
+    #: they are).  Absent without a pair, so that ``messages`` is then the only
+    #: key TRL reserves.
+    chosen: list[Message] | None = Field(
+        None,
+        description="`--responses K --judge`: the conversation ending in the best answer; "
+        "absent without a pair",
+    )
+    rejected: list[Message] | None = Field(
+        None,
+        description="the conversation ending in the worst answer; absent without a pair",
+    )
+    score_chosen: int | None = Field(
+        None, description="the judge's score of the chosen answer; absent without a pair"
+    )
+    score_rejected: int | None = Field(
+        None, description="the judge's score of the rejected answer; absent without a pair"
+    )
 
     @model_validator(mode="before")
     @classmethod

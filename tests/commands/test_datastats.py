@@ -390,3 +390,19 @@ def test_unreadable_manifest_and_bad_rejects_lines_are_said(data: Path, rejects:
     proc = run_magpie("stats", str(data), "--json")
     assert proc.returncode == 0 and "magpie: note: its manifest" in proc.stderr
     assert json.loads(proc.stdout)["records"] == 5  # stdout stays data
+
+
+def test_tokens_of_every_turn_are_the_records_tokens(tmp_path: Path) -> None:
+    """A ``--turns 3`` run: the records' tokens count every stage of every turn
+    (turn_generations too), so that nothing rejected means no rejected work."""
+    from magpie.commands.generate import generate
+    from magpie.settings import RunConfig
+    from ollama_server import OllamaTestServer, ScriptedEngine, build_models
+
+    out = tmp_path / "gen.jsonl"
+    with OllamaTestServer(build_models(["llama3.1"], ScriptedEngine())) as srv:
+        generate(RunConfig(num=6, turns=3, output=str(out), model="llama3.1:8b", host=srv.url))
+    s = compute_stats(out)
+    assert s.turns == {3: 6} and s.rejected_total == 0
+    spent = sum(r.tokens for r in s.throughput.runs)  # type: ignore[union-attr]
+    assert s.tokens.records_total == spent > 0 and s.tokens.rejected_work == 0

@@ -11,6 +11,7 @@ where it has a place for the field.  The manifest records every setting.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import types
 from datetime import datetime, timezone
@@ -20,8 +21,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import pytest
 from pydantic import BaseModel
 
-from magpie.commands.export import FORMATS, NO_PLACE, convert, export_file
-from magpie.records import Message, Record
+from magpie.commands.export import CARRIES, FORMATS, NO_PLACE, convert, export_file
+from magpie.records import GuardTags, GuardVerdict, JudgeTags, Message, Record, StageInfo
 
 #: An extra key for every model that allows extra keys (a line written by a
 #: later magpie, or by a user's own tool, keeps it through every export).
@@ -275,44 +276,188 @@ def test_rejects_keep_every_key_in_hf_and_sqlite(tmp_path: Path) -> None:
     )
 
 
-def test_no_place_names_message_fields() -> None:
-    assert set(NO_PLACE) == set(FORMATS)
+def _generic(path: str) -> str:
+    """``messages[1].content`` -> ``messages[].content`` (NO_PLACE's spelling)."""
+    return re.sub(r"\[\d+\]", "[]", path)
+
+
+def _excluded(path: str, no_place: frozenset[str]) -> bool:
+    generic = _generic(path)
+    return any(generic == n or generic.startswith((f"{n}.", f"{n}[")) for n in no_place)
+
+
+def test_no_place_names_fields_of_the_record() -> None:
+    """Every entry of NO_PLACE is a field of the record (or of its messages),
+    and what a format carries is named nowhere in its NO_PLACE."""
+    assert set(NO_PLACE) == set(FORMATS) == set(CARRIES)
     for fmt, names in NO_PLACE.items():
-        assert names <= set(Message.model_fields), fmt
+        for name in names:
+            top, _, sub = name.partition("[].")
+            assert top in Record.model_fields, (fmt, name)
+            assert not sub or sub in Message.model_fields, (fmt, name)
+        assert set(Record.model_fields) == {n.partition("[")[0] for n in names} | CARRIES[fmt]
+        assert not names & CARRIES[fmt], fmt
+
+
+def conversation_records() -> list[Record]:
+    """The full record as a conversation (the rejected answer's prompt is the
+    chosen one's, as in every record), and the same led by a system message."""
+    rec = full_record()
+    assert rec.chosen is not None and rec.rejected is not None
+    rec = rec.model_copy(update={"rejected": [*rec.chosen[:-1], rec.rejected[-1]]})
+    system = Message(role="system", content="<a system message>")
+    led = rec.model_copy(
+        update={key: [system, *getattr(rec, key)] for key in ("messages", "chosen", "rejected")}
+    )
+    return [rec, led]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_jsonl_formats_carry_every_message_field_they_have_a_place_for(
-    fmt: str, tmp_path: Path
-) -> None:
-    """Each message field of the conversation reaches the format, unless the
-    format names it in NO_PLACE (derived from the Message model: a new message
-    field fails here until a format carries it or says it cannot)."""
-    rec = full_record()
-    src, out = tmp_path / "data.jsonl", tmp_path / "out.jsonl"
-    src.write_text(rec.model_dump_json() + "\n")
-    assert export_file(str(src), fmt, str(out)) == 1
-    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert row == convert(rec, fmt)
-    text = json.dumps(row)
-    conversation = (
-        [*rec.chosen[:-1], rec.chosen[-1], rec.rejected[-1]]  # type: ignore[index]
-        if fmt == "dpo"
-        else rec.messages
+def test_jsonl_formats_carry_every_field_they_have_a_place_for(fmt: str, tmp_path: Path) -> None:
+    """Every value of the full record reaches the format (its text is in the
+    row), unless NO_PLACE names its field (derived from the record model: a new
+    record field is named there by itself, a new message field fails here
+    until a format carries it or names it)."""
+    for rec in conversation_records():
+        src, out = tmp_path / "data.jsonl", tmp_path / "out.jsonl"
+        src.write_text(rec.model_dump_json() + "\n")
+        assert export_file(str(src), fmt, str(out), overwrite=True) == 1
+        (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+        assert row == convert(rec, fmt)
+        text = json.dumps(row, ensure_ascii=False)
+        data = dump(rec)
+        carried = 0
+        for path in sorted(every_path(data)):
+            if path.split(".")[0].split("[")[0] not in Record.model_fields:
+                continue  # a key beyond the model: no place in any of these formats
+            if _excluded(path, NO_PLACE[fmt]) or path.endswith(".role"):
+                continue  # roles are renamed by some formats: checked below
+            value = _at(data, path)
+            assert json.dumps(value, ensure_ascii=False) in text or (
+                isinstance(value, str) and json.dumps(value, ensure_ascii=False)[1:-1] in text
+            ), f"{fmt} lost {path}"
+            carried += 1
+        assert carried, fmt
+        roles = [m.role for m in rec.messages]
+        if fmt == "openai":
+            assert [m["role"] for m in row["messages"]] == roles
+        if fmt == "sharegpt":
+            assert [m["from"] for m in row["conversations"]] == [
+                {"system": "system", "user": "human", "assistant": "gpt"}[r] for r in roles
+            ]
+        if fmt == "alpaca":
+            assert row["instruction"] == rec.messages[-2].content
+            assert row["output"] == rec.messages[-1].content
+            if roles[0] == "system":
+                assert row["system"] == rec.messages[0].content
+            else:
+                assert "system" not in row
+        if fmt == "dpo":
+            assert rec.chosen is not None and rec.rejected is not None
+            assert row["prompt"] == [m.model_dump() for m in rec.chosen[:-1]]
+            assert row["chosen"] == [rec.chosen[-1].model_dump()]
+            assert row["rejected"] == [rec.rejected[-1].model_dump()]
+            assert (row["score_chosen"], row["score_rejected"]) == (
+                rec.score_chosen,
+                rec.score_rejected,
+            )
+
+
+def _at(data: Any, path: str) -> Any:
+    """The value at ``path`` (as :func:`every_path` spells it) in ``data``."""
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        data = data[int(part[1:-1])] if part.startswith("[") else data[part]
+    return data
+
+
+def test_every_record_field_has_a_description() -> None:
+    """The description is the field's documentation in the dataset card: a
+    field added without one fails here."""
+    for name, f in Record.model_fields.items():
+        assert f.description and f.description.strip(), f"Record.{name} has no description"
+
+
+def _card_fields(card: str) -> dict[str, tuple[str, str]]:
+    """``{name: (type, meaning)}`` of the card's field table."""
+    section = card.split("\n## Fields\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            name, kind, doc = (c.strip() for c in line.strip("|").split(" | "))
+            rows[name.strip("`")] = (kind, doc)
+    return rows
+
+
+def test_the_card_documents_every_column(data_file: Path, tmp_path: Path) -> None:
+    """The card of an hf export names every Parquet column (as ``datasets``
+    reads them, in order) with its description; the card of a JSONL file every
+    key of its records."""
+    datasets = pytest.importorskip("datasets")
+    from magpie.commands.publish.folder import card_text, export_hf
+
+    export_hf(data_file, tmp_path / "hf", rejects=None)
+    ds = datasets.load_dataset(
+        str(tmp_path / "hf"), split="train", cache_dir=str(tmp_path / "cache")
     )
-    for msg in conversation:
-        for name in Message.model_fields:
-            value = getattr(msg, name)
-            if name in NO_PLACE[fmt] or name == "role":  # roles are renamed by some formats
-                continue
-            assert json.dumps(value)[1:-1] in text, f"{fmt} lost {name} of a message"
-    if fmt == "dpo":
-        assert row["chosen"] == [rec.chosen[-1].model_dump()]  # type: ignore[index]
-        assert row["rejected"] == [rec.rejected[-1].model_dump()]  # type: ignore[index]
-        assert (row["score_chosen"], row["score_rejected"]) == (
-            rec.score_chosen,
-            rec.score_rejected,
+    fields = _card_fields((tmp_path / "hf" / "README.md").read_text("utf-8"))
+    assert list(fields) == ds.column_names
+    for name, f in Record.model_fields.items():
+        assert fields[name][1] == f.description, name
+    assert "reasoning_content" in fields["messages"][0] and "extra_fields" in fields["judge"][0]
+
+    jsonl_fields = _card_fields(card_text(data_file))
+    keys = {k for line in data_file.read_text().splitlines() for k in json.loads(line)}
+    assert set(jsonl_fields) == keys - {EXTRA_KEY}
+    assert jsonl_fields["turn_generations"][0].startswith("list of object of {temperature")
+
+
+def test_the_card_needs_no_pyarrow(data_file: Path) -> None:
+    """``magpie card`` of a JSONL file works without the hf extra."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['pyarrow'] = None\n"
+        "from magpie.commands.publish.folder import card_text\n"
+        f"print(card_text({str(data_file)!r}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert set(_card_fields(proc.stdout)) == set(Record.model_fields)
+
+
+def test_a_personas_and_topics_run_keeps_them_in_hf_and_sqlite(tmp_path: Path) -> None:
+    """The issue's case through the real command: a ``--personas --topics``
+    run exported to hf and sqlite keeps both, record by record."""
+    datasets = pytest.importorskip("datasets")
+    from magpie_cli import run_magpie
+    from ollama_server import OllamaTestServer, ScriptedEngine, build_models
+
+    out = tmp_path / "data.jsonl"
+    (tmp_path / "p.txt").write_text("a beekeeper\na tax lawyer\n")
+    with OllamaTestServer(build_models(["llama3.1"], ScriptedEngine())) as srv:
+        proc = run_magpie(
+            "generate", "-n", "4", "--model", "llama3.1:8b", "--host", srv.url,
+            "--personas", str(tmp_path / "p.txt"), "--topics", "general", "-o", str(out),
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    want = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert all(r["persona"] and r["topic"] for r in want.values())
+    for fmt, target in (("hf", tmp_path / "hf"), ("sqlite", tmp_path / "data.db")):
+        proc = run_magpie("export", str(out), "--format", fmt, "-o", str(target))
+        assert proc.returncode == 0, proc.stderr
+    ds = datasets.load_dataset(
+        str(tmp_path / "hf"), split="train", cache_dir=str(tmp_path / "cache")
+    )
+    db = sqlite3.connect(tmp_path / "data.db")
+    rows = {rid: (p, t) for rid, p, t in db.execute("select id, persona, topic from records")}
+    for row in ds:
+        assert (row["persona"], row["topic"]) == (
+            want[row["id"]]["persona"],
+            want[row["id"]]["topic"],
         )
+        assert rows[row["id"]] == (row["persona"], row["topic"])
+    assert len(ds) == len(rows) == 4
 
 
 def test_the_manifest_records_every_setting() -> None:
@@ -325,6 +470,43 @@ def test_the_manifest_records_every_setting() -> None:
     assert recorded["filters"]["language"] == "en"
     assert recorded["concurrency"] == 3  # what was resolved, not "auto"
     assert set(RunConfig.model_fields) >= NOT_RECORDED  # no stale name
+
+
+def test_the_card_shows_every_sampling_setting(data_file: Path) -> None:
+    """Each stage's sampling as the manifest records it reaches the card, every
+    setting (a field added to Sampling, or recorded by a later magpie, too)."""
+    from magpie.backends.base import Sampling
+    from magpie.commands.generate.topup import recorded_settings
+    from magpie.commands.publish.folder import card_text
+    from magpie.settings import RunConfig
+    from magpie.store.manifest import Manifest, write_manifest
+
+    stages = {name: fill_model(Sampling, name) for name in ("instruction", "response")}
+    config = RunConfig.model_validate(stages)
+    settings = recorded_settings(config, config.pipeline_settings(1))
+    settings["response"]["a_later_setting"] = 0.5
+    write_manifest(
+        data_file,
+        Manifest(
+            output=data_file.name,
+            magpie_version="0",
+            backend="ollama",
+            model="m",
+            template=None,
+            settings=settings,
+            seed=1,
+        ),
+    )
+    rows = {
+        line.split(" | ")[0].strip("| "): line
+        for line in card_text(data_file).splitlines()
+        if line.startswith("| ")
+    }
+    for name in ("instruction", "response"):
+        recorded = settings[name]
+        assert set(Sampling.model_fields) <= set(recorded)
+        for key, value in recorded.items():
+            assert f"{key} {value}" in rows[f"{name} sampling"], (name, key)
 
 
 def test_the_card_falls_back_to_the_language_filter(tmp_path: Path) -> None:
@@ -355,3 +537,38 @@ def test_the_readme_schema_names_every_field() -> None:
         assert f"`{name}`" in table, f"README's record schema lacks {name}"
     for name in Message.model_fields:
         assert f'"{name}"' in table or f"messages[].{name}" in table, name
+
+
+def _models_in(annotation: Any, seen: dict[type[BaseModel], str], where: str) -> None:
+    """Every model inside ``annotation`` (a record field's), with the field
+    that holds it."""
+    for arg in get_args(annotation):
+        _models_in(arg, seen, where)
+    if (
+        isinstance(annotation, type)
+        and issubclass(annotation, BaseModel)
+        and annotation not in seen
+    ):
+        seen[annotation] = where
+        for f in annotation.model_fields.values():
+            _models_in(f.annotation, seen, where)
+
+
+def test_the_readme_schema_names_every_nested_field() -> None:
+    """The fields of the models inside a record (generation info, judge tags,
+    guard verdicts, messages) are named in the README's row of the field that
+    holds them: a field added to one of them fails here until documented."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text("utf-8")
+    table = readme.split("## Record schema", 1)[1].split("\n## ", 1)[0]
+    nested: dict[type[BaseModel], str] = {}
+    for name, f in Record.model_fields.items():
+        _models_in(f.annotation, nested, name)
+    assert {StageInfo, JudgeTags, GuardTags, GuardVerdict, Message} <= set(nested)
+    for model, holder in nested.items():
+        rows = [line for line in table.splitlines() if f"`{holder}" in line]
+        assert rows, holder
+        text = "\n".join(rows)
+        for name in model.model_fields:
+            assert any(
+                form in text for form in (f"`{name}`", f'"{name}"', f".{name}`", f"`.{name}`")
+            ), f"README's row of {holder} lacks {model.__name__}.{name}"

@@ -36,8 +36,29 @@ def test_two_turns(ollama: RealOllama, tmp_path: Path):
     out = tmp_path / "turns.jsonl"
     res = generate(ollama, out, "-n", "2", "--model", "smollm2", "--turns", "2", *SHORT)
     assert res.returncode == 0, res.stderr
-    for rec in check_records(out, 2):
+    recs = check_records(out, 2)
+    for rec in recs:
         assert [m["role"] for m in rec["messages"]] == ["user", "assistant"] * 2
+    # magpie stats counts the tokens of every turn: nothing rejected, the
+    # records hold every token the run spent.
+    from magpie.commands.stats import compute_stats
+
+    stages = [
+        info
+        for r in recs
+        for info in (
+            r["instruction_generation"],
+            r["response_generation"],
+            *(s for turn in r["turn_generations"] for s in turn.values()),
+        )
+    ]
+    counted = sum(i["prompt_tokens"] + i["completion_tokens"] for i in stages)
+    runs = manifest(out)["runs"]
+    spent = sum(r["prompt_tokens"] + r["completion_tokens"] for r in runs)
+    tokens = compute_stats(out).tokens
+    assert tokens.records_total == counted > 0
+    if not any(r["rejected"] for r in runs):
+        assert counted == spent and tokens.rejected_work == 0
 
 
 def test_preference_pairs_and_dpo_export(ollama: RealOllama, tmp_path: Path):

@@ -5,7 +5,8 @@
 * ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt", "value"}, ...]}``
   (Axolotl ``sharegpt``, LLaMA-Factory ``formatting: sharegpt``).
 * ``alpaca``: ``{"instruction", "input", "output", "history"}`` (LLaMA-Factory
-  ``alpaca``; ``history`` holds earlier turns of a multi-turn record).
+  ``alpaca``; ``history`` holds earlier turns of a multi-turn record, and
+  ``system`` the system message of a conversation that has one).
 * ``dpo``: ``{"prompt": [user], "chosen": [assistant], "rejected": [assistant]}``,
   TRL ``DPOTrainer``'s conversational preference format, from records made
   with ``--responses K --judge``; records without a preference (or whose best
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from magpie.commands.publish.fields import MESSAGE_LISTS
 from magpie.errors import UsageError
 from magpie.records import Record
 from magpie.store.atomic import AtomicFile
@@ -30,18 +32,46 @@ Format = Literal["openai", "sharegpt", "alpaca", "dpo"]
 FORMATS: tuple[str, ...] = ("openai", "sharegpt", "alpaca", "dpo")
 _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
 
-#: What of a record each format carries: its conversation (the metadata stays
-#: in the magpie JSONL and the hf and sqlite exports, which carry every field).
-#: ``openai`` and ``dpo`` write whole messages, so a new field of
-#: :class:`~magpie.records.Message` reaches them by itself; the message fields
-#: the other formats have no place for are named here, and a test holds this
-#: list to the Message model.
-NO_PLACE: dict[str, frozenset[str]] = {
-    "openai": frozenset(),
+#: What of a record each format carries: the record fields it writes (its
+#: conversation; the metadata stays in the magpie JSONL and the hf and sqlite
+#: exports, which carry every field).  ``openai`` and ``dpo`` write whole
+#: messages, so a new field of :class:`~magpie.records.Message` reaches them
+#: by itself.
+CARRIES: dict[str, frozenset[str]] = {
+    "openai": frozenset({"messages"}),
+    "sharegpt": frozenset({"messages"}),
+    # ``instruction``/``response`` only for a record whose messages hold no pair.
+    "alpaca": frozenset({"messages"}),
+    # The prompt and the two answers: the conversations whole, less the
+    # rejected one's prompt, which is the chosen one's.
+    "dpo": frozenset({"chosen", "rejected", "score_chosen", "score_rejected"}),
+}
+#: The message fields a format has no place for (decided per format: a test
+#: fails on a message field that neither reaches a format nor is named here).
+_NO_PLACE_IN_MESSAGES: dict[str, frozenset[str]] = {
     "sharegpt": frozenset({"reasoning_content"}),  # {"from", "value"} only
     "alpaca": frozenset({"reasoning_content"}),  # instruction/output texts only
-    "dpo": frozenset(),
 }
+
+
+def _no_place(fmt: str) -> frozenset[str]:
+    carried = CARRIES[fmt]
+    return frozenset(Record.model_fields).difference(carried) | {
+        f"{name}[].{field}"
+        for name in MESSAGE_LISTS
+        if name in carried
+        for field in _NO_PLACE_IN_MESSAGES.get(fmt, ())
+    }
+
+
+#: What a format has no place for, derived from the record model: every field
+#: of :class:`~magpie.records.Record` it does not carry (a field added to the
+#: record is named here by itself), and the message fields of the
+#: conversations it carries that it cannot hold (``messages[].reasoning_content``).
+#: Keys a line holds beyond the model (written by a later magpie) have no place
+#: in any of them either.  A test holds every format to this list: what is not
+#: named here reaches the format.
+NO_PLACE: dict[str, frozenset[str]] = {fmt: _no_place(fmt) for fmt in FORMATS}
 
 
 #: Why a record has no DPO row (``skip_reason``), and what to do about it.
@@ -123,6 +153,9 @@ def convert(record: Record, fmt: str) -> dict[str, Any] | None:
         *history, (instruction, output) = pairs
         out: dict[str, Any] = {"instruction": instruction, "input": "", "output": output}
         out["history"] = [list(p) for p in history]
+        system = [m["content"] for m in messages if m["role"] == "system"]
+        if system:  # LLaMA-Factory's alpaca ``system`` column
+            out["system"] = "\n\n".join(system)
         return out
     raise UsageError(f"unknown export format {fmt!r}; pick one of: {', '.join(FORMATS)}")
 

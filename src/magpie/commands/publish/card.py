@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from magpie.commands.publish.fields import field_docs
 from magpie.commands.stats import DataStats
 from magpie.commands.stats.compute import Distribution, fmt, pct
 from magpie.commands.stats.diversity import diversity_rows
@@ -63,6 +64,8 @@ class CardInput:
     #: Chart images beside the card: ``(title, relative path)``.
     images: Sequence[tuple[str, str]] = ()
     pairs: bool = False
+    #: Whether some message holds ``reasoning_content`` (else it is no column).
+    reasoning: bool = False
     systems: Mapping[str, int] = field(default_factory=dict)
 
 
@@ -111,10 +114,11 @@ def _dist(name: str, d: Distribution) -> list[object]:
 
 
 def _sampling(stage: Mapping[str, Any] | None) -> str:
-    if not stage:
+    """A stage's sampling as recorded: every setting the manifest holds for it
+    (the run's Sampling, whatever its fields), but those left unset."""
+    if not isinstance(stage, Mapping) or not stage:
         return "not recorded"
-    keys = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "max_tokens")
-    return ", ".join(f"{k} {stage[k]}" for k in keys if stage.get(k) is not None)
+    return ", ".join(f"{k} {v}" for k, v in stage.items() if v is not None)
 
 
 def _filters(filters: object) -> str:
@@ -273,6 +277,7 @@ def render_card(card: CardInput) -> str:
         )
     if card.images:
         parts.append("### Charts\n\n" + "\n\n".join(f"![{t}]({p})" for t, p in card.images))
+    parts.append(_fields(card))
     parts.append(_usage(card))
     parts.append(
         "## Known limitations\n\n"
@@ -285,6 +290,29 @@ def render_card(card: CardInput) -> str:
     )
     parts.append("## Citation\n\n```bibtex\n" + CITATION + "\n```")
     return "\n\n".join(parts) + "\n"
+
+
+def _fields(card: CardInput) -> str:
+    """The columns (a Parquet export) or keys (a JSONL file) of a record, with
+    their types and meanings, derived from the record model."""
+    parquet = bool(card.configs)
+    rows = [
+        (f"`{name}`", kind, doc.replace("|", "\\|"))
+        for name, kind, doc in field_docs(card.pairs, card.reasoning, parquet=parquet)
+    ]
+    text = "## Fields\n\n" + (
+        "The Parquet columns of a record:"
+        if parquet
+        else "The keys of a record (one JSON object a line):"
+    )
+    text += "\n\n" + _table(("field", "type", "meaning"), rows)
+    if any(c.name == "rejects" for c in card.configs):
+        text += (
+            "\n\nThe `rejects` config: `index`, then why (`reason`, `stage`, `detail`), "
+            "then the columns above (filled for a pair rejected after its answer; an "
+            "earlier rejection has its instruction, and its other keys in `extra_fields`)."
+        )
+    return text
 
 
 def _usage(card: CardInput) -> str:

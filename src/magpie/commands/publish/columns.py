@@ -25,17 +25,19 @@ would confuse its format check as schema 1 did.
 from __future__ import annotations
 
 import json
-import types
 from datetime import datetime
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import pyarrow as pa
 from pydantic import BaseModel
 
-from magpie.records import PAIR_FIELDS, Record
+from magpie.commands.publish.fields import EXTRA, omitted
+from magpie.commands.publish.fields import allows_extra as _allows_extra
+from magpie.commands.publish.fields import has_dict as _has_dict
+from magpie.commands.publish.fields import is_model as _is_model
+from magpie.commands.publish.fields import optional as _optional
+from magpie.records import Record
 
-#: The key of a model's other keys (models with ``extra="allow"``), as JSON text.
-EXTRA = "extra_fields"
 #: The columns of a rejects file line before the record's own.
 #: (the rejects file's keys ``reject_reason``, ``reject_stage``, ``reject_detail``).
 REJECT_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
@@ -48,31 +50,6 @@ REJECT_KEYS: tuple[str, ...] = ("reject_reason", "reject_stage", "reject_detail"
 
 class JsonText:
     """Marks a value stored as JSON text (a type with free keys inside)."""
-
-
-def _optional(annotation: Any) -> Any:
-    """``X`` of ``X | None``; the annotation itself otherwise."""
-    if get_origin(annotation) in (Union, types.UnionType):
-        args = [a for a in get_args(annotation) if a is not type(None)]
-        if len(args) != 1:
-            raise TypeError(f"no Parquet type for the union {annotation!r}")
-        return args[0]
-    return annotation
-
-
-def _has_dict(annotation: Any) -> bool:
-    annotation = _optional(annotation)
-    if get_origin(annotation) is dict or annotation is dict:
-        return True
-    return any(_has_dict(a) for a in get_args(annotation) if get_origin(annotation) is list)
-
-
-def _is_model(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
-
-
-def _allows_extra(model: type[BaseModel]) -> bool:
-    return model.model_config.get("extra") == "allow"
 
 
 def arrow_type(annotation: Any, path: str = "", omit: frozenset[str] = frozenset()) -> pa.DataType:
@@ -114,24 +91,6 @@ def model_fields(
     if _allows_extra(model):
         fields.append((EXTRA, pa.string()))
     return fields
-
-
-#: Fields a record's line leaves out when unset (its serializers), which an
-#: export leaves out too when no record has them: TRL reserves the pair's names
-#: (a column of nulls would confuse its format check as schema 1 did), and a
-#: chat template may take a null ``reasoning_content`` for one that is there.
-PAIR_COLUMNS = frozenset(PAIR_FIELDS)
-REASONING_COLUMNS = frozenset(
-    f"{name}.reasoning_content" for name in ("messages", "chosen", "rejected")
-)
-
-
-def omitted(pairs: bool, reasoning: bool) -> frozenset[str]:
-    """The columns of an export whose records hold no pair (``pairs`` False)
-    or no message reasoning (``reasoning`` False)."""
-    return (frozenset() if pairs else PAIR_COLUMNS) | (
-        frozenset() if reasoning else REASONING_COLUMNS
-    )
 
 
 def record_schema(pairs: bool, reasoning: bool = True) -> pa.Schema:

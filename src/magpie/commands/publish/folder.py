@@ -26,6 +26,7 @@ from typing import Any
 
 from magpie.commands.publish.card import DEFAULT_LICENSE, CardConfig, CardInput, render_card
 from magpie.commands.publish.card import languages_of as default_languages
+from magpie.commands.publish.fields import has_reasoning
 from magpie.commands.stats import DataStats, compute_stats
 from magpie.commands.stats.svg import columns, hbars, standalone
 from magpie.errors import UsageError
@@ -66,10 +67,7 @@ def scan(src: Path, rejects: Path | None = None) -> Scan:
     for rec in read_records(src):
         n += 1
         pairs = pairs or rec.chosen is not None
-        reasoning = reasoning or any(
-            m.reasoning_content is not None
-            for m in (*rec.messages, *(rec.chosen or ()), *(rec.rejected or ()))
-        )
+        reasoning = reasoning or has_reasoning(rec)
         if rec.system_name:
             systems[rec.system_name] += 1
     return Scan(stats, manifest, n, pairs, systems, reasoning)
@@ -82,6 +80,7 @@ def card_input(found: Scan, **options: Any) -> CardInput:
         manifest=found.manifest,
         languages=languages,
         pairs=found.pairs,
+        reasoning=found.reasoning,
         systems=dict(found.systems.most_common()),
         **options,
     )

@@ -4,10 +4,11 @@ numbers behind them (percentiles, histograms, ratios) and their formats."""
 from __future__ import annotations
 
 import math
+import types
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field
 
@@ -15,6 +16,7 @@ from magpie.commands.stats.diversity import (
     DiversityStats,
 )
 from magpie.pipeline.stages.judge import CATEGORIES, DIFFICULTY_ORDER, QUALITY_ORDER
+from magpie.records import Record, StageInfo
 
 #: The judge's label sets, in their order (worst / easiest first).
 QUALITY_LEVELS = QUALITY_ORDER
@@ -269,23 +271,75 @@ def _by_count(counter: Counter[str], known: Iterable[str] = ()) -> dict[str, int
     return dict(sorted(full.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+#: A step of a path into a record: a key, or ``EACH`` (every item of a list,
+#: every value of a dict).
+EACH = None
+KeyPath = tuple[str | None, ...]
+
+
+def _paths_to(annotation: Any, target: type[BaseModel], path: KeyPath = ()) -> list[KeyPath]:
+    """The paths of every ``target`` in a value of ``annotation`` (read from the
+    record model's annotations, so that a field added later is found too)."""
+    if annotation is target:
+        return [path]
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return [p for a in args for p in _paths_to(a, target, path)]
+    if origin is list:
+        return _paths_to(args[0], target, (*path, EACH))
+    if origin is dict:
+        return _paths_to(args[1], target, (*path, EACH))
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [
+            p
+            for name, f in annotation.model_fields.items()
+            for p in _paths_to(f.annotation, target, (*path, name))
+        ]
+    return []
+
+
+#: Where a record holds a stage's generation info: turn 1's two stages and
+#: every stage of turns 2.. (``turn_generations``).
+STAGE_PATHS: tuple[KeyPath, ...] = tuple(_paths_to(Record, StageInfo))
+
+
+def _at(value: Any, path: KeyPath) -> Iterator[Any]:
+    """The values at ``path`` in a record's JSON data (none where it has none)."""
+    if not path:
+        yield value
+        return
+    step, rest = path[0], path[1:]
+    if step is EACH:
+        items = value.values() if isinstance(value, Mapping) else value
+        for item in items if isinstance(value, Mapping | list) else ():
+            yield from _at(item, rest)
+    elif isinstance(value, Mapping) and step in value:
+        yield from _at(value[step], rest)
+
+
+def _stage_infos(obj: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
+    """Every stage's generation info in a record (see :data:`STAGE_PATHS`)."""
+    for path in STAGE_PATHS:
+        for info in _at(obj, path):
+            if isinstance(info, Mapping):
+                yield info
+
+
 def _tokens(obj: Mapping[str, Any]) -> tuple[int, int]:
-    """(prompt, completion) tokens of a record's two stages (missing counts are 0)."""
+    """(prompt, completion) tokens of every stage of a record, every turn's
+    (missing counts are 0)."""
     prompt = completion = 0
-    for stage in ("instruction_generation", "response_generation"):
-        info = obj.get(stage)
-        if isinstance(info, Mapping):
-            prompt += _int(info.get("prompt_tokens"))
-            completion += _int(info.get("completion_tokens"))
+    for info in _stage_infos(obj):
+        prompt += _int(info.get("prompt_tokens"))
+        completion += _int(info.get("completion_tokens"))
     return prompt, completion
 
 
 def _has_tokens(obj: Mapping[str, Any]) -> bool:
     """Whether a record carries any token count at all."""
     return any(
-        isinstance(info, Mapping)
-        and (info.get("prompt_tokens") is not None or info.get("completion_tokens") is not None)
-        for info in (obj.get("instruction_generation"), obj.get("response_generation"))
+        info.get("prompt_tokens") is not None or info.get("completion_tokens") is not None
+        for info in _stage_infos(obj)
     )
 
 
