@@ -395,9 +395,10 @@ def test_unreadable_manifest_and_bad_rejects_lines_are_said(data: Path, rejects:
 def test_tokens_of_every_turn_are_the_records_tokens(tmp_path: Path) -> None:
     """A ``--turns 3`` run: the records' tokens count every stage of every turn
     (turn_generations too), so that nothing rejected means no rejected work."""
+    from ollama_server import OllamaTestServer, ScriptedEngine, build_models
+
     from magpie.commands.generate import generate
     from magpie.settings import RunConfig
-    from ollama_server import OllamaTestServer, ScriptedEngine, build_models
 
     out = tmp_path / "gen.jsonl"
     with OllamaTestServer(build_models(["llama3.1"], ScriptedEngine())) as srv:

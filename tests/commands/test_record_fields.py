@@ -558,7 +558,7 @@ def test_the_readme_schema_names_every_nested_field() -> None:
     """The fields of the models inside a record (generation info, judge tags,
     guard verdicts, messages) are named in the README's row of the field that
     holds them: a field added to one of them fails here until documented."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text("utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text("utf-8")
     table = readme.split("## Record schema", 1)[1].split("\n## ", 1)[0]
     nested: dict[type[BaseModel], str] = {}
     for name, f in Record.model_fields.items():
