@@ -62,7 +62,7 @@ def stats(
             Path(input), rejects=rejects, embed=embedder, embed_name=opts.get("embed_name")
         )
         if html is not None:
-            write_html(data, html)
+            write_html(data, html, inputs=[input, rejects], overwrite=overwrite)
     except (MagpieError, Exception) as exc:  # noqa: BLE001
         raise fail(exc, debug) from None
     finally:
