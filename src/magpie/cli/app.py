@@ -14,8 +14,16 @@ import typer
 
 from magpie import __version__
 from magpie.cli import files, generate, info, publish
-from magpie.cli.terminal import Terminated, _flush_stdout, _on_sigterm, _silence_stdout, err
-from magpie.errors import ExitStatus, os_error_line
+from magpie.cli.terminal import (
+    Terminated,
+    _flush_stdout,
+    _on_sigterm,
+    _silence_stdout,
+    err,
+    fail,
+    out,
+)
+from magpie.errors import ExitStatus, MagpieError, os_error_line
 
 app = typer.Typer(
     name="magpie",
@@ -33,7 +41,7 @@ app.add_typer(templates_app, name="templates")
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"magpie {__version__}")
+        out(f"magpie {__version__}")
         raise typer.Exit(0)
 
 
@@ -94,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         _silence_stdout()
         sys.exit(int(ExitStatus.OK))
+    except MagpieError as exc:  # one that a command let through: still one line
+        sys.exit(fail(exc, debug=False).exit_code)
     except OSError as exc:  # stdout on a full disk (`--help > /dev/full`), ...
         line, status = os_error_line(exc)
         err(f"magpie: error: {line}")

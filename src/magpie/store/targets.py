@@ -400,8 +400,9 @@ def stdin_bytes() -> BinaryIO:
     return sys.stdin.buffer
 
 
-def stdout_bytes() -> BinaryIO:
-    """stdout as bytes, or a clear error when the shell closed it (``>&-``)."""
+def stdout_bytes(hint: str = "give an output file (-o FILE) instead of -") -> BinaryIO:
+    """stdout as bytes, or a clear error when the shell closed it (``>&-``):
+    every command's data reaches stdout through here (``hint``: what to do)."""
     if sys.stdout is None:
-        raise UsageError("stdout is closed: give an output file (-o FILE) instead of -")
+        raise UsageError(f"stdout is closed: {hint}")
     return sys.stdout.buffer
