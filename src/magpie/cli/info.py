@@ -155,12 +155,15 @@ def templates_show(
     """Show a family's exact strings (JSON-escaped)."""
     try:
         from magpie.templates import get_family, load_family_file
+        from magpie.templates.injection import check_prompt_text
 
         fam = (
             load_family_file(name)
             if (name.endswith(".toml") or os.sep in name)
             else get_family(name)
         )
+        if system is not None:
+            check_prompt_text("--system", system, fam.forbidden_tokens)
         rows = {
             "name": fam.name,
             "description": fam.description,

@@ -89,6 +89,7 @@ async def afilter(
         raise UsageError("magpie filter needs a file --output (it resumes from it)")
     if config.judge and config.judge.strip().lower() == "same":
         raise UsageError("magpie filter needs a judge model name, not 'same'")
+    config.check_prompt_texts()  # --judge-prompt
     filters = build_filters(config.filters)
     with targets.claim():  # the output's and --rejects' locks
         existing = scan_output(out) if not config.overwrite else None

@@ -68,6 +68,9 @@ def check_run(config: RunConfig, steering: Steering | None | Literal["load"] = "
         spec.text()
     if steering == "load":
         steering = config.steering()
+    config.check_prompt_texts()  # every user text that reaches a prompt
+    if steering is not None:
+        steering.check_items()
     spec = config.template.strip()
     if spec.lower() != "auto":
         fam = (
