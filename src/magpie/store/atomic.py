@@ -270,8 +270,15 @@ class AtomicFolder:
 
     @property
     def tmp_path(self) -> Path:
+        """The new folder, to fill before :meth:`commit`."""
         assert self._tmp is not None, "already committed or aborted"
         return self._tmp
+
+    def add_file(self, name: str, text: str) -> None:
+        """A file of the new folder (``name`` relative to it; its folders made)."""
+        path = self.tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
 
     def commit(self) -> None:
         """Swap the finished folder into place (the old one goes after)."""

@@ -273,10 +273,8 @@ def export_hf(
                 n_rej = _write_shards(tmp / "rejects", rows, rejects_schema(), lines, shard_records)
                 configs.append(CardConfig("rejects", "rejects/train-*.parquet"))
             charts = _charts(found.stats)
-            if charts:
-                (tmp / "images").mkdir()
-                for name, (_, svg) in charts.items():
-                    (tmp / "images" / name).write_text(svg, encoding="utf-8")
+            for name, (_, svg) in charts.items():
+                folder.add_file(f"images/{name}", svg)
             card = card_input(
                 found,
                 license=license,
@@ -285,7 +283,7 @@ def export_hf(
                 configs=configs,
                 images=[(title, f"images/{name}") for name, (title, _) in charts.items()],
             )
-            (tmp / "README.md").write_text(render_card(card), encoding="utf-8")
+            folder.add_file("README.md", render_card(card))
             folder.commit()
         finally:
             folder.abort()
