@@ -24,7 +24,7 @@ from magpie.store.atomic import AtomicOutput
 from magpie.store.lock import OutputLock, OutputLocked
 from magpie.store.targets import Targets
 from magpie_cli import popen_magpie, run_magpie
-from ollama_server import Hold
+from ollama_server import Delay, Hold
 from test_output import make_record
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "magpie"
@@ -95,16 +95,19 @@ def test_no_writer_replaces_a_file_a_running_generate_appends_to(tmp_path: Path)
     write_data(src)
     out, rej = tmp_path / "d.jsonl", tmp_path / "d.rejects.jsonl"
     rej.write_text(rejects_line())
-    n = 8
+    n = 10
     with scripted_server() as srv:
+        # The run's first chat requests (its template renders, then answers)
+        # pass; the next one is held until every writer has been tried.
         hold = Hold(timeout=240)
+        srv.inject(Delay(0.0), times=6, path="/api/chat")
+        srv.inject(hold, times=1, path="/api/chat")
         gen = popen_magpie(
             *gen_args(srv, out, n, "--seed", "5", "--concurrency", "1", "--rejects", str(rej))
         )
         try:
-            wait_for_lines(out, 2)
-            srv.inject(hold, times=1, path="/api/chat")
-            assert hold.holding.wait(60), "the run never reached the held request"
+            assert hold.holding.wait(120), "the run never reached the held request"
+            wait_for_lines(out, 1)
             before = out.read_bytes()
             writers = {
                 "dedup": ["dedup", str(src), "-o", "{}"],

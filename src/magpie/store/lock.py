@@ -32,8 +32,8 @@ import contextlib
 import errno
 import fcntl
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 from magpie.errors import ExitStatus, MagpieError
@@ -114,26 +114,32 @@ class OutputLock:
         )
 
     def _claim(self, real: Path) -> None:
-        """Claim the missing ``real`` with a locked temporary file beside it."""
-        parent = real.parent
-        prefix, suffix = f".{real.name}.{os.getpid()}.", ".tmp"
-        try:
-            if self._folder:
-                tmp = tempfile.mkdtemp(prefix=prefix, suffix=suffix, dir=parent)
-                os.chmod(tmp, 0o755)
-            else:
-                fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=parent)
-                os.close(fd)
-        except FileNotFoundError:
-            raise self._error(
-                f"cannot create {self._what} {self.path}: its directory does not exist"
-            ) from None
-        except OSError as exc:
-            raise self._error(
-                f"{self._what} {self.path} is not writable ({exc.strerror}): pick another path"
-            ) from None
-        self.tmp = Path(tmp)
-        self.adopt(self.tmp)
+        """Claim the missing ``real`` with a locked temporary file beside it.
+
+        Its name is kept before it is made, so that a signal at any point
+        leaves nothing :meth:`release` does not remove."""
+        for _ in range(100):
+            self.tmp = real.parent / f".{real.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            try:
+                if self._folder:
+                    os.mkdir(self.tmp, 0o755)
+                else:
+                    os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                continue
+            except FileNotFoundError:
+                self.tmp = None
+                raise self._error(
+                    f"cannot create {self._what} {self.path}: its directory does not exist"
+                ) from None
+            except OSError as exc:
+                self.tmp = None
+                raise self._error(
+                    f"{self._what} {self.path} is not writable ({exc.strerror}): pick another path"
+                ) from None
+            self.adopt(self.tmp)
+            return
+        raise self._error(f"cannot create a temporary file beside {self.path}")
 
     def _lock_name(self, real: Path) -> None:
         """Lock the file at ``real`` (created empty first where asked)."""
