@@ -7,9 +7,9 @@ Every command that writes names its files to a :class:`Targets`: what it reads
 ``export --format hf``).  :meth:`Targets.check` refuses, before any work
 (exit 2):
 
-* a target that is not a regular file or missing (a directory, a device, a
-  FIFO or a socket: write to stdout and redirect instead); a folder target that
-  is a file; a target whose directory does not exist or is not writable;
+* a target that is neither a regular file nor missing (a directory, a device,
+  a FIFO or a socket: write to stdout and redirect instead); a folder target
+  that is a file; a target whose directory does not exist or is not writable;
 * an existing target without ``--overwrite``, unless the command appends to it
   (that is ``generate``'s and ``filter``'s resume);
 * two named files that are the same file by any name (a symlink, a hard link, a
@@ -26,9 +26,13 @@ safe to check: that the target existed before (``--overwrite``), and that a
 folder holds nothing but the writer's own earlier output.  A symlinked target
 is written through: the file it points to is replaced, the link stays.
 
-The writers themselves take a claimed :class:`Target`: :class:`~magpie.store.atomic.AtomicOutput`
-and :class:`~magpie.store.atomic.AtomicFolder` (replace), :class:`~magpie.store.jsonl.JsonlWriter`
-and :class:`~magpie.store.jsonl.RejectsWriter` (append).
+The replacing writers take a claimed :class:`Target`
+(:class:`~magpie.store.atomic.AtomicOutput`, :class:`~magpie.store.atomic.AtomicFolder`:
+the lock moves onto the new file before the rename); the appending ones
+(:class:`~magpie.store.jsonl.JsonlWriter`, :class:`~magpie.store.jsonl.RejectsWriter`)
+write the paths of claimed targets.  No module of ``commands/`` or ``cli/``
+writes, renames or removes a file itself (``tests/test_writers.py`` holds
+them to it).
 """
 
 from __future__ import annotations
