@@ -110,6 +110,44 @@ def test_closed_stdin_and_stdout(tmp_path: Path) -> None:
         assert "stdout is closed" in one_error_line(proc.stderr)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["card", "{data}"],
+        ["stats", "{data}", "--json"],
+        ["doctor", "--host", "http://127.0.0.1:9", "--backend", "ollama", "--json"],
+        ["stats", "{data}"],
+        ["templates", "list"],
+        ["templates", "show", "llama3"],
+        ["--version"],
+    ],
+    ids=[
+        "card",
+        "stats --json",
+        "doctor --json",
+        "stats",
+        "templates list",
+        "templates show",
+        "--version",
+    ],
+)
+def test_closed_stdout_is_one_line_for_every_command(tmp_path: Path, args: list[str]) -> None:
+    """Every command's data goes to stdout through one path (cli.terminal):
+    card, stats --json and doctor --json died with a traceback on a closed
+    stdout, stats, templates list and --version printed nothing and exited 0."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(make_record(0).model_dump_json() + "\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "magpie", *[a.format(data=data) for a in args]],
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: os.close(1),
+    )
+    assert proc.returncode == 2, (args, proc.stderr)
+    assert "stdout is closed" in one_error_line(proc.stderr)
+
+
 def test_export_of_bad_bytes_is_a_bad_record(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(make_record(0).model_dump_json().encode() + b"\n\xff\xfe{}\n")

@@ -19,8 +19,16 @@ import typer
 
 from magpie import __version__
 from magpie.cli import files, generate, info, publish
-from magpie.cli.terminal import Terminated, _flush_stdout, _on_sigterm, _silence_stdout, err
-from magpie.errors import ExitStatus, os_error_line
+from magpie.cli.terminal import (
+    Terminated,
+    _flush_stdout,
+    _on_sigterm,
+    _silence_stdout,
+    err,
+    fail,
+    out,
+)
+from magpie.errors import ExitStatus, MagpieError, os_error_line
 
 app = typer.Typer(
     name="magpie",
@@ -38,7 +46,7 @@ app.add_typer(templates_app, name="templates")
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"magpie {__version__}")
+        out(f"magpie {__version__}")
         raise typer.Exit(0)
 
 
@@ -165,6 +173,8 @@ def _dispatch(argv: list[str]) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return int(ExitStatus.OK)
+    except MagpieError as exc:  # one that a command let through: still one line
+        return int(fail(exc, debug=False).exit_code)
     except OSError as exc:  # stdout on a full disk (`--help > /dev/full`), ...
         line, status = os_error_line(exc)
         err(f"magpie: error: {line}")

@@ -62,7 +62,7 @@ def stats(
             Path(input), rejects=rejects, embed=embedder, embed_name=opts.get("embed_name")
         )
         if html is not None:
-            write_html(data, html)
+            write_html(data, html, inputs=[input, rejects], overwrite=overwrite)
     except (MagpieError, Exception) as exc:  # noqa: BLE001
         raise fail(exc, debug) from None
     finally:
@@ -162,12 +162,15 @@ def templates_show(
     """Show a family's exact strings (JSON-escaped)."""
     try:
         from magpie.templates import get_family, load_family_file
+        from magpie.templates.injection import check_prompt_text
 
         fam = (
             load_family_file(name)
             if (name.endswith(".toml") or os.sep in name)
             else get_family(name)
         )
+        if system is not None:
+            check_prompt_text("--system", system, fam.forbidden_tokens)
         rows = {
             "name": fam.name,
             "description": fam.description,

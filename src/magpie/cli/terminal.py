@@ -7,11 +7,12 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Any
+from typing import Any, TextIO
 
 import typer
 
 from magpie.errors import ExitStatus, MagpieError, OutputClosed, os_error_line
+from magpie.store.targets import stdout_bytes
 
 
 def err(message: str) -> None:
@@ -75,11 +76,28 @@ def _silence_stdout() -> None:
     os.close(devnull)
 
 
+#: What to do about a closed stdout, for a command that prints its answer.
+_CLOSED_HINT = "redirect it to a file (> FILE) or a pipe to keep what this command prints"
+
+
+def stdout_text() -> TextIO:
+    """stdout for text: the one way a command's data reaches it (:func:`out`,
+    the Rich console of :func:`_stdout_console`); a stdout the shell closed
+    (``>&-``) is one line and exit 2 (:func:`magpie.store.targets.stdout_bytes`,
+    the same check the writers of ``-o -`` use)."""
+    try:
+        stdout_bytes(_CLOSED_HINT)
+    except MagpieError as exc:
+        raise fail(exc, debug=False) from None
+    return sys.stdout
+
+
 def out(line: str) -> None:
     """One line of data on stdout; a reader gone away ends the command, exit 0."""
+    stream = stdout_text()
     try:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+        stream.write(line + "\n")
+        stream.flush()
     except BrokenPipeError:
         _silence_stdout()
         raise typer.Exit(int(ExitStatus.OK)) from None
@@ -95,7 +113,7 @@ def _stdout_console(**kwargs: Any) -> Any:
             _silence_stdout()
             raise typer.Exit(0)
 
-    return StdoutConsole(**kwargs)
+    return StdoutConsole(file=stdout_text(), **kwargs)
 
 
 class Terminated(BaseException):

@@ -18,8 +18,30 @@ from magpie.pipeline.stages.dedup.index import (
 )
 from magpie.pipeline.stages.dedup.minhash import BATCH
 from magpie.store.atomic import AtomicOutput
+from magpie.store.dataset import Dataset
 from magpie.store.jsonl import RecordReader
-from magpie.store.targets import STDIO, refuse_same, same_file
+from magpie.store.targets import STDIO, Targets, same_file
+
+
+def dedup_targets(
+    src: Path | str, dst: Path | str, rejects: Path | str | None, *, overwrite: bool
+) -> Targets:
+    """What ``magpie dedup`` reads and writes: the input, the output (in place
+    only with ``overwrite``) with its dedup index beside it, ``rejects``;
+    checked (exit 2)."""
+    src_name = str(src)
+    if src_name != STDIO and not Path(src_name).expanduser().is_file():
+        raise UsageError(f"input {src_name} does not exist or is not a file")
+    if not overwrite and same_file(dst, src_name):
+        raise UsageError(f"output {dst} is the input: pass --overwrite to dedup it in place")
+    targets = Targets(overwrite=overwrite)
+    inp = targets.read("input", src_name)
+    index = (
+        {"dedup index": Dataset(Path(dst).expanduser()).dedup_index} if str(dst) != STDIO else None
+    )
+    targets.replace("output", dst, sidecars=index, may_be=inp if overwrite else None)
+    targets.replace("--rejects", rejects)
+    return targets.check()
 
 
 def dedup_file(
@@ -39,18 +61,18 @@ def dedup_file(
     ``duplicate_kind`` and ``similarity`` added.  ``index`` may already hold
     records (of another file): those count as earlier records; kept records are
     added to it.  An existing ``dst`` or ``rejects`` is replaced only with
-    ``overwrite``.
+    ``overwrite``; both are locked while written (exit 4 when another run
+    holds one).
     """
-    index = index if index is not None else DedupIndex()
-    src_name = str(src)
-    if src_name != STDIO and not Path(src_name).is_file():
-        raise UsageError(f"input {src_name} does not exist or is not a file")
-    refuse_same([("--rejects", rejects), ("input", src_name)])
-    refuse_same([("--rejects", rejects), ("output", dst)])
-    if not overwrite and same_file(dst, src_name):
-        raise UsageError(f"output {dst} is the input: pass --overwrite to dedup it in place")
-    out = AtomicOutput(dst, overwrite, "output")
-    rej = AtomicOutput(rejects, overwrite, "--rejects") if rejects is not None else None
+    with dedup_targets(src, dst, rejects, overwrite=overwrite).claim() as targets:
+        return _dedup(str(src), targets, index if index is not None else DedupIndex())
+
+
+def _dedup(src_name: str, targets: Targets, index: DedupIndex) -> DedupCounts:
+    """The dedup of a claimed input, output and rejects."""
+    out = AtomicOutput(targets["output"])
+    named = targets.get("--rejects")
+    rej = AtomicOutput(named) if named is not None else None
     counts = DedupCounts()
     try:
         out.open()
@@ -169,13 +191,15 @@ def dedup_path(
     ``MAGPIE_SEMANTIC_*``), saved next to ``dst`` so that a later top-up of it
     starts from this index."""
     model, sem_threshold, backend, host = semantic
+    targets = dedup_targets(src, dst, rejects, overwrite=overwrite)
     opts, embedder = semantic_options(model, sem_threshold, backend, host, dedup=True)
     try:
         index = DedupIndex(threshold=threshold, **opts)
-        counts = dedup_file(src, dst, rejects=rejects, index=index, overwrite=overwrite)
-        counts.semantic_on = embedder is not None
-        if str(dst) != STDIO:
-            index.save(dst)
+        with targets.claim():  # held until the index beside the output is saved
+            counts = _dedup(str(src), targets, index)
+            counts.semantic_on = embedder is not None
+            if str(dst) != STDIO:
+                index.save(Path(dst).expanduser())
     finally:
         if embedder is not None:
             embedder.close()

@@ -166,6 +166,7 @@ async def _check_template(
 
     try:
         pre_query = await aresolve_pre_query(config.template, backend, info, config.system)
+        config.check_prompt_texts(pre_query.forbidden)  # the template's own tokens too
     except TemplateError as exc:
         detail = str(exc).split("; pass --template", 1)[0]
         raise _fail(

@@ -24,9 +24,9 @@ from typing import Any, Literal
 from magpie.commands.publish.fields import MESSAGE_LISTS
 from magpie.errors import UsageError
 from magpie.records import Record
-from magpie.store.atomic import AtomicFile
+from magpie.store.atomic import AtomicOutput
 from magpie.store.jsonl import read_records
-from magpie.store.targets import STDIO, check_target, same_file, stdin_bytes, stdout_bytes
+from magpie.store.targets import STDIO, Targets, stdin_bytes
 
 Format = Literal["openai", "sharegpt", "alpaca", "dpo"]
 FORMATS: tuple[str, ...] = ("openai", "sharegpt", "alpaca", "dpo")
@@ -165,18 +165,15 @@ def export_file(src: str, fmt: str, dst: str, *, overwrite: bool = False) -> int
 
     A file output is written to a temporary file and renamed into place only
     when every line converted: a bad input leaves no half-written output, and
-    an existing output is never replaced without ``overwrite``.
+    an existing output is never replaced without ``overwrite``, nor while
+    another run writes it (its lock, exit 4).
     """
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; pick one of: {', '.join(FORMATS)}")
-    out_path = None if dst == STDIO else Path(dst).expanduser()
-    if out_path is not None:
-        if same_file(out_path, src):
-            raise UsageError(
-                f"output {out_path} is the input: an export never replaces its input; "
-                "pick another --output"
-            )
-        check_target(out_path, "output", overwrite=overwrite)
+    targets = Targets(overwrite=overwrite)
+    targets.read("input", src)
+    targets.replace("output", dst)
+    targets.check()
     if src == STDIO:
         stdin_bytes()  # a closed stdin fails now, before any output is made
         source: Path | str = STDIO
@@ -205,15 +202,9 @@ def export_file(src: str, fmt: str, dst: str, *, overwrite: bool = False) -> int
             yield json.dumps(row, ensure_ascii=False) + "\n"
 
     try:
-        if out_path is None:
-            stdout = stdout_bytes()
+        with targets.claim(), AtomicOutput(targets["output"]) as out:
             for line in rows():
-                stdout.write(line.encode("utf-8"))
-            stdout.flush()
-        else:
-            with AtomicFile(out_path, text=True) as out:
-                for line in rows():
-                    out.write(line)
+                out.write(line.encode("utf-8"))
         return ExportCount(count, skipped)
     finally:
         records.close()

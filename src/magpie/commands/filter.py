@@ -28,14 +28,12 @@ from magpie.settings import RunConfig
 from magpie.store.jsonl import (
     JsonlWriter,
     RejectsWriter,
-    check_output_path,
-    check_rejects_path,
+    check_run_targets,
     read_objects,
     read_records,
+    run_targets,
     scan_output,
 )
-from magpie.store.lock import OutputLock
-from magpie.store.targets import same_file
 from magpie.templates.registry import known_special_tokens
 
 
@@ -81,16 +79,19 @@ async def afilter(
             if not src_path.exists()
             else f"input {src_path} is not a file"
         )
-    out = check_output_path(config.output)
+    targets = run_targets(
+        config.output, config.rejects, overwrite=config.overwrite, inputs=[("input", src_path)]
+    )
+    check_run_targets(targets)
+    out, named_rejects = targets["output"].path, targets.get("--rejects")
+    rejects_path = named_rejects.path if named_rejects is not None else None
     if out is None:
         raise UsageError("magpie filter needs a file --output (it resumes from it)")
-    if same_file(out, src_path):
-        raise UsageError(f"output {out} is the input: give the filtered records their own file")
-    rejects_path = check_rejects_path(config.rejects, [("output", out), ("input", src_path)])
     if config.judge and config.judge.strip().lower() == "same":
         raise UsageError("magpie filter needs a judge model name, not 'same'")
+    config.check_prompt_texts()  # --judge-prompt
     filters = build_filters(config.filters)
-    with OutputLock(out) as lock:
+    with targets.claim():  # the output's and --rejects' locks
         existing = scan_output(out) if not config.overwrite else None
         skip = set(existing.ids) if existing else set()
         skip |= _done_ids(rejects_path) if not config.overwrite else set()
@@ -111,9 +112,7 @@ async def afilter(
             )
         thresholds = config.thresholds
         writer = JsonlWriter(out, overwrite=config.overwrite, existing=existing)
-        rejects = RejectsWriter(rejects_path) if rejects_path else None
-        if rejects is not None and config.overwrite and rejects_path is not None:
-            rejects_path.unlink(missing_ok=True)
+        rejects = RejectsWriter(rejects_path, afresh=config.overwrite) if rejects_path else None
 
         special = known_special_tokens()
 
@@ -180,6 +179,8 @@ async def afilter(
                 rejects.close()
             if judge_backend is not None:
                 await judge_backend.aclose()
+        lock = targets["output"].lock
+        assert lock is not None
         lock.keep()  # nothing kept is still an answer: an empty output
         result.skipped = skipped[0]
         return result

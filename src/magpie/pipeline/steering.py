@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Literal
 from magpie.backends.base import Backend, ModelInfo
 from magpie.errors import UsageError
 from magpie.templates import PreQuery
+from magpie.templates.injection import check_placeholders, check_prompt_text
 
 Kind = Literal["persona", "topic"]
 
@@ -137,12 +139,12 @@ def _jsonl(text: str, kind: Kind, path: Path) -> list[str]:
 
 
 def check_template(template: str, kind: Kind) -> str:
-    """A ``--persona-template``/``--topic-template``: it must name its slot."""
-    if "{" + kind + "}" not in template:
-        raise UsageError(
-            f"--{kind}-template must contain {{{kind}}} (and may contain {{system}}): {template!r}"
-        )
-    return template
+    """A ``--persona-template``/``--topic-template``: it must name its slot,
+    may name ``{system}`` and nothing else, and may not forge a turn (the one
+    check of a user text that reaches a prompt)."""
+    what = f"--{kind}-template"
+    check_placeholders(what, template, known=(kind, "system"), required=(kind,))
+    return check_prompt_text(what, template)
 
 
 def _draw(seed: int, index: int, kind: Kind, n: int) -> int:
@@ -213,19 +215,17 @@ class Steering:
                 raise UsageError(f"--{kind}s: the template {rendered.name!r} {what}")
         self.bases[key] = rendered
 
-    def check_items(self, forbidden: list[str]) -> None:
-        """Refuse an item that holds a special token or role header of the template."""
-        marks = [t for t in forbidden if t]
+    def check_items(self, forbidden: Iterable[str] = ()) -> None:
+        """Refuse an item, or a template, that holds a special token (any
+        known family's, and the model's ``forbidden``) or a role header: the
+        one check of a user text that reaches a prompt."""
+        marks = tuple(forbidden)
         for kind in self.kinds:
             lst = self.list_of(kind)
             assert lst is not None
+            check_prompt_text(f"--{kind}-template", self.templates[kind], marks)
             for i, item in enumerate(lst.items, 1):
-                bad = next((t for t in marks if t in item), None)
-                if bad is not None:
-                    raise UsageError(
-                        f"--{kind}s {lst.source}: {kind} {i} holds the template token "
-                        f"{bad!r}; remove it"
-                    )
+                check_prompt_text(f"--{kind}s {lst.source}: {kind} {i}", item, marks)
 
     def substitute(self, key: str | None, values: dict[Kind, str]) -> PreQuery:
         """The pre-query of base ``key`` with the drawn items in its system block."""

@@ -5,7 +5,7 @@ pipeline's :class:`PipelineSettings`, the retry policy, the judge's thresholds).
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -34,6 +34,7 @@ from magpie.pipeline.stages.judge import (
     Quality,
     Thresholds,
     parse_categories,
+    read_prompt_file,
 )
 from magpie.pipeline.stages.reasoning import ReasoningMode
 from magpie.pipeline.steering import (
@@ -44,6 +45,7 @@ from magpie.pipeline.steering import (
     load_list,
 )
 from magpie.settings.traits import BACKENDS, DEFAULT_EMBEDDER
+from magpie.templates.injection import check_prompt_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -79,6 +81,24 @@ def preset_prompt(name: str) -> str:
     if name not in table:
         raise UsageError(f"unknown system preset {name!r}; known: {', '.join(table)}")
     return table[name]
+
+
+#: The settings whose text reaches a prompt: each passes the one check of a
+#: user text (:meth:`RunConfig.check_prompt_texts`; the lists' items,
+#: :meth:`magpie.pipeline.steering.Steering.check_items`).  A test holds the
+#: other settings that take text to a list that says why they do not.
+PROMPT_FIELDS = frozenset(
+    {
+        "system",
+        "system_preset",
+        "systems",
+        "personas",
+        "persona_template",
+        "topics",
+        "topic_template",
+        "judge_prompt",
+    }
+)
 
 
 class RunConfig(BaseModel):
@@ -272,6 +292,38 @@ class RunConfig(BaseModel):
         if lists["persona"] is None and lists["topic"] is None:
             return None
         return Steering(lists["persona"], lists["topic"], templates)  # type: ignore[arg-type]
+
+    def prompt_texts(self) -> list[tuple[str, str]]:
+        """Every user-given text of the run that reaches a prompt, with the
+        flag that gives it (:data:`PROMPT_FIELDS`; the persona and topic lists'
+        items are :meth:`steering`'s): the system prompt, a preset's text, each
+        ``[systems]`` entry, the persona and topic templates, the judge's
+        system prompt file."""
+        texts: list[tuple[str, str]] = []
+        if self.system is not None:
+            texts.append(("--system", self.system))
+        if self.system_preset is not None:
+            texts.append((f"--system-preset {self.system_preset}", self.effective_system or ""))
+        for name, spec in (self.systems or {}).items():
+            texts.append((f"[systems.{name}]", spec.text()))
+        for kind in ("persona", "topic"):
+            template = getattr(self, f"{kind}_template")
+            if template is not None:
+                texts.append((f"--{kind}-template", template))
+        if self.judge_prompt is not None:
+            texts.append(
+                (f"--judge-prompt {self.judge_prompt}", read_prompt_file(self.judge_prompt))
+            )
+        return texts
+
+    def check_prompt_texts(self, forbidden: Iterable[str] = ()) -> None:
+        """The one check of every user text that reaches a prompt (exit 2):
+        no template token (any known family's, and the model's ``forbidden``
+        once its template is resolved) and no role header in any of
+        :meth:`prompt_texts`."""
+        marks = tuple(forbidden)
+        for what, text in self.prompt_texts():
+            check_prompt_text(what, text, marks)
 
     @property
     def shard_spec(self) -> tuple[int, int]:

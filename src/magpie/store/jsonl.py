@@ -19,9 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections import Counter
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, NamedTuple
@@ -30,8 +29,8 @@ from pydantic import ValidationError
 
 from magpie.errors import OutputClosed, UsageError, WriteFailed
 from magpie.records import Record, Rejection
-from magpie.store.dataset import TORN_SUFFIX, sidecar
-from magpie.store.targets import STDIO, check_target, refuse_same, stdin_bytes, stdout_bytes
+from magpie.store.dataset import TORN_SUFFIX, Dataset, sidecar
+from magpie.store.targets import STDIO, Targets, stdin_bytes, stdout_bytes
 
 #: How every record line starts (``schema_version`` is Record's first field):
 #: a torn first line that does not start so is not a torn record.
@@ -208,27 +207,43 @@ class ExistingOutput:
     categories: Counter[str] = field(default_factory=Counter)
 
 
+def run_targets(
+    output: str,
+    rejects: str | None,
+    *,
+    overwrite: bool = False,
+    inputs: Sequence[tuple[str, Path | str]] = (),
+) -> Targets:
+    """The files of a command that appends records (``generate``, ``filter``):
+    its ``inputs``, its output (with the sidecars magpie keeps beside it) and
+    ``--rejects``, for :class:`~magpie.store.targets.Targets`' one check and lock."""
+    targets = Targets(overwrite=overwrite)
+    for what, path in inputs:
+        targets.read(what, path)
+    sidecars = Dataset(Path(output).expanduser()).sidecars() if output != STDIO else None
+    targets.append("output", output, sidecars=sidecars)
+    targets.append("--rejects", rejects)
+    return targets
+
+
+def check_run_targets(targets: Targets) -> None:
+    """:meth:`Targets.check`, and an existing ``--rejects`` must be a rejects
+    file: rejects are never appended to a dataset or to a file of something else."""
+    targets.check()
+    rejects = targets.get("--rejects")
+    if rejects is not None and rejects.path is not None:
+        check_rejects_file(rejects.path)
+
+
 def check_output_path(output: str) -> Path | None:
     """Validate ``--output`` before any work starts (exit 2 on a bad path)."""
-    if output == STDIO:
-        stdout_bytes()  # a closed stdout fails now, not after the model loaded
-        return None
-    p = check_target(output, "output", append=True)
-    _probe_writable(p, "output")
-    return p
+    targets = run_targets(output, None)
+    targets.check()
+    return targets["output"].path
 
 
-def check_rejects_path(
-    rejects: str | None, named: list[tuple[str, Path | str | None]]
-) -> Path | None:
-    """Validate ``--rejects`` before any work starts (exit 2): a regular file in
-    an existing directory, none of the ``named`` files (the output, the input),
-    and, if it exists, a rejects file already: rejects are never appended to a
-    dataset or to a file of something else."""
-    if not rejects:
-        return None
-    p = check_target(rejects, "--rejects", append=True)
-    refuse_same([("--rejects", p), *named])
+def check_rejects_file(p: Path) -> None:
+    """Refuse an existing ``--rejects`` file that is not a rejects file (exit 2)."""
     if p.exists() and p.stat().st_size:
         with p.open("rb") as fh:
             first = fh.readline(1 << 20)
@@ -241,25 +256,6 @@ def check_rejects_path(
                 f"--rejects {p} is not a magpie rejects file (its first line has no "
                 "reject_reason); refusing to append to it: pick another --rejects"
             )
-    _probe_writable(p, "--rejects")
-    return p
-
-
-def _probe_writable(p: Path, what: str) -> None:
-    """Refuse a file that cannot be written, creating nothing (os.access says
-    yes to root even on a read-only mount, so try for real)."""
-    parent = p.parent if str(p.parent) else Path(".")
-    try:
-        if p.exists():
-            os.close(os.open(p, os.O_WRONLY | os.O_APPEND))
-        else:
-            fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=parent)
-            os.close(fd)
-            os.unlink(probe)
-    except OSError as exc:
-        raise UsageError(
-            f"{what} {p} is not writable ({exc.strerror}): pick another path"
-        ) from None
 
 
 #: What ``generate`` and ``filter`` say of an output that is not theirs.
@@ -419,9 +415,15 @@ class RejectsWriter:
     ``reject_detail``.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, afresh: bool = False) -> None:
         self.path = path
         self._fd: int | None = None
+        if afresh:
+            # Emptied in place: the file (and the lock on it) stays.
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o644)
+            except OSError as exc:
+                raise WriteFailed.from_os_error(exc, path) from None
 
     def write(self, item: Rejection | Record, *, reason: str = "", **context: object) -> None:
         if isinstance(item, Record):

@@ -10,7 +10,8 @@ from magpie.errors import UsageError
 from magpie.pipeline.stages.filters import build_filters
 from magpie.pipeline.steering import Steering
 from magpie.settings import BACKENDS, RunConfig
-from magpie.store.jsonl import check_output_path, check_rejects_path
+from magpie.store.jsonl import check_run_targets, run_targets
+from magpie.store.targets import Targets
 
 
 @dataclass
@@ -23,6 +24,8 @@ class Checked:
     steering: Steering | None
     #: ``--system``, or the text of ``--system-preset``.
     system: str | None
+    #: The output and ``--rejects``, checked; a run claims them (their locks).
+    targets: Targets
 
 
 def check_run(config: RunConfig, steering: Steering | None | Literal["load"] = "load") -> Checked:
@@ -62,6 +65,9 @@ def check_run(config: RunConfig, steering: Steering | None | Literal["load"] = "
         spec.text()
     if steering == "load":
         steering = config.steering()
+    config.check_prompt_texts()  # every user text that reaches a prompt
+    if steering is not None:
+        steering.check_items()
     spec = config.template.strip()
     if spec.lower() != "auto":
         fam = (
@@ -78,9 +84,9 @@ def check_run(config: RunConfig, steering: Steering | None | Literal["load"] = "
         raise UsageError(
             f"--judge-backend {config.judge_backend} needs --judge MODEL (or --judge same)"
         )
-    path = check_output_path(config.output)
-    check_rejects_path(config.rejects, [("output", path)])
-    return Checked(path, steering, system)
+    targets = run_targets(config.output, config.rejects, overwrite=config.overwrite)
+    check_run_targets(targets)
+    return Checked(targets["output"].path, steering, system, targets)
 
 
 def validate_config(config: RunConfig) -> Path | None:

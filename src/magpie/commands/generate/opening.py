@@ -57,6 +57,8 @@ async def prepare(
         info = await choice.backend.describe()
         system = checked.system if checked is not None else config.effective_system
         pre_query = await aresolve_pre_query(config.template, choice.backend, info, system)
+        # Again, now that the template's own tokens are known (the items: below).
+        config.check_prompt_texts(pre_query.forbidden)
         systems = await _system_choices(config, choice.backend, info)
         steering = checked.steering if checked is not None else config.steering()
         if steering is not None:

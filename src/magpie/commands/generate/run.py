@@ -35,7 +35,6 @@ from magpie.pipeline.stages.filters import build_filters
 from magpie.records import Record, Rejection
 from magpie.settings import RunConfig
 from magpie.store.jsonl import ExistingOutput, JsonlWriter, RejectsWriter
-from magpie.store.lock import OutputLock
 from magpie.store.manifest import Manifest, RunEntry, write_manifest
 
 #: Rewrite the manifest after this many results (records or rejections), or
@@ -101,14 +100,8 @@ async def agenerate(
     attached to the exception as ``exc.result``.
     """
     checked = check_run(config, prepared.steering if prepared is not None else "load")
-    lock = OutputLock(checked.path) if checked.path is not None else None
-    if lock is not None:
-        lock.acquire()
-    try:
+    with checked.targets.claim():  # the output's and --rejects' locks, for the whole run
         return await _agenerate(config, checked, on_start, on_result, control, stats, prepared)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 async def _agenerate(

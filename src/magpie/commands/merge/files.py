@@ -3,7 +3,6 @@ dedup index, into the output (see :mod:`magpie.commands.merge`)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -15,9 +14,8 @@ from magpie.commands.merge.inputs import (
     Seen,
     check_inputs,
     check_mixed_manifests,
-    check_targets,
     input_manifest,
-    lock_input,
+    merge_targets,
 )
 from magpie.commands.merge.report import InputReport, MergeReport, merged_manifest
 from magpie.errors import OutputClosed, UsageError
@@ -30,9 +28,8 @@ from magpie.pipeline.stages.dedup.index import (
 )
 from magpie.store.atomic import AtomicOutput
 from magpie.store.jsonl import RecordReader
-from magpie.store.lock import OutputLock
 from magpie.store.manifest import manifest_path, write_manifest
-from magpie.store.targets import STDIO, same_file
+from magpie.store.targets import STDIO
 
 _BATCH = 1024  # records handed to the dedup index at once
 
@@ -64,11 +61,6 @@ def merge_files(
     """
     paths = check_inputs(inputs)
     out_name = str(output)
-    for p in paths:
-        if same_file(output, p):
-            raise UsageError(f"output {out_name} is the input {p}: pick another --output")
-        if rejects is not None and same_file(rejects, p):
-            raise UsageError(f"rejects {rejects} is the input {p}: pick another path")
     if rejects is not None and str(rejects) == STDIO and out_name == STDIO:
         raise UsageError("output and rejects cannot both be stdout (-): give --rejects a file")
     if embed is not None and not dedup:
@@ -91,13 +83,11 @@ def merge_files(
         semantic_threshold=semantic_threshold,
     )
     out_path = None if out_name == STDIO else Path(out_name).expanduser()
-    with contextlib.ExitStack() as locks:
-        if out_path is not None:
-            locks.enter_context(OutputLock(out_path, create=False))
-        for p in paths:
-            lock_input(locks, p)
-        # Checked once the locks are held: an output a run is writing is exit 4.
-        out, rej = check_targets(output, rejects, overwrite)
+    # Checked once the locks are held: an output a run is writing is exit 4.
+    with merge_targets(paths, output, rejects, overwrite).claim() as targets:
+        out = AtomicOutput(targets["output"])
+        named_rejects = targets.get("--rejects")
+        rej = AtomicOutput(named_rejects) if named_rejects is not None else None
         manifests = [input_manifest(p) for p in paths]
         if not allow_mixed:
             check_mixed_manifests(paths, manifests)

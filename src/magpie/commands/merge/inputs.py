@@ -5,16 +5,14 @@ own manifest, and one model and template across them all (unless
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from magpie.errors import MagpieError, UsageError
+from magpie.errors import UsageError
 from magpie.records import Record
-from magpie.store.atomic import AtomicOutput
-from magpie.store.lock import OutputLock, OutputLocked
+from magpie.store.dataset import Dataset
 from magpie.store.manifest import Manifest, manifest_path, read_manifest
-from magpie.store.targets import STDIO, refuse_same
+from magpie.store.targets import STDIO, Targets
 from magpie.templates.dates import same_pre_query
 
 
@@ -40,32 +38,22 @@ def check_inputs(inputs: Sequence[Path | str]) -> list[Path]:
     return paths
 
 
-def check_targets(
-    output: Path | str, rejects: Path | str | None, overwrite: bool
-) -> tuple[AtomicOutput, AtomicOutput | None]:
-    out = AtomicOutput(output, overwrite, "output")
-    refuse_same([("--rejects", rejects), ("output", output)])
-    rej = AtomicOutput(rejects, overwrite, "--rejects") if rejects is not None else None
-    return out, rej
-
-
-def lock_input(locks: contextlib.ExitStack, path: Path) -> None:
-    """Hold an input's lock, so that no ``magpie generate`` appends to it meanwhile.
-
-    Where the file cannot be opened to lock it, it is read without a lock (and
-    reading it then says why).
-    """
-    lock = OutputLock(path, "input", create=False)
-    try:
-        lock.acquire()
-    except OutputLocked:
-        raise OutputLocked(
-            f"another magpie run is writing the input {path}: "
-            "wait for it to finish before merging it"
-        ) from None
-    except MagpieError:
-        return
-    locks.callback(lock.release)
+def merge_targets(
+    paths: list[Path], output: Path | str, rejects: Path | str | None, overwrite: bool
+) -> Targets:
+    """What a merge reads (each input locked while read, so that no ``magpie
+    generate`` appends to it meanwhile) and writes: the output, with its
+    manifest and dedup index beside it, and ``rejects``."""
+    targets = Targets(overwrite=overwrite)
+    for p in paths:
+        targets.read("input", p, lock=True)
+    sidecars = None
+    if str(output) != STDIO:
+        data = Dataset(Path(output).expanduser())
+        sidecars = {"manifest": data.manifest, "dedup index": data.dedup_index}
+    targets.replace("output", output, sidecars=sidecars)
+    targets.replace("--rejects", rejects)
+    return targets
 
 
 def input_manifest(path: Path) -> tuple[Manifest | None, str | None]:

@@ -11,18 +11,21 @@ loads as it is, and ``magpie card``.
 Everything streams: one pass for the statistics and the columns present, one
 for the shards, written a batch at a time (memory flat in the records).  The
 folder is built under a temporary name beside DIR and renamed into place
-when complete; an existing DIR is replaced only with ``overwrite``.
+when complete, under DIR's lock; an existing DIR is replaced only with
+``overwrite``, and only when it holds nothing but an earlier export
+(:func:`foreign_in_export`): a folder with anything else in it is refused.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from magpie.commands.publish.card import DEFAULT_LICENSE, CardConfig, CardInput, render_card
 from magpie.commands.publish.card import languages_of as default_languages
@@ -30,10 +33,10 @@ from magpie.commands.publish.fields import has_reasoning
 from magpie.commands.stats import DataStats, compute_stats
 from magpie.commands.stats.svg import columns, hbars, standalone
 from magpie.errors import UsageError
-from magpie.store.atomic import fsync_dir
+from magpie.store.atomic import AtomicFolder
 from magpie.store.jsonl import read_objects, read_records
 from magpie.store.manifest import Manifest, manifest_path, read_manifest
-from magpie.store.targets import kind_of
+from magpie.store.targets import Targets
 
 SHARD_RECORDS = 100_000
 _BATCH = 1_000
@@ -175,16 +178,52 @@ class HfExport:
     shards: int
 
 
-def _check_folder(dst: Path, overwrite: bool) -> None:
-    if dst.is_file():
-        raise UsageError(f"output {dst} is a file: --format hf writes a folder")
-    kind = kind_of(dst)
-    if kind not in (None, "a directory"):
-        raise UsageError(f"output {dst} is {kind}: --format hf writes a folder")
-    if dst.exists() and not overwrite:
-        raise UsageError(f"output {dst} exists: pass --overwrite to replace it")
-    if not dst.parent.is_dir():
-        raise UsageError(f"output directory {dst.parent} does not exist: create it first")
+#: What an earlier ``export --format hf`` folder holds, and nothing else.
+_OWN_FILES = {
+    "data": re.compile(r"train-\d{5}-of-\d{5}\.parquet"),
+    "rejects": re.compile(r"train-\d{5}-of-\d{5}\.parquet"),
+    "images": re.compile(r"[a-z_]+\.svg"),
+}
+
+
+def foreign_in_export(folder: Path) -> str | None:
+    """What in ``folder`` an earlier ``magpie export --format hf`` did not
+    write (None: nothing, or the folder is empty): its dataset card
+    ``README.md`` (tagged ``magpie``, listing ``configs``), its ``data/`` and
+    ``rejects/`` Parquet shards and its ``images/`` charts are its own;
+    anything else (notes, other data, a ``.git``) is not."""
+    entries = sorted(folder.iterdir())
+    if not entries:
+        return None
+    for p in entries:
+        if p.name == "README.md" and p.is_file() and not p.is_symlink():
+            continue
+        pattern = _OWN_FILES.get(p.name)
+        if pattern is None or p.is_symlink() or not p.is_dir():
+            return p.name
+        for q in sorted(p.iterdir()):
+            if q.is_symlink() or not q.is_file() or not pattern.fullmatch(q.name):
+                return f"{p.name}/{q.name}"
+    card = folder / "README.md"
+    if not card.is_file():
+        return "no README.md (an export writes its dataset card there)"
+    if not _is_own_card(card.read_text("utf-8", errors="replace")):
+        return "a README.md that is not a magpie export's dataset card"
+    return None
+
+
+def _is_own_card(text: str) -> bool:
+    """A dataset card as :func:`export_hf` writes it: a YAML header tagged
+    ``magpie`` that lists the folder's ``configs``."""
+    if not text.startswith("---\n"):
+        return False
+    header = text[4:].split("\n---\n", 1)[0]
+    try:
+        meta = yaml.safe_load(header)
+    except yaml.YAMLError:
+        return False
+    tags = meta.get("tags") if isinstance(meta, dict) else None
+    return isinstance(tags, list) and "magpie" in tags and "configs" in meta
 
 
 def export_hf(
@@ -212,53 +251,40 @@ def export_hf(
 
     src_p, dst_p = Path(src).expanduser(), Path(dst).expanduser()
     rej_p = Path(rejects).expanduser() if rejects else None
-    _check_folder(dst_p, overwrite)
-    if dst_p.resolve() in (src_p.resolve().parent, *src_p.resolve().parents):
-        raise UsageError(f"output {dst_p} holds the input: pick another folder")
+    targets = Targets(overwrite=overwrite)
+    targets.read("input", src_p)
+    targets.read("--rejects", rej_p)
+    targets.folder("output", dst_p, foreign=foreign_in_export)
+    targets.check()
     found = scan(src_p, rej_p)
-    tmp = dst_p.with_name(f".{dst_p.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        schema = record_schema(found.pairs, found.reasoning)
-        rows = (record_row(r) for r in read_records(src_p))
-        n = _write_shards(tmp / "data", rows, schema, found.records, shard_records)
-        configs = [CardConfig("default", "data/train-*.parquet")]
-        n_rej = 0
-        if rej_p is not None:
-            lines = sum(1 for _ in _reject_lines(rej_p))
-            rows = (reject_row(line) for line in _reject_lines(rej_p))
-            n_rej = _write_shards(tmp / "rejects", rows, rejects_schema(), lines, shard_records)
-            configs.append(CardConfig("rejects", "rejects/train-*.parquet"))
-        charts = _charts(found.stats)
-        if charts:
-            (tmp / "images").mkdir()
+    with targets.claim():
+        folder = AtomicFolder(targets["output"])
+        try:
+            tmp = folder.tmp_path
+            schema = record_schema(found.pairs, found.reasoning)
+            rows = (record_row(r) for r in read_records(src_p))
+            n = _write_shards(tmp / "data", rows, schema, found.records, shard_records)
+            configs = [CardConfig("default", "data/train-*.parquet")]
+            n_rej = 0
+            if rej_p is not None:
+                lines = sum(1 for _ in _reject_lines(rej_p))
+                rows = (reject_row(line) for line in _reject_lines(rej_p))
+                n_rej = _write_shards(tmp / "rejects", rows, rejects_schema(), lines, shard_records)
+                configs.append(CardConfig("rejects", "rejects/train-*.parquet"))
+            charts = _charts(found.stats)
             for name, (_, svg) in charts.items():
-                (tmp / "images" / name).write_text(svg, encoding="utf-8")
-        card = card_input(
-            found,
-            license=license,
-            languages=languages,
-            pretty_name=pretty_name,
-            configs=configs,
-            images=[(title, f"images/{name}") for name, (title, _) in charts.items()],
-        )
-        (tmp / "README.md").write_text(render_card(card), encoding="utf-8")
-        _swap_in(tmp, dst_p)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                folder.add_file(f"images/{name}", svg)
+            card = card_input(
+                found,
+                license=license,
+                languages=languages,
+                pretty_name=pretty_name,
+                configs=configs,
+                images=[(title, f"images/{name}") for name, (title, _) in charts.items()],
+            )
+            folder.add_file("README.md", render_card(card))
+            folder.commit()
+        finally:
+            folder.abort()
     shards = len(list((dst_p / "data").glob("*.parquet")))
     return HfExport(dst_p, n, n_rej, shards)
-
-
-def _swap_in(tmp: Path, dst: Path) -> None:
-    """Rename the finished folder into place (the old one, if any, goes after)."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        dst.rename(old)
-    tmp.rename(dst)
-    fsync_dir(dst.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

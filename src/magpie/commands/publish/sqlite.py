@@ -15,7 +15,8 @@ Tables (built with sqlite-utils):
   rejected after its response.
 
 ``datasette data.db`` opens it as it is.  Records stream in batches; the file
-is built under a temporary name beside the target and renamed into place.
+is built under a temporary name beside the target and renamed into place,
+under the target's lock; it is never the input or the rejects file it reads.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from typing import Any
 
 from magpie.errors import UsageError
 from magpie.records import Record
-from magpie.store.atomic import AtomicFile
+from magpie.store.atomic import AtomicOutput
 from magpie.store.jsonl import read_objects, read_records
-from magpie.store.targets import check_target, same_file
+from magpie.store.targets import Targets
 
 _BATCH = 1_000
 
@@ -101,18 +102,17 @@ def export_sqlite(
         raise UsageError(
             f"input {src_p} not found" if not src_p.exists() else f"input {src_p} is not a file"
         )
-    if same_file(dst_p, str(src_p)):
-        raise UsageError(f"output {dst_p} is the input: pick another --output")
-    check_target(dst_p, "output", overwrite=overwrite)
     rej_p = Path(rejects).expanduser() if rejects else None
     if rej_p is not None and not rej_p.is_file():
         raise UsageError(f"--rejects {rej_p} not found")
+    targets = Targets(overwrite=overwrite)
+    targets.read("input", src_p)
+    targets.read("--rejects", rej_p)
+    targets.replace("output", dst_p)
+    targets.check()
     n = n_rej = 0
-    try:
-        target = AtomicFile(dst_p)
-    except OSError as exc:
-        raise UsageError(f"output {dst_p} is not writable ({exc.strerror})") from None
-    with target:  # renamed into place when the block ends, removed on an error
+    # Renamed into place when the block ends, removed on an error.
+    with targets.claim(), AtomicOutput(targets["output"]) as target:
         db = sqlite_utils.Database(target.tmp_path)
         try:
             records, messages, judge = db["records"], db["messages"], db["judge_tags"]

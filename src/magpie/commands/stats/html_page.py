@@ -16,9 +16,8 @@ from magpie.commands.stats.compute import (
 )
 from magpie.commands.stats.diversity import diversity_rows
 from magpie.commands.stats.svg import COLORS, columns, hbars
-from magpie.errors import UsageError
-from magpie.store.atomic import AtomicFile
-from magpie.store.targets import check_target, same_file
+from magpie.store.atomic import AtomicOutput
+from magpie.store.targets import Targets
 
 # ----------------------------------------------------------------------------- HTML
 
@@ -222,27 +221,39 @@ def render_html(stats: DataStats) -> str:
     )
 
 
+def html_targets(
+    path: Path | str, inputs: list[Path | str | None], *, overwrite: bool = False
+) -> Targets:
+    """What ``stats --html`` reads and writes, checked (exit 2): an ``--html``
+    target that is one of the ``inputs``, not a regular file, or exists
+    without ``overwrite`` is refused."""
+    targets = Targets(overwrite=overwrite)
+    for what, src in zip(("input", "--rejects"), inputs, strict=False):
+        targets.read(what, src)
+    targets.replace("--html", path)
+    return targets.check()
+
+
 def check_html_target(
     path: Path | str, inputs: list[Path | str | None], *, overwrite: bool = False
 ) -> Path:
-    """Refuse an ``--html`` target that is one of the ``inputs``, not a regular
-    file, or exists without ``overwrite`` (exit 2)."""
-    for src in inputs:
-        if same_file(path, src):
-            raise UsageError(
-                f"--html {path} is the input {src}: give the report its own file, "
-                "such as report.html"
-            )
-    return check_target(path, "--html", overwrite=overwrite)
+    """:func:`html_targets`' checks, before the numbers are computed."""
+    target = html_targets(path, inputs, overwrite=overwrite)["--html"]
+    assert target.path is not None
+    return target.path
 
 
-def write_html(stats: DataStats, path: Path) -> None:
-    """Write the report to ``path`` atomically (a temporary file renamed into place)."""
-    path = Path(path)
+def write_html(
+    stats: DataStats,
+    path: Path | str,
+    *,
+    inputs: list[Path | str | None] | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write the report to ``path`` atomically (a temporary file renamed into
+    place), under its lock; ``inputs``: the files the numbers were read from."""
     text = render_html(stats)
-    try:
-        out = AtomicFile(path, text=True, mode=0o644)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
-    with out as fh:
-        fh.write(text)
+    named = inputs if inputs is not None else [stats.path, stats.rejects_path]
+    targets = html_targets(path, named, overwrite=overwrite)
+    with targets.claim(), AtomicOutput(targets["--html"]) as out:
+        out.write(text.encode("utf-8"))

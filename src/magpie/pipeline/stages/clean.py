@@ -2,7 +2,8 @@
 
 Every text the model wrote that is ever rendered back into a template (the
 instruction, each response, each follow-up, the text a judge reads) passes
-:func:`template_reason` first: a special token or a role header in it would
+:func:`~magpie.templates.injection.template_reason` first (the test user-given
+text passes too): a special token or a role header in it would
 forge a turn inside the model's real template.  :class:`Clean` is the first
 stage of every pipeline (:func:`clean_instruction` on the candidate);
 :func:`clean_response` checks each answer as it is generated.
@@ -10,27 +11,18 @@ stage of every pipeline (:func:`clean_instruction` on the candidate);
 
 from __future__ import annotations
 
-import re
-
 from magpie.backends.base import Completion
 from magpie.pipeline.repetition import looped
 from magpie.pipeline.stages.base import Instruction, Stage
 from magpie.pipeline.stages.reasoning import marker_in, split_reasoning
 from magpie.records import Rejection
+from magpie.templates.injection import template_reason
 
-#: Reject reasons an instruction can get here (counted in the run summary).
+#: Reject reasons an instruction can get here (counted in the run summary),
+#: besides ``special_token`` and ``role_leak`` (:mod:`magpie.templates.injection`).
 EMPTY = "empty"
 TRUNCATED = "truncated"
-SPECIAL_TOKEN = "special_token"
-ROLE_LEAK = "role_leak"
 REPETITION = "repetition"
-
-# A role header leaked as plain text: "User:" / "### Assistant:" at the start of a
-# line, or a line that is only a role word ("assistant" after a lost header).
-_ROLE_LEAK_RE = re.compile(
-    r"(?im)^\s*(?:#{1,4}\s*)?(?:user|assistant)\s*:|^\s*(?:user|assistant|system|model)\s*$"
-)
-_TOKEN_RE = re.compile(r"<\|[A-Za-z_][A-Za-z0-9_]*\|>")
 
 
 #: A generation the server's repeat guard ended (finish reason "repeat") whose
@@ -47,16 +39,6 @@ def cut_in_a_loop(completion: Completion) -> bool:
         return True
     text = completion.text
     return completion.finish_reason == "repeat" and len(text) - len(text.rstrip()) < PADDING_RUN
-
-
-def template_reason(text: str, forbidden: list[str]) -> str | None:
-    """``special_token`` or ``role_leak`` when ``text`` may not be rendered into
-    a template (``forbidden``: the template's own special strings), else None."""
-    if any(tok in text for tok in forbidden if tok) or _TOKEN_RE.search(text):
-        return SPECIAL_TOKEN
-    if _ROLE_LEAK_RE.search(text):
-        return ROLE_LEAK
-    return None
 
 
 def clean_instruction(completion: Completion, forbidden: list[str]) -> tuple[str, str | None]:

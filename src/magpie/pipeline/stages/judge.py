@@ -38,6 +38,7 @@ from magpie.records import (
     Record,
     Rejection,
 )
+from magpie.templates.injection import check_placeholders, check_prompt_text
 
 
 class InstructionVerdict(BaseModel):
@@ -82,17 +83,29 @@ def _prompt_file(name: str) -> str:
     return resources.files("magpie.prompts").joinpath(name).read_text("utf-8")
 
 
+#: The placeholders a judge prompt may hold.
+JUDGE_PROMPT_SLOTS = ("response_rubric",)
+
+
+def read_prompt_file(path: str | Path) -> str:
+    """A user's judge system prompt (``--judge-prompt FILE``), read and
+    checked as every user text that reaches a prompt is (exit 2): no template
+    token or role header, no placeholder but ``{response_rubric}``."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise UsageError(f"cannot read judge prompt {p}: {why}") from None
+    what = f"--judge-prompt {p}"
+    check_placeholders(what, text, known=JUDGE_PROMPT_SLOTS)
+    return check_prompt_text(what, text)
+
+
 def load_system_prompt(path: str | Path | None = None, *, with_response: bool = True) -> str:
     """The judge's system prompt (the packaged one, or a user file with the same
     ``{response_rubric}`` slot)."""
-    if path is None:
-        text = _prompt_file("judge_system.txt")
-    else:
-        p = Path(path).expanduser()
-        try:
-            text = p.read_text("utf-8")
-        except OSError as exc:
-            raise UsageError(f"cannot read judge prompt {p}: {exc.strerror}") from None
+    text = _prompt_file("judge_system.txt") if path is None else read_prompt_file(path)
     rubric = _prompt_file("judge_response_rubric.txt") if with_response else ""
     return text.replace("{response_rubric}", rubric)
 
