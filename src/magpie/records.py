@@ -67,15 +67,39 @@ class GuardVerdict(BaseModel):
     categories: list[str] = Field(default_factory=list)
 
 
+class GuardTurn(BaseModel):
+    """The guard's verdicts on one later turn (``--turns``): its user turn, read
+    with the conversation before it, and its answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    instruction: GuardVerdict
+    #: None when the record was rejected on this turn's user verdict.
+    response: GuardVerdict | None = None
+
+
 class GuardTags(BaseModel):
     """The record's ``guard`` field: the guard model's verdicts."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str
+    #: Turn 1: the instruction and its answer.
     instruction: GuardVerdict
     #: None when the pair was rejected on the instruction's verdict.
     response: GuardVerdict | None = None
+    #: ``--turns T`` > 1: the verdicts of turns 2..T, in order (as the record's
+    #: ``turn_generations``); absent from a one-turn record.
+    turns: list[GuardTurn] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_turns(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        """Leave ``turns`` out unless set: one-turn records are written exactly
+        as before the field existed."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("turns") is None:
+            data.pop("turns", None)
+        return data
 
 
 #: 2: ``chosen``/``rejected`` are conversations (TRL's implicit-prompt preference
@@ -257,7 +281,7 @@ class Record(BaseModel):
     guard: GuardTags | None = Field(
         None,
         description="`--guard`: the safety classifier's verdicts on the instruction and on "
-        "the answer; absent when no guard ran",
+        "the answer (and on each later turn's, in `turns`); absent when no guard ran",
     )
     #: TRL's implicit-prompt preference format (its ``DPOTrainer`` reads them as
     #: they are).  Absent without a pair, so that ``messages`` is then the only

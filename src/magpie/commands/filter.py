@@ -1,4 +1,6 @@
-"""``magpie filter``: rule filters and the LLM judge over an existing JSONL.
+"""``magpie filter``: rule filters and the LLM judge over an existing JSONL
+(every user turn and answer of a conversation, as ``generate`` checks them; a
+conversation is judged whole).
 
 Streams the input (never loads it whole), keeps up to ``concurrency`` records
 in flight, writes kept records to the output in input order and rejected ones
@@ -21,7 +23,7 @@ from magpie.commands.generate import RunControl
 from magpie.errors import UsageError
 from magpie.pipeline.counters import RunStats
 from magpie.pipeline.stages.clean import template_reason
-from magpie.pipeline.stages.filters import build_filters
+from magpie.pipeline.stages.filters import build_answer_filters, build_filters, record_reason
 from magpie.pipeline.stages.judge import Judge, JudgeInvalid
 from magpie.records import Record
 from magpie.settings import RunConfig
@@ -91,6 +93,7 @@ async def afilter(
         raise UsageError("magpie filter needs a judge model name, not 'same'")
     config.check_prompt_texts()  # --judge-prompt
     filters = build_filters(config.filters)
+    answer_filters = build_answer_filters(config.filters)
     with targets.claim():  # the output's and --rejects' locks
         existing = scan_output(out) if not config.overwrite else None
         skip = set(existing.ids) if existing else set()
@@ -119,16 +122,19 @@ async def afilter(
         async def process(rec: Record) -> tuple[Record, str | None]:
             # Text that would forge a turn if rendered into a template (the
             # judge's, a finetuning script's) is never kept or judged.
+            turn = 0
             for msg in rec.messages:
                 if msg.role == "system":
                     continue  # the user's own prompt, not model text
+                turn += msg.role == "user"
                 leak = template_reason(msg.content, special)
                 if leak is not None:
-                    return rec, leak if msg.role == "user" else f"response_{leak}"
-            for flt in filters:
-                reason = flt(rec.instruction)
-                if reason is not None:
-                    return rec, reason
+                    leak = leak if msg.role == "user" else f"response_{leak}"
+                    return rec, leak if turn <= 1 else f"turn{turn}_{leak}"
+            # Every user turn and every answer, as a run checks them.
+            reason = record_reason(rec, filters, answer_filters)
+            if reason is not None:
+                return rec, reason
             if judge is None:
                 return rec, None
             if rec.judge is not None and rec.judge.judge_model == judge.model:
@@ -136,7 +142,7 @@ async def afilter(
                 tags = rec.judge
             else:
                 try:
-                    pair = await judge.judge_pair(rec.instruction, rec.response)
+                    pair = await judge.judge_record(rec)  # a conversation: judged whole
                 except JudgeInvalid:
                     return rec, "judge_invalid"
                 result.judged += 1

@@ -29,8 +29,8 @@ from magpie.pipeline.config import PipelineSettings
 from magpie.pipeline.counters import RunStats
 from magpie.pipeline.repetition import RepetitionGuard
 from magpie.pipeline.stages.base import Instruction
-from magpie.pipeline.stages.clean import clean_instruction, clean_response
-from magpie.pipeline.stages.reasoning import instruction_reason, think_request
+from magpie.pipeline.stages.clean import clean_response
+from magpie.pipeline.stages.reasoning import think_request
 from magpie.pipeline.steering import Draw, Steering
 from magpie.records import Message, Record, Rejection, StageInfo, derive_seed, record_id, utcnow
 from magpie.templates import PreQuery
@@ -338,65 +338,77 @@ class Generator:
             reasoning=reasoning,
         )
 
-    async def more_turns(self, record: Record, pre_query: PreQuery) -> Record | Rejection:
-        """Turns 2..T: the model writes the follow-up question after its own
-        answer (the conversation rendered with its template, then the user
-        header), then answers it with the whole conversation."""
-        # What is sent back to the server: roles and texts, never the reasoning
-        # (chat templates drop earlier turns' thinking); kept per turn beside it.
-        messages = [{"role": m.role, "content": m.content} for m in record.messages]
-        thoughts = [m.reasoning_content for m in record.messages]
-        infos: list[dict[str, StageInfo]] = []
-        for turn in range(2, self.settings.turns + 1):
-            prompt = pre_query.conversation(messages)
-            completion, seed, sampling = await self._complete(
-                record.index, prompt, f"instruction:{turn}", pre_query
-            )
-            text, reason = clean_instruction(completion, pre_query.forbidden)
-            reason = reason or instruction_reason(completion, text)
-            if reason is not None:
-                return Rejection(
-                    index=record.index,
-                    reason=f"turn{turn}_{reason}",
-                    stage="instruction",
-                    text=record.instruction,
-                    record=record,
-                )
-            messages.append({"role": "user", "content": text})
-            thoughts.append(None)
-            rseed = derive_seed(self.seed, record.index, f"response:{turn}")
-            answer, why = await self._answer(
-                messages, self.settings.response, rseed, pre_query.forbidden
-            )
-            if why is not None:
-                return Rejection(
-                    index=record.index,
-                    reason=f"turn{turn}_{why}",
-                    stage="response",
-                    text=record.instruction,
-                    record=record,
-                )
-            messages.append({"role": "assistant", "content": answer.text.strip()})
-            thoughts.append(answer.thinking)
-            infos.append(
-                {
-                    "instruction": stage_info(sampling, seed, completion),
-                    "response": stage_info(self.settings.response, rseed, answer),
-                }
-            )
-        return record.model_copy(
-            update={
-                "messages": [
-                    Message(**m, reasoning_content=t)
-                    for m, t in zip(messages, thoughts, strict=True)
-                ],
-                "turns": self.settings.turns,
-                "turn_generations": infos,
-            }
+    async def follow_up(self, record: Record, pre_query: PreQuery) -> Instruction:
+        """The next user turn of ``record`` (turn ``record.turns + 1``): the model
+        writes the follow-up question after its own answer (the conversation
+        rendered with its template, then the user header).  The raw completion:
+        the candidate the stages then check, as turn 1's instruction."""
+        turn = record.turns + 1
+        completion, seed, sampling = await self._complete(
+            record.index,
+            pre_query.conversation(_sent(record.messages)),
+            f"instruction:{turn}",
+            pre_query,
         )
+        return Instruction(
+            index=record.index,
+            text=completion.text,
+            completion=completion,
+            seed=seed,
+            sampling=sampling,
+            forbidden=pre_query.forbidden,
+            turn=turn,
+            history=list(record.messages),
+        )
+
+    async def answer_turn(
+        self, record: Record, question: Instruction, pre_query: PreQuery
+    ) -> Record | Rejection:
+        """Answer the follow-up ``question`` (checked by the stages) with the
+        whole conversation: the record one turn longer, or the rejection of the
+        answer (:func:`~magpie.pipeline.stages.clean.clean_response`), which
+        carries the conversation with the rejected answer."""
+        messages = [*_sent(record.messages), {"role": "user", "content": question.text}]
+        seed = derive_seed(self.seed, record.index, f"response:{question.turn}")
+        answer, why = await self._answer(
+            messages, self.settings.response, seed, pre_query.forbidden
+        )
+        longer = with_question(record, question, self.settings.instruction)
+        assert longer.turn_generations is not None
+        longer.turn_generations[-1]["response"] = stage_info(self.settings.response, seed, answer)
+        longer.messages.append(
+            Message(
+                role="assistant", content=answer.text.strip(), reasoning_content=answer.thinking
+            )
+        )
+        if why is not None:
+            return Rejection(
+                index=record.index, reason=why, stage="response", text=question.text, record=longer
+            )
+        return longer
 
     def close(self) -> list[asyncio.Future[list[Completion]]]:
         """Forget the groups' requests in flight; they are returned to be cancelled."""
         groups = [g.task for g in self._groups.values()]
         self._groups.clear()
         return groups
+
+
+def _sent(messages: list[Message]) -> list[dict[str, str]]:
+    """What is sent back to the server: roles and texts, never the reasoning
+    (chat templates drop earlier turns' thinking; the record keeps it per turn)."""
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def with_question(record: Record, question: Instruction, default: Sampling) -> Record:
+    """``record`` with the user turn ``question`` added (``turns`` counts it,
+    ``turn_generations`` gets its instruction's info): the record a later turn
+    grows from, and what the rejection of that user turn carries."""
+    info = stage_info(question.sampling or default, question.seed, question.completion)
+    return record.model_copy(
+        update={
+            "messages": [*record.messages, Message(role="user", content=question.text)],
+            "turns": question.turn,
+            "turn_generations": [*(record.turn_generations or []), {"instruction": info}],
+        }
+    )

@@ -9,10 +9,13 @@ and an uninterrupted one write the same records.
 
 An attempt is the model calls of :class:`~magpie.pipeline.attempt.Generator`
 with an ordered list of stages (:class:`~magpie.pipeline.stages.base.Stage`)
-between them: ``on_instruction`` in list order once the instruction is
-generated, ``on_pair`` in reverse order once its response is, ``on_emit`` in
-reverse order as results are emitted in index order.  The list, by default:
-clean, reasoning, filters, dedup, judge, balance, guard, then the caller's own.
+between them: ``on_instruction`` in list order once a user turn is generated
+(the instruction, and with ``--turns`` each follow-up question), ``on_answer``
+in reverse order once its answer is, ``on_pair`` in reverse order once the
+conversation is complete, ``on_emit`` in reverse order as results are emitted
+in index order.  A rejection of turn N > 1 is ``turnN_<reason>``.  The list, by
+default: clean, reasoning, filters, dedup, judge, balance, guard, then the
+caller's own.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from magpie.pipeline.attempt import (
     Generator,
     SystemChoice,
     check_samples_per_request,
+    with_question,
 )
 from magpie.pipeline.config import (
     PipelineSettings,
@@ -102,6 +106,14 @@ def _streak_message(
     return f"the last {streak} attempts were all rejected ({reasons}): {hint}"
 
 
+def _turn_rejection(turn: int, rejection: Rejection, record: Record | None) -> Rejection:
+    """A rejection of turn ``turn`` > 1: ``turnN_<reason>``, with the
+    conversation up to what was rejected (the stage's record, or ``record``)."""
+    return rejection.model_copy(
+        update={"reason": f"turn{turn}_{rejection.reason}", "record": rejection.record or record}
+    )
+
+
 class Pipeline:
     """Generate Magpie pairs from one backend with one pre-query template."""
 
@@ -114,6 +126,7 @@ class Pipeline:
         settings: PipelineSettings | None = None,
         stats: RunStats | None = None,
         filters: list[InstructionFilter] | None = None,
+        answer_filters: list[InstructionFilter] | None = None,
         judge: Judge | None = None,
         dedup: DedupIndex | None = None,
         systems: list[SystemChoice] | None = None,
@@ -142,7 +155,10 @@ class Pipeline:
             # Personas/topics drawn per record (bases rendered by the caller).
             steering=steering if steering is not None and steering.kinds else None,
         )
+        #: The rule filters of every user turn, and those of every answer
+        #: (:func:`~magpie.pipeline.stages.filters.build_answer_filters`).
         self.filters = list(filters or [])
+        self.answer_filters = list(answer_filters or [])
         self.judge = judge
         #: Near-duplicate index: checked before a response is requested (against
         #: records already emitted) and updated in index order as records are
@@ -161,7 +177,9 @@ class Pipeline:
         built: list[Stage | None] = [
             Clean(),
             NoReasoning(),
-            Filters(self.filters) if self.filters else None,
+            Filters(self.filters, self.answer_filters)
+            if self.filters or self.answer_filters
+            else None,
             Dedup(dedup) if dedup is not None else None,
             JudgeStage(judge, thresholds, prejudge=settings.prejudge)
             if judge is not None
@@ -217,6 +235,10 @@ class Pipeline:
         candidate = await self.generator.instruction(index, pre_query or self.pre_query)
         if isinstance(candidate, Rejection):
             return candidate
+        return await self._check_user_turn(candidate)
+
+    async def _check_user_turn(self, candidate: Instruction) -> Instruction | Rejection:
+        """The ``on_instruction`` stages of a user turn, in list order."""
         for stage in self.stages:
             result = await stage.on_instruction(candidate)
             if isinstance(result, Rejection):
@@ -227,24 +249,58 @@ class Pipeline:
             candidate = result
         return candidate
 
+    async def _check_answer(self, candidate: Instruction, record: Record) -> Record | Rejection:
+        """The ``on_answer`` stages of a turn's answer, in reverse order."""
+        result: Record | Rejection = record
+        for stage in reversed(self.stages):
+            if not isinstance(result, Record):
+                break
+            result = await stage.on_answer(candidate, result)
+        return result
+
     async def response(self, inst: Instruction, draw: Draw | None = None) -> Record | Rejection:
         """Answer the instruction (no stages): a record, or its rejection."""
         return await self.generator.response(inst, draw)
 
     async def attempt(self, index: int) -> Record | Rejection:
-        """One full attempt: instruction, then (if kept) its response."""
+        """One full attempt: instruction, then (if kept) its response, and with
+        ``--turns T`` each later turn (its question, then its answer), every
+        user turn and every answer through the stages; then the ``on_pair``
+        stages on the whole conversation."""
         draw = self.generator.draw(index)
         inst = await self.instruction(index, draw.pre_query)
         if isinstance(inst, Rejection):
             return inst
         result = await self.generator.response(inst, draw)
-        if isinstance(result, Record) and self.settings.turns > 1:
-            result = await self.generator.more_turns(result, draw.pre_query)
+        if isinstance(result, Record):
+            result = await self._check_answer(inst, result)
+        for _ in range(1, self.settings.turns):
+            if not isinstance(result, Record):
+                return result
+            result = await self._later_turn(result, draw.pre_query)
         for stage in reversed(self.stages):
             if not isinstance(result, Record):
                 break
             result = await stage.on_pair(inst, result)
         return result
+
+    async def _later_turn(self, record: Record, pre_query: PreQuery) -> Record | Rejection:
+        """Turn ``record.turns + 1``: its question through the ``on_instruction``
+        stages, its answer through the ``on_answer`` stages.  A rejection is
+        ``turnN_<reason>`` and carries the conversation up to what was
+        rejected (the question, or the question and its answer)."""
+        question = await self.generator.follow_up(record, pre_query)
+        checked = await self._check_user_turn(question)
+        if isinstance(checked, Rejection):
+            asked = with_question(record, question, self.settings.instruction)
+            asked.messages[-1].content = checked.text or question.text
+            return _turn_rejection(question.turn, checked, asked)
+        longer = await self.generator.answer_turn(record, checked, pre_query)
+        if isinstance(longer, Record):
+            longer = await self._check_answer(checked, longer)
+        if isinstance(longer, Rejection):
+            return _turn_rejection(question.turn, longer, None)
+        return longer
 
     async def _attempt_or_failure(self, index: int) -> Record | Rejection:
         """:meth:`attempt`, with a request that failed after all its retries

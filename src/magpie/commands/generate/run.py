@@ -31,7 +31,7 @@ from magpie.errors import ExitStatus, MagpieError, UsageError
 from magpie.pipeline.counters import RunStats
 from magpie.pipeline.scheduler import CONTEXT_OVERFLOW, Pipeline, check_samples_per_request
 from magpie.pipeline.stages.balance import CategoryBalance
-from magpie.pipeline.stages.filters import build_filters
+from magpie.pipeline.stages.filters import build_answer_filters, build_filters
 from magpie.records import Record, Rejection
 from magpie.settings import RunConfig
 from magpie.store.jsonl import ExistingOutput, JsonlWriter, RejectsWriter
@@ -148,6 +148,7 @@ async def _agenerate(
         settings=settings,
         stats=stats,
         filters=build_filters(config.filters),
+        answer_filters=build_answer_filters(config.filters),
         judge=stages.judge,
         dedup=stages.dedup,
         systems=prep.systems,

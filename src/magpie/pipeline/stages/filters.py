@@ -1,9 +1,18 @@
-"""Cheap rule filters on an instruction, run before any further model call.
+"""Cheap rule filters on each user turn and each answer, run before any further
+model call.
 
 Each filter returns a reject reason or None.  :func:`build_filters` turns the
-settings into the list that :class:`Filters` (a stage) runs after cleaning and
-before the response is requested, so no tokens are spent answering an
-instruction that will be thrown away.
+settings into the list that :class:`Filters` (a stage) runs on every user turn
+(the instruction, and each follow-up question of ``--turns``: a follow-up is
+an instruction too) after cleaning and before its answer is requested, so no
+tokens are spent answering a question that will be thrown away.
+:func:`build_answer_filters` gives the rules that also hold for an answer:
+``--language`` (on its prose, code left out, from 8 words on) and the trailing colon (an
+answer that announces content that never comes).  The length rules are no
+answer rules (an answer's length is ``--response-max-tokens``' business, and a
+right answer can be one word); repetition in answers is the loop check of
+cleaning.  A rejected answer is ``response_<reason>``; the scheduler names a
+rejection of turn N > 1 ``turnN_<reason>``.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from collections.abc import Callable
 from pydantic import BaseModel, ConfigDict, Field
 
 from magpie.pipeline.stages.base import Instruction, Stage
-from magpie.records import Rejection
+from magpie.records import Record, Rejection
 
 InstructionFilter = Callable[[str], "str | None"]
 
@@ -111,6 +120,33 @@ def language_is(target: str, confidence: float) -> InstructionFilter:
     return check
 
 
+_CODE_BLOCK_RE = re.compile(r"```.*?(?:```|\Z)|`[^`\n]*`", re.S)
+
+
+def prose(text: str) -> str:
+    """``text`` without its code (fenced blocks and inline spans): the part whose
+    language the identifier can tell."""
+    return _CODE_BLOCK_RE.sub(" ", text)
+
+
+#: An answer's language is told only from this many words of prose: a short
+#: answer ("Paris, in France.") is too little text to tell a language by.
+ANSWER_LANGUAGE_MIN_WORDS = 8
+
+
+def on_prose(
+    flt: InstructionFilter, min_words: int = ANSWER_LANGUAGE_MIN_WORDS
+) -> InstructionFilter:
+    """``flt`` on the prose of a text; a text with fewer than ``min_words``
+    words of prose (all code, or a short answer) passes."""
+
+    def check(text: str) -> str | None:
+        rest = prose(text)
+        return flt(rest) if len(_WORD_RE.findall(rest)) >= min_words else None
+
+    return check
+
+
 def build_filters(settings: FilterSettings) -> list[InstructionFilter]:
     filters: list[InstructionFilter] = []
     if settings.min_words:
@@ -125,17 +161,71 @@ def build_filters(settings: FilterSettings) -> list[InstructionFilter]:
     return filters
 
 
-class Filters(Stage):
-    """The rule filters in order; the first reason rejects the instruction."""
+def build_answer_filters(settings: FilterSettings) -> list[InstructionFilter]:
+    """The rules that hold for answers too (each one's reason is then
+    ``response_<reason>``): the language of ``--language`` and the trailing colon."""
+    filters: list[InstructionFilter] = []
+    if settings.reject_trailing_colon:
+        filters.append(trailing_colon)
+    if settings.language:
+        filters.append(on_prose(language_is(settings.language, settings.language_confidence)))
+    return filters
 
-    def __init__(self, filters: list[InstructionFilter]) -> None:
+
+def first_reason(filters: list[InstructionFilter], text: str) -> str | None:
+    for flt in filters:
+        reason = flt(text)
+        if reason is not None:
+            return reason
+    return None
+
+
+def record_reason(
+    record: Record, filters: list[InstructionFilter], answers: list[InstructionFilter]
+) -> str | None:
+    """The first rule a record breaks, turn by turn (``magpie filter``), named as
+    a run names it: ``too_short``, ``response_language_de``, ``turn2_too_short``..."""
+    turn = 0
+    for msg in record.messages:
+        if msg.role == "user":
+            turn += 1
+            reason = first_reason(filters, msg.content)
+        elif msg.role == "assistant":
+            reason = first_reason(answers, msg.content)
+            reason = f"response_{reason}" if reason is not None else None
+        else:
+            continue
+        if reason is not None:
+            return reason if turn <= 1 else f"turn{turn}_{reason}"
+    return None
+
+
+class Filters(Stage):
+    """The rule filters in order, on each user turn (the first reason rejects
+    it) and, with ``answers``, on each answer (``response_<reason>``)."""
+
+    def __init__(
+        self, filters: list[InstructionFilter], answers: list[InstructionFilter] | None = None
+    ) -> None:
         self.filters = list(filters)
+        self.answers = list(answers or [])
 
     async def on_instruction(self, candidate: Instruction) -> Instruction | Rejection:
-        for flt in self.filters:
-            reason = flt(candidate.text)
-            if reason is not None:
-                return Rejection(
-                    index=candidate.index, reason=reason, stage="instruction", text=candidate.text
-                )
+        reason = first_reason(self.filters, candidate.text)
+        if reason is not None:
+            return Rejection(
+                index=candidate.index, reason=reason, stage="instruction", text=candidate.text
+            )
         return candidate
+
+    async def on_answer(self, candidate: Instruction, record: Record) -> Record | Rejection:
+        reason = first_reason(self.answers, record.messages[-1].content)
+        if reason is None:
+            return record
+        return Rejection(
+            index=record.index,
+            reason=f"response_{reason}",
+            stage="response",
+            text=candidate.text,
+            record=record,
+        )

@@ -1,11 +1,15 @@
-"""A safety classifier on each pair: a Llama Guard style model (``--guard MODEL``,
-e.g. Ollama's ``llama-guard3``) reads the instruction, then the exchange.
+"""A safety classifier on each exchange: a Llama Guard style model (``--guard
+MODEL``, e.g. Ollama's ``llama-guard3``) reads each user turn, then its answer.
 
 The guard model's own chat template builds its classification prompt (Ollama's
 ``llama-guard3`` template holds the hazard taxonomy and the instructions), so
 magpie sends the conversation as chat messages: ``[user]`` to classify the
-instruction, ``[user, assistant]`` to classify the response.  The model answers
-``safe``, or ``unsafe`` and a line of hazard categories (``S1,S10``).
+instruction, ``[user, assistant]`` to classify the response.  A later turn of
+``--turns`` is classified the same way with the conversation before it
+(``[user, assistant, ..., user]``, then with its answer): Llama Guard rates the
+last message of the conversation it is given, in that context.  The model
+answers ``safe``, or ``unsafe`` and a line of hazard categories (``S1,S10``).
+The verdicts of turns 2..T go into ``guard.turns`` of the record.
 
 The answer is parsed strictly: anything else (other words, an unknown category,
 an empty reply) raises :class:`GuardInvalid`, and the pair is rejected as
@@ -16,13 +20,13 @@ missing verdict.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from magpie.backends.base import Backend, Completion, Sampling
 from magpie.backends.retry import RetryPolicy, call_with_retry
 from magpie.errors import MagpieError
 from magpie.pipeline.stages.base import Instruction, Stage
-from magpie.records import GuardTags, GuardVerdict, Record, Rejection
+from magpie.records import GuardTags, GuardTurn, GuardVerdict, Message, Record, Rejection
 
 #: The MLCommons hazard taxonomy as Llama Guard 3 numbers it.
 HAZARDS: dict[str, str] = {
@@ -91,7 +95,8 @@ class Guard:
     def model(self) -> str:
         return self.backend.model
 
-    async def _classify(self, messages: list[dict[str, str]]) -> GuardVerdict:
+    async def classify(self, messages: list[dict[str, str]]) -> GuardVerdict:
+        """The verdict on the last message of a conversation, read in its context."""
         completion: Completion = await call_with_retry(
             lambda: self.backend.chat(messages, sampling=GUARD_SAMPLING, seed=0),
             self.retry,
@@ -100,20 +105,21 @@ class Guard:
         return parse_verdict(completion.text)
 
     async def instruction(self, instruction: str) -> GuardVerdict:
-        return await self._classify([{"role": "user", "content": instruction}])
+        return await self.classify([{"role": "user", "content": instruction}])
 
     async def response(self, instruction: str, response: str) -> GuardVerdict:
-        return await self._classify(
+        return await self.classify(
             [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}]
         )
 
     async def check_instruction(
-        self, index: int, text: str, drop_unsafe: bool
+        self, index: int, text: str, drop_unsafe: bool, history: Sequence[Message] = ()
     ) -> GuardVerdict | Rejection:
-        """The verdict on an instruction, or its rejection: ``guard_invalid``, or
-        with ``drop_unsafe`` ``guard_unsafe`` (before its response costs anything)."""
+        """The verdict on a user turn (after the conversation ``history``), or
+        its rejection: ``guard_invalid``, or with ``drop_unsafe`` ``guard_unsafe``
+        (before its response costs anything)."""
         try:
-            verdict = await self.instruction(text)
+            verdict = await self.classify([*_plain(history), {"role": "user", "content": text}])
         except GuardInvalid as exc:
             return Rejection(
                 index=index,
@@ -133,38 +139,53 @@ class Guard:
         return verdict
 
     async def check_record(
-        self, record: Record, verdict: GuardVerdict, drop_unsafe: bool
+        self, record: Record, verdict: GuardVerdict, drop_unsafe: bool, turn: int = 1
     ) -> Record | Rejection:
-        """The verdict on the record's answer (turn 1: ``response``), with the instruction's, in
-        ``record.guard``; or the record's rejection, as for the instruction."""
-        tags = GuardTags(model=self.model, instruction=verdict)
+        """The verdict on the record's last answer (the conversation up to it),
+        with ``verdict`` on the user turn before it, in ``record.guard``: turn 1's
+        as ``instruction``/``response``, a later turn's appended to
+        ``guard.turns``; or the record's rejection, as for the instruction."""
+        if turn == 1:
+            tags = GuardTags(model=self.model, instruction=verdict)
+            entry: GuardTags | GuardTurn = tags
+        else:
+            if record.guard is None:
+                raise ValueError(f"turn {turn} of a record without turn 1's guard verdicts")
+            entry = GuardTurn(instruction=verdict)
+            tags = record.guard.model_copy(update={"turns": [*(record.guard.turns or []), entry]})
         record.guard = tags
+        question = next(m.content for m in reversed(record.messages) if m.role == "user")
         try:
-            tags.response = await self.response(record.instruction, record.response)
+            entry.response = await self.classify(_plain(record.messages))
         except GuardInvalid as exc:
             return Rejection(
                 index=record.index,
                 reason="guard_invalid",
                 stage="guard",
-                text=record.instruction,
+                text=question,
                 detail=f"{exc} (reply: {exc.reply[:200]!r})",
                 record=record,
             )
-        if tags.response.verdict == "unsafe" and drop_unsafe:
+        if entry.response.verdict == "unsafe" and drop_unsafe:
             return Rejection(
                 index=record.index,
                 reason="guard_unsafe",
                 stage="guard",
-                text=record.instruction,
-                detail="response: " + ",".join(tags.response.categories),
+                text=question,
+                detail="response: " + ",".join(entry.response.categories),
                 record=record,
             )
         return record
 
 
+def _plain(messages: Sequence[Message]) -> list[dict[str, str]]:
+    """Roles and texts (a guard classifies what was said, not the reasoning)."""
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
 class GuardStage(Stage):
-    """The guard as a stage: the instruction before its response is generated,
-    then the answer (with ``drop_unsafe``, an unsafe one is rejected)."""
+    """The guard as a stage: each user turn before its answer is generated,
+    then each answer (with ``drop_unsafe``, an unsafe one is rejected)."""
 
     def __init__(self, guard: Guard, drop_unsafe: bool) -> None:
         self.guard = guard
@@ -172,14 +193,16 @@ class GuardStage(Stage):
 
     async def on_instruction(self, candidate: Instruction) -> Instruction | Rejection:
         verdict = await self.guard.check_instruction(
-            candidate.index, candidate.text, self.drop_unsafe
+            candidate.index, candidate.text, self.drop_unsafe, candidate.history
         )
         if isinstance(verdict, Rejection):
             return verdict
         candidate.guard = verdict
         return candidate
 
-    async def on_pair(self, candidate: Instruction, record: Record) -> Record | Rejection:
+    async def on_answer(self, candidate: Instruction, record: Record) -> Record | Rejection:
         if candidate.guard is None:
             return record
-        return await self.guard.check_record(record, candidate.guard, self.drop_unsafe)
+        return await self.guard.check_record(
+            record, candidate.guard, self.drop_unsafe, candidate.turn
+        )

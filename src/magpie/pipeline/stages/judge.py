@@ -9,13 +9,19 @@ validation error; if it fails again the record is rejected as
 The judged text is wrapped in markers that carry a hash of the text, so the
 text cannot close its own marker, and the system prompt tells the judge to
 ignore instructions inside them.
+
+A conversation of ``--turns T`` is judged once, whole, as the reference tags
+its multi-turn sets once per conversation (it tags the first turn only): one
+call with every turn between its own markers, one set of tags (the user's
+requests together as the instruction, the answers together as the response,
+so a weak later turn lowers them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -128,6 +134,27 @@ def user_message(instruction: str, response: str | None) -> str:
     return "\n\n".join(parts)
 
 
+def conversation_message(messages: Sequence[Message]) -> str:
+    """The user message of a conversation's judging: how to rate it, then each
+    turn's request and answer between their own markers."""
+    users = sum(m.role == "user" for m in messages)
+    parts = [
+        f"Rate this conversation of {users} user turns as one: the user's requests "
+        "together as the instruction (input_quality, difficulty, intent, knowledge, "
+        "task_category, safety, language of the conversation as a whole) and the "
+        "assistant's answers together as the response (a weak, wrong or unsafe "
+        "answer in any turn lowers the rating)."
+    ]
+    turn = 0
+    for m in messages:
+        if m.role == "user":
+            turn += 1
+            parts.append(delimit(f"INSTRUCTION TURN {turn}", m.content))
+        elif m.role == "assistant":
+            parts.append(delimit(f"RESPONSE TURN {turn}", m.content))
+    return "\n\n".join(parts)
+
+
 def judge_sampling() -> Sampling:
     return Sampling(temperature=0.0, top_p=1.0, max_tokens=768)
 
@@ -212,6 +239,21 @@ class Judge:
     async def judge_pair(self, instruction: str, response: str) -> PairVerdict:
         verdict = await self._ask(PairVerdict, self.messages(instruction, response))
         return verdict  # type: ignore[return-value]
+
+    async def judge_conversation(self, messages: Sequence[Message]) -> PairVerdict:
+        """The tags of a whole conversation (``--turns``), in one call."""
+        asked = [
+            {"role": "system", "content": self._system_pair},
+            {"role": "user", "content": conversation_message(messages)},
+        ]
+        verdict = await self._ask(PairVerdict, asked)
+        return verdict  # type: ignore[return-value]
+
+    async def judge_record(self, record: Record) -> PairVerdict:
+        """The tags of a record: its pair, or its whole conversation."""
+        if sum(m.role == "user" for m in record.messages) > 1:
+            return await self.judge_conversation(record.messages)
+        return await self.judge_pair(record.instruction, record.response)
 
     async def judge_response(self, instruction: str, response: str) -> ResponseVerdict:
         messages = self.messages(instruction, response)
@@ -313,7 +355,7 @@ class JudgeStage(Stage):
         self.prejudge = prejudge
 
     async def on_instruction(self, candidate: Instruction) -> Instruction | Rejection:
-        if not self.prejudge:
+        if not self.prejudge or candidate.turn > 1:  # a conversation is judged whole
             return candidate
         text = candidate.text
         try:
@@ -369,8 +411,13 @@ class JudgeStage(Stage):
     async def _judge(self, record: Record, inst: Instruction) -> Record | Rejection:
         """Tag a record with the judge; reject it below the thresholds."""
         thresholds = self.thresholds
+        prejudged = inst.verdict is not None and record.turns <= 1
         try:
-            if inst.verdict is not None:
+            if record.turns > 1:
+                # The whole conversation, once (with --prejudge too: turn 1's
+                # verdict spared turns that were not worth answering).
+                tags = self.judge.tags(await self.judge.judge_conversation(record.messages))
+            elif inst.verdict is not None:
                 verdict = await self.judge.judge_response(record.instruction, record.response)
                 tags = self.judge.tags(inst.verdict, verdict)
             else:
@@ -379,7 +426,7 @@ class JudgeStage(Stage):
         except JudgeInvalid as exc:
             return _judge_reject(record, "judge_invalid", f"{exc} (reply: {exc.reply[:200]!r})")
         record.judge = tags
-        reason = None if inst.verdict is not None else thresholds.instruction_reason(tags)
+        reason = None if prejudged else thresholds.instruction_reason(tags)
         reason = reason or thresholds.response_reason(tags)
         return record if reason is None else _judge_reject(record, reason)
 

@@ -214,6 +214,23 @@ class DedupIndex:
             self._prepared.move_to_end(text)
         return self._check(item, semantic=semantic)
 
+    def repeats(self, text: str, earlier: Sequence[str]) -> tuple[int, str, float] | None:
+        """Which of ``earlier`` (texts outside the index: the user turns of one
+        conversation) ``text`` duplicates, by the index's exact and near rules:
+        ``(position, kind, similarity)`` of the most similar, or None.  Changes
+        nothing."""
+        if not earlier:
+            return None
+        item, *others = self._prepare([text, *earlier])
+        best: tuple[int, str, float] | None = None
+        for pos, other in enumerate(others):
+            if other.digest == item.digest:
+                return pos, "exact", 1.0
+            similarity = float(np.count_nonzero(other.sig == item.sig)) / self.num_perm
+            if similarity >= self.threshold and (best is None or similarity > best[2]):
+                best = (pos, "near", similarity)
+        return best
+
     def has_embedding(self, text: str) -> bool:
         """Whether ``check``/``add`` of ``text`` would find its vector without
         calling ``embed`` (always True when semantic dedup is off)."""

@@ -3,6 +3,16 @@ already emitted before its response is requested, and each record is checked
 and added again when it is emitted, in index order, so the decisions do not
 depend on timing.
 
+A record is deduplicated by its first user turn (its ``instruction``, what
+the index holds), as the reference deduplicates its multi-turn sets.  A
+follow-up question of ``--turns`` is not checked against the index: follow-ups
+such as "Can you give an example?" recur across conversations that differ,
+and rejecting a conversation because its second question resembles another's
+first would throw away distinct records.  It is checked against the earlier
+user turns of its own conversation instead (exact and near rules, no
+embeddings): a model that asks its first question again makes a conversation
+that goes in a circle (``turnN_duplicate``).
+
 With semantic dedup the embeddings are awaited off the event loop's thread:
 through the embed function's ``aembed`` when it has one
 (:class:`magpie.pipeline.stages.dedup.embeddings.BackendEmbedder`), else the
@@ -32,6 +42,8 @@ class Dedup(Stage):
         self._embed_pool: ThreadPoolExecutor | None = None
 
     async def on_instruction(self, candidate: Instruction) -> Instruction | Rejection:
+        if candidate.turn > 1:
+            return self._check_follow_up(candidate)
         dup = await self._check(candidate.text)
         if dup is None:
             return candidate
@@ -55,6 +67,20 @@ class Dedup(Stage):
             text=result.instruction,
             detail=_detail(dup),
             record=result,
+        )
+
+    def _check_follow_up(self, candidate: Instruction) -> Instruction | Rejection:
+        """A follow-up question against the conversation's earlier user turns."""
+        asked = [m.content for m in candidate.history if m.role == "user"]
+        hit = self.index.repeats(candidate.text, asked)
+        if hit is None:
+            return candidate
+        turn, kind, similarity = hit
+        return Rejection(
+            index=candidate.index,
+            reason="duplicate",
+            text=candidate.text,
+            detail=f"{kind} duplicate of turn {turn + 1} ({similarity:.2f})",
         )
 
     def close(self) -> None:
