@@ -48,3 +48,16 @@ def test_closed_stdout_exits_zero(args: list[str], data: Path) -> None:
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr
     assert "error" not in stderr.lower()
+
+
+def test_doctor_keeps_its_verdict_when_its_reader_goes_away() -> None:
+    """``magpie doctor --json | head`` exits with the checks' status (3: the
+    server is down), not 0: a script that reads one line still sees it."""
+    from magpie.errors import ExitStatus
+
+    proc = popen_magpie("doctor", "--json", "--host", "http://127.0.0.1:9", "--model", "m")
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == ExitStatus.BACKEND_UNAVAILABLE, stderr
+    assert "Traceback" not in stderr

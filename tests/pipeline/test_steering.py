@@ -235,3 +235,14 @@ def test_shards_draw_what_the_whole_run_draws_at_their_indexes(tmp_path: Path) -
     assert {r.index % 2 for r in read_records(s1)} == {1}
     common = [r for r in shard_recs if r.index in by_index]
     assert len(common) >= 4 and all(r.persona == by_index[r.index] for r in common)
+
+
+def test_a_placeholder_inside_a_value_stays_as_it_is() -> None:
+    """The templates are filled in one pass: a persona that holds ``{system}``
+    or ``{topic}`` is not replaced by the system prompt or the topic."""
+    s = _steering(["a fan of {system} and {topic}"], ["chess"])
+    text = s.system_text("Be kind.", {"persona": "a fan of {system} and {topic}", "topic": "chess"})
+    assert text == (
+        "Be kind. The user is a fan of {system} and {topic}. The user asks you a question "
+        "about chess."
+    )

@@ -167,3 +167,18 @@ def test_dedup_and_merge_rejects_are_not_the_output(tmp_path: Path, data: Path) 
     for cmd in ("dedup", "merge"):
         proc = run_magpie(cmd, str(data), "-o", str(out), "--rejects", str(hard), "--overwrite")
         refused(proc, "same file")
+
+
+def test_two_outputs_are_never_one_stdout(tmp_path: Path) -> None:
+    """``magpie dedup X -o - --rejects -`` would mix the dropped records (with
+    their ``reject_reason``) into the dataset's stream: refused, as merge does."""
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(
+        "".join(
+            make_record(i, instruction="The same question?").model_dump_json() + "\n"
+            for i in range(3)
+        )
+    )
+    proc = run_magpie("dedup", str(dup), "-o", "-", "--rejects", "-")
+    refused(proc, "cannot both be stdout", "--rejects")
+    assert proc.stdout == ""

@@ -118,13 +118,14 @@ def doctor(
         checks = asyncio.run(run_doctor(cfg))
     except (MagpieError, Exception) as exc:  # noqa: BLE001
         raise fail(exc, debug) from None
+    status = int(doctor_exit_status(checks))
     if as_json:
-        out(checks_to_json(checks))
+        out(checks_to_json(checks), gone=status)  # `| head`: the verdict stands
     else:
         from rich.console import Console
 
         render_checks(checks, Console(stderr=True))
-    raise typer.Exit(int(doctor_exit_status(checks)))
+    raise typer.Exit(status)
 
 
 def templates_list(

@@ -92,15 +92,16 @@ def stdout_text() -> TextIO:
     return sys.stdout
 
 
-def out(line: str) -> None:
-    """One line of data on stdout; a reader gone away ends the command, exit 0."""
+def out(line: str, *, gone: int = ExitStatus.OK) -> None:
+    """One line of data on stdout; a reader gone away ends the command quietly,
+    exit ``gone`` (0; ``doctor`` keeps its verdict)."""
     stream = stdout_text()
     try:
         stream.write(line + "\n")
         stream.flush()
     except BrokenPipeError:
         _silence_stdout()
-        raise typer.Exit(int(ExitStatus.OK)) from None
+        raise typer.Exit(int(gone)) from None
 
 
 def _stdout_console(**kwargs: Any) -> Any:

@@ -26,7 +26,7 @@ from typing import Literal
 from magpie.backends.base import Backend, ModelInfo
 from magpie.errors import UsageError
 from magpie.templates import PreQuery
-from magpie.templates.injection import check_placeholders, check_prompt_text
+from magpie.templates.injection import check_placeholders, check_prompt_text, fill_placeholders
 
 Kind = Literal["persona", "topic"]
 
@@ -190,8 +190,9 @@ class Steering:
             text += "."  # "... trained by Hugging Face" + " The user is ..."
         for kind in self.kinds:
             tpl = self.templates[kind]
-            filled = tpl.replace("{" + kind + "}", values[kind])
-            text = filled.replace("{system}", text) if "{system}" in tpl else f"{text} {filled}"
+            # One pass: a value that holds "{system}" (or "{topic}") stays as it is.
+            filled = fill_placeholders(tpl, {kind: values[kind], "system": text})
+            text = filled if "{system}" in tpl else f"{text} {filled}"
         return text.strip()
 
     def sentinel_system(self, base: str | None) -> str:

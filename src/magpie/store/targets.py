@@ -292,6 +292,11 @@ class Targets:
         return self
 
     def _check_apart(self) -> None:
+        on_stdout = [t.what for t in self.named if t.path is None and t.writes]
+        if len(on_stdout) > 1:  # their lines would mix in one stream
+            raise UsageError(
+                f"{' and '.join(on_stdout)} cannot both be stdout (-): give {on_stdout[-1]} a file"
+            )
         items = [t for t in self.named if t.path is not None]
         for i, a in enumerate(items):
             for b in items[i + 1 :]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from magpie.errors import UsageError
 from magpie.templates.registry import families
@@ -131,3 +131,10 @@ def check_placeholders(
             f"(it knows {slots}): {template[:200]!r}"
         )
     return template
+
+
+def fill_placeholders(template: str, values: Mapping[str, str]) -> str:
+    """``template`` with each ``{name}`` of ``values`` filled in, in one pass: a
+    value that holds a placeholder (a persona written ``{system}``) stays as
+    it is, never filled in turn."""
+    return _PLACEHOLDER_RE.sub(lambda m: values.get(m.group(1), m.group(0)), template)
