@@ -66,12 +66,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
 VERSION = "0.6.0-test"
+#: The version a double reports when asked to render templates
+#: (``_debug_render_only``, Ollama 0.11.5 and later): this Ollama's.
+RENDER_VERSION = "0.33.0-test"
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures" / "ollama"
 EMBED_DIM = 256
 GENERATION_PATHS = ("/api/generate", "/api/chat")
@@ -645,6 +648,11 @@ class TestModel:
     show: dict[str, Any]
     tags: dict[str, Any]
     engine: Engine
+    #: The model's chat template as Python, for ``_debug_render_only`` (Ollama
+    #: renders its Go template; the double cannot): ``render(messages, today)``
+    #: with the request's messages after the Modelfile SYSTEM is added, and the
+    #: server's date (``currentDate``).  None: the double does not render it.
+    render: Callable[[list[dict[str, Any]], date], str] | None = None
 
     def __post_init__(self) -> None:
         self.show = dict(self.show)
@@ -1019,7 +1027,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/" and method in ("GET", "HEAD"):
             self._send_text(200, "Ollama is running")
         elif path == "/api/version" and method in ("GET", "HEAD"):
-            self._send_json(200, {"version": VERSION})
+            self._send_json(200, {"version": self.owner.version})
         elif path == "/api/tags" and method in ("GET", "HEAD"):
             # Ollama 0.33 lists each model's capabilities in its tags entry too.
             models = [
@@ -1133,6 +1141,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if model.system and not any(m.get("role") == "system" for m in messages):
             messages = [{"role": "system", "content": model.system}, *messages]
+        if body.get("_debug_render_only") and self.owner.renders:
+            self._render_only(name, model, messages)
+            return
         thinking = thinking_parser(name, model, body)
         if isinstance(thinking, str):
             self._error(400, thinking)
@@ -1145,6 +1156,24 @@ class _Handler(BaseHTTPRequestHandler):
         start = functools.partial(model.engine.chat, messages, fitted, fmt)
         self._serve_generation(
             name, model, body, start, fault, chat=True, raw=False, thinking=thinking
+        )
+
+    def _render_only(self, name: str, model: TestModel, messages: list[dict[str, Any]]) -> None:
+        """``_debug_render_only``: the rendered prompt, no generation (Ollama
+        0.11.5+: ``server/routes.go``), rendered on the server's date."""
+        if model.render is None:
+            self._error(501, f"the test double cannot render the template of {name}")
+            return
+        rendered = model.render(messages, self.owner.today or date.today())
+        self._send_json(
+            200,
+            {
+                "model": name,
+                "created_at": _now(),
+                "message": {"role": "", "content": ""},
+                "done": False,
+                "_debug_info": {"rendered_template": rendered},
+            },
         )
 
     def _fit_context(
@@ -1533,8 +1562,17 @@ class OllamaTestServer:
         *,
         slots: int | None = None,
         max_queue: int | None = None,
+        version: str = VERSION,
+        today: date | None = None,
     ):
         self.models = list(models)
+        #: ``/api/version``: :data:`RENDER_VERSION` answers ``_debug_render_only``
+        #: (with each model's ``render``), the default does not (magpie then
+        #: matches the template by its markers).
+        self.version = version
+        #: The server's date, what a template's ``currentDate`` writes (None:
+        #: today's, as Ollama's ``time.Now()``): a test moves it to another day.
+        self.today = today
         self.host = host
         self.port = port
         self.slots = slots
@@ -1555,6 +1593,12 @@ class OllamaTestServer:
         self.cut_prompts = 0
 
     # -- lifecycle
+
+    @property
+    def renders(self) -> bool:
+        """Whether this server's version answers ``_debug_render_only`` (0.11.5+)."""
+        m = re.match(r"v?(\d+)\.(\d+)\.(\d+)", self.version)
+        return m is not None and tuple(int(x) for x in m.groups()) >= (0, 11, 5)
 
     @property
     def url(self) -> str:
