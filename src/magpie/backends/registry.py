@@ -225,9 +225,9 @@ async def choose_backend(
     spec: BackendSpec, on_retry: Callable[[str], None] | None = None
 ) -> BackendChoice:
     """Open the backend the spec asks for (``auto``: Ollama if it is up), each of
-    its start-up requests retried by ``spec.retry`` (``on_retry`` counts them):
-    the one place where a backend gets its policy, so no caller retries a
-    start-up request of its own."""
+    its start-up requests retried by ``spec.retry`` (``on_retry`` counts them),
+    as :func:`open_backend` does: a backend gets its policy where it is opened,
+    so no caller retries a start-up request of its own."""
     choice = await CHOOSERS[spec.backend](spec)
     choice.backend.retry_start_requests(spec.retry, on_retry)
     return choice
