@@ -138,6 +138,7 @@ def _openai_args(url: str | list[str], out: Path, n: int, *extra: str) -> list[s
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_ten_openai_runs_against_thirty_percent_503s_all_finish_with_the_same_pre_query(
     tmp_path: Path,
 ) -> None:
@@ -188,6 +189,7 @@ def _ollama_args(url: str | list[str], out: Path, n: int, *extra: str) -> list[s
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_ten_runs_whose_pre_query_is_rendered_against_thirty_percent_503s(
     tmp_path: Path,
 ) -> None:
@@ -213,6 +215,7 @@ def test_ten_runs_whose_pre_query_is_rendered_against_thirty_percent_503s(
         assert renders, "the pre-query was not rendered by the server"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["/api/show", "/api/tags", "/api/version", "/api/chat"])
 def test_a_503_on_each_start_up_request_leaves_the_pre_query_as_it_is(
     tmp_path: Path, path: str
@@ -233,6 +236,7 @@ def test_a_503_on_each_start_up_request_leaves_the_pre_query_as_it_is(
     assert manifest_of(out).runs[-1].retries == {"http_503": 1}
 
 
+@pytest.mark.slow
 def test_a_503_on_every_host_of_a_pool_is_retried(tmp_path: Path) -> None:
     """``--host A --host B``, each answering its first show and its first render
     with 503: the run neither reads two busy hosts as "none is reachable" (exit
