@@ -244,6 +244,40 @@ def test_show_and_tags_shapes_match(ollama: RealOllama, double):  # type: ignore
     assert set(_get(ollama.url + "/api/version")) == set(_get(srv.url + "/api/version"))
 
 
+def test_the_double_renders_as_the_real_server(ollama: RealOllama) -> None:
+    """``_debug_render_only`` (what magpie's pre-query comes from): the real
+    server's reply and the double's with SmolLM2's rendering
+    (``batch_helpers.chatml_render``) carry the same keys and the same
+    ``rendered_template``, with and without a system message and over a
+    conversation; the double's version is one that renders."""
+    from batch_helpers import chatml_render
+    from ollama_server import RENDER_VERSION, OllamaTestServer, ScriptedEngine, smollm2_model
+
+    from magpie.backends.ollama.show import renders_templates
+
+    model = smollm2_model(ScriptedEngine())
+    model.render = chatml_render
+    chats = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "You are a chef."}, {"role": "user", "content": "Hi"}],
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "And then?"},
+        ],
+    ]
+    with OllamaTestServer([model], version=RENDER_VERSION) as srv:
+        assert renders_templates(_get(srv.url + "/api/version")["version"])
+        for messages in chats:
+            body = {"messages": messages, "stream": False, "_debug_render_only": True}
+            real = _post(ollama.url + "/api/chat", {"model": "smollm2", **body})
+            ours = _post(srv.url + "/api/chat", {"model": model.name, **body})
+            assert real[0] == ours[0] == 200
+            (real_reply,), (our_reply,) = real[2], ours[2]
+            assert sorted(real_reply) == sorted(our_reply), (real_reply, our_reply)
+            assert real_reply["_debug_info"] == our_reply["_debug_info"], messages
+
+
 # ----------------------------------------------------------------- thinking
 
 

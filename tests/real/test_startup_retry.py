@@ -1,5 +1,6 @@
 """A busy real Ollama (its queue full: 503 ``server busy``) slows a run down,
-never ends it (issue 20, item 5).
+never ends it (issue 20, item 5); so does a llama-server still loading its
+model (503 ``Loading model``).
 
 Ollama 0.33 queues a request for a model it must (re)load in a channel of
 ``OLLAMA_MAX_QUEUE`` places and answers 503 beyond it, the pre-query render
@@ -11,13 +12,29 @@ waits for a reload and many are turned away.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from magpie_cli import run_magpie
-from real_servers import RealOllama, ollama_binary, post_json, smollm2_gguf
+from real_servers import (
+    RealLlamaServer,
+    RealOllama,
+    llama_server_binary,
+    ollama_binary,
+    post_json,
+    smollm2_gguf,
+)
 
+from magpie.backends.registry import choose_backend
+from magpie.backends.retry import RetryPolicy
+from magpie.backends.spec import BackendSpec
+from magpie.templates.rendered import aresolve_pre_query
 from real.helpers import check_records, manifest
 
 #: Seconds the server stays busy (the run's retries back off for about 70 s).
@@ -87,3 +104,92 @@ def test_a_run_against_a_busy_real_ollama_finishes(busy_ollama: RealOllama, tmp_
     assert busy, "the server never answered 503: the test did not make it busy"
     retries = manifest(out)["runs"][-1]["retries"]
     assert retries.get("http_503"), (retries, proc.stderr)
+
+
+#: Patient enough for a busy spell of the server (each request by itself):
+#: 60 retries, at most a second apart, outlast BUSY_FOR.
+PATIENT = RetryPolicy(max_retries=60, backoff_base=0.2, backoff_max=1.0, unreachable_budget=0.0)
+
+
+async def _start_up(spec: BackendSpec, causes: list[str]) -> dict[str, Any]:
+    """What a run asks before its first pair: the model's description and the
+    pre-query (the server's render), each request retried (``causes``)."""
+    backend = (await choose_backend(spec, causes.append)).backend
+    try:
+        info = await backend.describe()
+        pre_query = await aresolve_pre_query("auto", backend, info)
+    finally:
+        await backend.aclose()
+    return {"info": info.model_dump(exclude={"extra"}), "pre_query": pre_query.model_dump()}
+
+
+def test_the_real_render_answers_503_when_the_queue_is_full_and_is_retried(
+    busy_ollama: RealOllama,
+) -> None:
+    """Ollama schedules the runner before it renders (server/routes.go
+    ChatHandler), and a request that must wait for a (re)load while
+    ``OLLAMA_MAX_QUEUE`` requests already wait is answered 503
+    (server/sched.go getRunner: ``ErrMaxQueue``).  The start-up's render is
+    such a request: answered 503 by the real server, retried by itself, and
+    the pre-query is the one a quiet server renders.  (Show, tags and version
+    are not scheduled: the 503s are the render's.)"""
+    spec = BackendSpec(backend="ollama", model="smollm2", host=busy_ollama.url, retry=PATIENT)
+    quiet = asyncio.run(_start_up(spec, []))
+    assert quiet["pre_query"]["source"] == "ollama-render"
+    stop, busy = threading.Event(), list[int]()
+    noise = threading.Thread(target=_noise, args=(busy_ollama, stop, busy), daemon=True)
+    noise.start()
+    # The busy spell ends after BUSY_FOR seconds, as a queue that fills up drains.
+    threading.Timer(BUSY_FOR, stop.set).start()
+    causes: list[str] = []
+    try:
+        time.sleep(1.0)  # the noise fills the queue first
+        busy_start = asyncio.run(_start_up(spec, causes))
+    finally:
+        stop.set()
+        noise.join(timeout=120)
+    assert busy, "the server never answered 503: the test did not make it busy"
+    assert "http_503" in causes, f"the render was never answered 503 ({causes})"
+    assert busy_start == quiet
+
+
+def _status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def test_a_llama_server_still_loading_its_model_is_waited_for(tmp_path: Path) -> None:
+    """llama-server listens before its model is loaded and answers 503
+    "Loading model" to everything meanwhile (its models list, ``/props``,
+    ``/tokenize``, ``/apply-template``): a start-up that begins then is
+    answered 503, asks again, and ends with what a loaded server gives."""
+    binary = llama_server_binary()
+    if binary is None:
+        pytest.skip("no llama-server binary")
+    for attempt in range(3):  # the load takes about 0.3 s: catch it loading
+        srv = RealLlamaServer(binary, smollm2_gguf(), tmp_path / f"ls{attempt}")
+        srv.start(wait=False)
+        try:
+            status = None
+            deadline = time.monotonic() + 60
+            while status is None and time.monotonic() < deadline:
+                status = _status(srv.url + "/health")
+                time.sleep(0.002)
+            spec = BackendSpec(backend="openai", host=srv.url, retry=PATIENT)
+            causes: list[str] = []
+            early = asyncio.run(_start_up(spec, causes))
+            assert _status(srv.url + "/health") == 200
+            late = asyncio.run(_start_up(spec, []))
+        finally:
+            srv.stop()
+        if status == 503:
+            break
+    assert status == 503, "llama-server was never caught loading its model"
+    assert "http_503" in causes, causes
+    assert early == late
+    assert late["pre_query"]["source"] == "apply-template"

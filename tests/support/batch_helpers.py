@@ -8,8 +8,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from ollama_server import OllamaTestServer, ScriptedEngine, build_models
+from ollama_server import RENDER_VERSION, OllamaTestServer, ScriptedEngine, build_models
 from ollama_server import _instruction as scripted_instruction
 
 from magpie.records import SEED_SLOTS, Record
@@ -24,6 +25,24 @@ def scripted_server(latency: float = 0.0, slots: int | None = None) -> Iterator[
     engine = ScriptedEngine(latency=latency)
     with OllamaTestServer(build_models(["llama3.1"], engine), slots=slots) as srv:
         yield srv
+
+
+def chatml_render(messages: list[dict[str, Any]], today: object = None) -> str:
+    """A chat as Ollama renders it with SmolLM2's library template (ChatML), the
+    generation prompt last (held to the real server's rendering by
+    tests/real/test_ollama_protocol.py)."""
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return turns + "<|im_start|>assistant\n"
+
+
+def rendering_server(slots: int | None = None) -> OllamaTestServer:
+    """A scripted double that renders on request (``_debug_render_only``, as
+    Ollama 0.11.5 and later do: the pre-query comes from it), serving
+    ``smollm2:135m``."""
+    models = build_models(["smollm2"], ScriptedEngine())
+    for model in models:
+        model.render = chatml_render
+    return OllamaTestServer(models, slots=slots, version=RENDER_VERSION)
 
 
 def gen_args(srv: OllamaTestServer, out: Path | str, n: int, *extra: str) -> list[str]:

@@ -285,7 +285,9 @@ class RealLlamaServer(_Process):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 120.0) -> RealLlamaServer:
+    def start(self, timeout: float = 120.0, *, wait: bool = True) -> RealLlamaServer:
+        """Start the server and wait until it has loaded the model (``wait``
+        False: return at once; it answers 503 "Loading model" meanwhile)."""
         argv = [
             str(self.binary),
             "-m",
@@ -308,7 +310,8 @@ class RealLlamaServer(_Process):
         lib = str(self.binary.parent)
         env["LD_LIBRARY_PATH"] = lib + os.pathsep + env.get("LD_LIBRARY_PATH", "")
         self._spawn(argv, env)
-        self._wait_ready(self.url + "/health", "llama-server", timeout)
+        if wait:
+            self._wait_ready(self.url + "/health", "llama-server", timeout)
         return self
 
 

@@ -35,16 +35,23 @@ Backends raise :class:`magpie.errors.BackendUnavailable` (server down),
 :class:`magpie.errors.ModelNotFound` (model missing) and
 :class:`magpie.errors.BackendError` (a failed request, ``retryable`` when a retry
 may help).  Retrying is not a backend's job: :mod:`magpie.backends.retry` does it once for
-all backends.
+all backends.  A backend only sends each of its start-up requests (those that are
+not generations) through :meth:`Backend._start_request`, which retries it by the
+policy :meth:`Backend.retry_start_requests` gave (``choose_backend`` gives one to
+every backend it opens).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from magpie.backends.retry import RetryPolicy, call_with_retry
+
+T = TypeVar("T")
 
 #: "abort": the caller's ``abort`` check stopped the generation (a loop).
 #: "repeat": the server's own repeat guard ended it: Ollama closes a stream
@@ -125,6 +132,9 @@ class Backend(abc.ABC):
     render_source: str = "server-render"
     #: Requests in flight that ``--concurrency auto`` keeps on this backend.
     auto_concurrency: int = 1
+    #: How each start-up request is retried (:meth:`retry_start_requests`).
+    _start_policy: RetryPolicy | None = None
+    _on_start_retry: Callable[[str], None] | None = None
 
     @property
     @abc.abstractmethod
@@ -214,6 +224,29 @@ class Backend(abc.ABC):
         "model" check).  Raises ModelNotFound / UsageError with a ``fix``."""
         info = await self.describe()
         return info, self.model + (f" on {self.host}" if self.host else "")
+
+    def retry_start_requests(
+        self, policy: RetryPolicy | None, on_retry: Callable[[str], None] | None = None
+    ) -> None:
+        """Retry each start-up request of this backend by ``policy`` (None: not
+        at all), calling ``on_retry`` with the cause of each retry.
+
+        The start-up requests are the ones that are not generations: what
+        :meth:`describe`, :meth:`render_chat`, :meth:`probe` and
+        :meth:`check_model` ask.  Each is retried by itself, not the method
+        that makes several (a busy server answers some of them 503), and an
+        error that a retry may cure (5xx, 429, a timeout) is raised to be
+        retried, never read as "the server has no such endpoint".  A backend
+        that sends no requests (in process) has nothing to retry."""
+        self._start_policy = policy
+        self._on_start_retry = on_retry
+
+    async def _start_request(self, request: Callable[[], Awaitable[T]]) -> T:
+        """Await one start-up request (``request()``, raising magpie's errors),
+        retried by the policy of :meth:`retry_start_requests`."""
+        if self._start_policy is None:
+            return await request()
+        return await call_with_retry(request, self._start_policy, self._on_start_retry)
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections or the model."""

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from magpie.backends.base import AbortCheck, Backend, Completion, ModelInfo, Sampling
+from magpie.backends.retry import RetryPolicy
 from magpie.errors import BackendError, BackendUnavailable, ModelNotFound
 
 T = TypeVar("T")
@@ -198,14 +199,26 @@ class HostPool(Backend):
     def render_source(self) -> str:  # type: ignore[override]
         return self._hosts[0].backend.render_source
 
+    def retry_start_requests(
+        self, policy: RetryPolicy | None, on_retry: Callable[[str], None] | None = None
+    ) -> None:
+        """Each host's start-up requests, each retried by ``policy``."""
+        super().retry_start_requests(policy, on_retry)
+        for host in self._hosts:
+            host.backend.retry_start_requests(policy, on_retry)
+
     async def render_chat(self, messages: list[dict[str, str]]) -> str | None:
-        """The first reachable host's rendering (every host serves one model)."""
+        """The first host's rendering that answers (every host serves one model);
+        when none does, the last one's error (each host's requests retried by
+        themselves): a busy pool is not a pool that cannot render."""
+        last: BaseException | None = None
         for host in self._hosts:
             try:
                 return await host.backend.render_chat(messages)
-            except (BackendUnavailable, BackendError):
-                continue
-        return None
+            except (BackendUnavailable, BackendError) as exc:
+                last = exc
+        assert last is not None
+        raise last
 
     async def probe(self) -> str:
         """Every host answers (the first that does not raises)."""
@@ -230,6 +243,9 @@ class HostPool(Backend):
             except (BackendUnavailable, BackendError) as exc:
                 host.failed(time.monotonic())
                 down.append(exc)
+        busy = [e for e in down if isinstance(e, BackendError)]
+        if not infos and busy:  # they answered, but failed after their retries
+            raise busy[0]
         if not infos:
             # How to start them is the backend's to say (Ollama's, an
             # OpenAI-compatible server's).

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from magpie.backends.base import Backend
-from magpie.backends.retry import RetryPolicy, call_with_retry, with_start_retry
+from magpie.backends.retry import RetryPolicy, call_with_retry
 from magpie.backends.spec import BackendSpec
 from magpie.errors import BackendUnavailable, MagpieError, UsageError
 
@@ -83,11 +83,15 @@ def _openai(spec: BackendSpec) -> Backend:
 
 def open_backend(spec: BackendSpec) -> Backend:
     """The ``ollama`` or ``openai`` backend named by ``spec.backend``, for
-    ``spec.model`` on its hosts (a HostPool over several), not yet contacted.
-    Any other name (``auto``) opens Ollama."""
+    ``spec.model`` on its hosts (a HostPool over several), not yet contacted;
+    its start-up requests retried by ``spec.retry``.  Any other name
+    (``auto``) opens Ollama."""
     if spec.backend == "openai":
-        return _openai(spec)
-    return _ollama(spec, spec.model or DEFAULT_OLLAMA_MODEL)
+        backend = _openai(spec)
+    else:
+        backend = _ollama(spec, spec.model or DEFAULT_OLLAMA_MODEL)
+    backend.retry_start_requests(spec.retry)
+    return backend
 
 
 async def choose_judge_backend(spec: BackendSpec) -> BackendChoice:
@@ -125,9 +129,7 @@ async def open_judge_backend(spec: BackendSpec, retry: RetryPolicy) -> Backend:
     backend = (await choose_judge_backend(spec)).backend
     try:
         if spec.retry is None:  # a spec not made by RunConfig
-            backend = with_start_retry(
-                backend, retry.model_copy(update={"unreachable_budget": 0.0})
-            )
+            backend.retry_start_requests(retry.model_copy(update={"unreachable_budget": 0.0}))
         await backend.describe()
     except MagpieError as exc:
         await backend.aclose()
@@ -222,7 +224,10 @@ CHOOSERS: dict[str, Callable[[BackendSpec], Awaitable[BackendChoice]]] = {
 async def choose_backend(
     spec: BackendSpec, on_retry: Callable[[str], None] | None = None
 ) -> BackendChoice:
-    """Open the backend the spec asks for (``auto``: Ollama if it is up), its
-    start-up requests retried by ``spec.retry`` (``on_retry`` counts them)."""
+    """Open the backend the spec asks for (``auto``: Ollama if it is up), each of
+    its start-up requests retried by ``spec.retry`` (``on_retry`` counts them),
+    as :func:`open_backend` does: a backend gets its policy where it is opened,
+    so no caller retries a start-up request of its own."""
     choice = await CHOOSERS[spec.backend](spec)
-    return BackendChoice(with_start_retry(choice.backend, spec.retry, on_retry), choice.reason)
+    choice.backend.retry_start_requests(spec.retry, on_retry)
+    return choice

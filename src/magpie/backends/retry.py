@@ -1,4 +1,19 @@
-"""Retrying failed backend requests: one policy for every backend."""
+"""Retrying failed backend requests: one policy for every backend.
+
+:func:`call_with_retry` is the one loop, used at two depths:
+
+* each start-up request of a backend (what ``describe``, ``render_chat``,
+  ``probe`` and ``check_model`` ask: Ollama's show, tags, version and render,
+  an OpenAI-compatible server's models, ``/props``, ``/tokenize`` and
+  ``/apply-template``) is retried by itself, where the backend sends it
+  (:meth:`magpie.backends.base.Backend._start_request`), with the policy that
+  :func:`magpie.backends.registry.choose_backend` gives every backend it opens
+  (:meth:`~magpie.backends.base.Backend.retry_start_requests`): a 503 (Ollama's
+  answer when its queue is full, llama-server's while it loads the model) is
+  asked again, never taken for a missing endpoint, and never ends a run;
+* a generation request (``complete``, ``chat``, ``embed``) is retried by the
+  pipeline, the judge, the guard or the embedder per pair, which counts it.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +21,10 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from magpie.backends.base import AbortCheck, Backend, Completion, ModelInfo, Sampling
 from magpie.errors import BackendError, BackendUnavailable
 
 T = TypeVar("T")
@@ -71,127 +85,3 @@ async def call_with_retry(
         if on_retry is not None:
             on_retry(cause)
         await asyncio.sleep(policy.delay(step))
-
-
-class StartRetry(Backend):
-    """A backend whose start-up requests go through the retry policy.
-
-    What a run (or ``magpie doctor``) asks before its first pair is
-    ``describe`` (Ollama's show and tags, an OpenAI-compatible server's
-    models), ``render_chat`` (the pre-query render, Ollama's version check),
-    ``probe`` and ``check_model``: a 503 there (Ollama's answer when its queue
-    is full) or a timeout is retried like any request, and a refused
-    connection is not retried when the policy's ``unreachable_budget`` is 0
-    (the server is down: exit 3 at once).  The generation requests
-    (``complete``, ``complete_n``, ``chat``, ``embed``) pass through
-    untouched: the pipeline retries each of them per pair and counts it.
-    :func:`magpie.backends.registry.choose_backend` wraps every backend it
-    opens, so no caller retries a start-up request of its own.
-    """
-
-    def __init__(
-        self,
-        backend: Backend,
-        policy: RetryPolicy,
-        on_retry: Callable[[str], None] | None = None,
-    ) -> None:
-        self.inner = backend
-        self.policy = policy
-        self.on_retry = on_retry
-        self.name = backend.name
-        self.render_source = backend.render_source
-        self.auto_concurrency = backend.auto_concurrency
-
-    def __getattr__(self, name: str) -> object:
-        # What a backend has beyond the contract (an engine's own methods).
-        return getattr(self.inner, name)
-
-    async def _retried(self, fn: Callable[[], Awaitable[T]]) -> T:
-        return await call_with_retry(fn, self.policy, self.on_retry)
-
-    # The start-up requests: retried.
-    async def describe(self) -> ModelInfo:
-        return await self._retried(self.inner.describe)
-
-    async def render_chat(self, messages: list[dict[str, str]]) -> str | None:
-        return await self._retried(lambda: self.inner.render_chat(messages))
-
-    async def probe(self) -> str:
-        return await self._retried(self.inner.probe)
-
-    async def check_model(self) -> tuple[ModelInfo, str]:
-        return await self._retried(self.inner.check_model)
-
-    # Everything else: as the backend does it.
-    @property
-    def model(self) -> str:
-        return self.inner.model
-
-    @property
-    def host(self) -> str | None:
-        return self.inner.host
-
-    async def complete(
-        self,
-        prompt: str,
-        *,
-        sampling: Sampling,
-        stop: list[str],
-        seed: int | None = None,
-        abort: AbortCheck | None = None,
-    ) -> Completion:
-        return await self.inner.complete(
-            prompt, sampling=sampling, stop=stop, seed=seed, abort=abort
-        )
-
-    async def chat(
-        self,
-        messages: list[dict[str, str]],
-        *,
-        sampling: Sampling,
-        seed: int | None = None,
-        abort: AbortCheck | None = None,
-        json_schema: dict[str, Any] | None = None,
-        think: bool | None = None,
-    ) -> Completion:
-        return await self.inner.chat(
-            messages,
-            sampling=sampling,
-            seed=seed,
-            abort=abort,
-            json_schema=json_schema,
-            think=think,
-        )
-
-    def supports_complete_n(self) -> bool:
-        return self.inner.supports_complete_n()
-
-    async def complete_n(
-        self,
-        prompt: str,
-        n: int,
-        *,
-        sampling: Sampling,
-        stop: list[str],
-        seed: int | None = None,
-    ) -> list[Completion]:
-        return await self.inner.complete_n(prompt, n, sampling=sampling, stop=stop, seed=seed)
-
-    def supports_embed(self) -> bool:
-        return self.inner.supports_embed()
-
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        return await self.inner.embed(texts)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-def with_start_retry(
-    backend: Backend, policy: RetryPolicy | None, on_retry: Callable[[str], None] | None = None
-) -> Backend:
-    """``backend`` with its start-up requests retried (:class:`StartRetry`);
-    as it is without a policy."""
-    if policy is None or isinstance(backend, StartRetry):
-        return backend
-    return StartRetry(backend, policy, on_retry)

@@ -33,8 +33,8 @@ class BackendSpec(BaseModel):
     #: or the server's own on Ollama).  An OpenAI-compatible server fixes its
     #: own when it starts.
     num_ctx: int | None = None
-    #: The retries of the start-up requests (``describe``, the pre-query
-    #: render, ...; see :class:`magpie.backends.retry.StartRetry`); None: none.
+    #: The retries of each start-up request (show, the pre-query render, ...;
+    #: see :meth:`magpie.backends.base.Backend.retry_start_requests`); None: none.
     retry: RetryPolicy | None = None
     threads: int | None = None
 

@@ -34,6 +34,7 @@ from magpie.backends.base import Backend, ModelInfo
 from magpie.backends.llamacpp.buildcheck import INSTALL_EMBEDDED
 from magpie.backends.retry import RetryPolicy
 from magpie.errors import (
+    BackendError,
     BackendUnavailable,
     ExitStatus,
     MagpieError,
@@ -64,6 +65,16 @@ SMOKE_SEED = 0
 QUICK_TIMEOUT = 15.0
 #: Characters of the answer shown in the smoke-test detail.
 ANSWER_PREVIEW = 80
+#: Retries of each of doctor's requests: a busy moment is not a failure, but a
+#: server that stays busy is said so in seconds, not waited for.
+QUICK_RETRIES = 2
+QUICK_BACKOFF_MAX = 2.0
+#: What to do about a server that answered but failed (busy: 503, 5xx, a timeout).
+BUSY_FIX = (
+    "the server is busy or failing (see its log): rerun `magpie doctor` when it has "
+    "less to do; `magpie generate` retries such answers (--max-retries, --backoff-base), "
+    "so a run would wait for it"
+)
 
 
 class Check(BaseModel):
@@ -94,7 +105,10 @@ def _fail(detail: str, fix: str, status: ExitStatus) -> _Failed:
 
 def _from_error(exc: MagpieError, fix: str | None = None) -> _Failed:
     """A failure from a magpie error: its message is the detail, its ``fix``
-    (or, without one, the message again) what to do."""
+    (a server that stayed busy: :data:`BUSY_FIX`; without one, the message
+    again) what to do."""
+    if fix is None and not exc.fix and isinstance(exc, BackendError) and exc.retryable:
+        return _fail(exc.message, BUSY_FIX, exc.exit_status)
     if fix is None and exc.fix:
         return _fail(exc.message, exc.fix, exc.exit_status)
     return _fail(str(exc), fix if fix is not None else str(exc), exc.exit_status)
@@ -122,7 +136,8 @@ async def _check_backend(config: RunConfig) -> tuple[Backend, str]:
 
     try:
         validate_config(config)
-        choice = await choose_backend(config.generator_spec)
+        spec = config.generator_spec.model_copy(update={"retry": _quick_policy(config)})
+        choice = await choose_backend(spec)
     except BackendUnavailable as exc:  # the embedded default model is not installed
         raise _from_error(exc, f"{INSTALL_EMBEDDED} (or pass --model PATH.gguf)") from None
     except MagpieError as exc:
@@ -186,15 +201,21 @@ async def _check_template(
     return pre_query, detail
 
 
+def _quick_policy(config: RunConfig) -> RetryPolicy:
+    """The retries of each of doctor's requests (start-up and smoke test):
+    at most :data:`QUICK_RETRIES`, briefly; a refused connection at once."""
+    return RetryPolicy(
+        max_retries=min(config.max_retries, QUICK_RETRIES),
+        backoff_base=config.backoff_base,
+        backoff_max=min(config.backoff_max, QUICK_BACKOFF_MAX),
+        unreachable_budget=0.0,
+    )
+
+
 def _smoke_settings(config: RunConfig) -> Any:
     from magpie.pipeline.scheduler import PipelineSettings
 
-    policy = RetryPolicy(
-        max_retries=min(config.max_retries, 2),
-        backoff_base=config.backoff_base,
-        backoff_max=min(config.backoff_max, 5.0),
-        unreachable_budget=0.0,
-    )
+    policy = _quick_policy(config)
     return PipelineSettings(
         instruction=config.instruction.model_copy(
             update={"max_tokens": min(config.instruction.max_tokens, SMOKE_INSTRUCTION_TOKENS)}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from magpie.backends.base import AbortCheck, Backend, Completion, ModelInfo, Sampling
 from magpie.backends.http import (
@@ -35,6 +36,8 @@ from magpie.errors import BackendError, BackendUnavailable, ContextOverflow, Mod
 DEFAULT_TIMEOUT = 300.0
 #: Statuses worth a retry besides 5xx: rate limit, a request the server closed.
 _RETRYABLE_STATUS = frozenset({429, 499})
+
+T = TypeVar("T")
 
 
 class OllamaBackend(Backend):
@@ -191,6 +194,22 @@ class OllamaBackend(Backend):
             f"connection to Ollama at {self._host} failed: {exc.__class__.__name__}",
             cause="connection",
         )
+
+    async def _ask(self, call: Callable[[], Awaitable[T]]) -> T:
+        """One request of the official client that is not a generation (version,
+        tags, show, the render): its errors translated (:meth:`_translate`), and
+        retried by itself as a start-up request (:meth:`Backend._start_request`)."""
+
+        async def once() -> T:
+            try:
+                return await call()
+            except Exception as exc:  # noqa: BLE001 - translated below
+                translated = self._translate(exc)
+                if translated is exc:
+                    raise
+                raise translated from exc
+
+        return await self._start_request(once)
 
     async def _stream_direct(
         self,
@@ -387,11 +406,10 @@ class OllamaBackend(Backend):
 
     async def version(self) -> str:
         """The server's version; raises BackendUnavailable when it is down."""
-        try:
-            resp = await self._client._request_raw("GET", "/api/version")  # noqa: SLF001
-            return str(resp.json().get("version", "unknown"))
-        except Exception as exc:  # noqa: BLE001
-            raise self._translate(exc) from exc
+        resp = await self._ask(
+            lambda: self._client._request_raw("GET", "/api/version")  # noqa: SLF001
+        )
+        return str(resp.json().get("version", "unknown"))
 
     async def probe(self) -> str:
         try:
@@ -433,17 +451,11 @@ class OllamaBackend(Backend):
         return info, summary + (f" ({', '.join(facts)})" if facts else "") + digest
 
     async def list_models(self) -> list[dict[str, Any]]:
-        try:
-            resp = await self._client.list()
-        except Exception as exc:  # noqa: BLE001
-            raise self._translate(exc) from exc
+        resp = await self._ask(self._client.list)
         return [m.model_dump() for m in resp.models]
 
     async def describe(self) -> ModelInfo:
-        try:
-            show = await self._client.show(self._model)
-        except Exception as exc:  # noqa: BLE001
-            raise self._translate(exc) from exc
+        show = await self._ask(lambda: self._client.show(self._model))
         digest = None
         for m in await self.list_models():
             if m.get("model") in (self._model, f"{self._model}:latest"):
@@ -478,29 +490,27 @@ class OllamaBackend(Backend):
             self._renders = renders_templates(await self.version())
         if not self._renders:
             return None
+        body = {
+            "model": self._model,
+            "messages": messages,
+            "stream": False,
+            "_debug_render_only": True,
+            # Not cut: with truncate on, Ollama drops the first messages of a
+            # conversation longer than the context from the render too.  And
+            # the model is loaded for a render: num_ctx and shift as for
+            # generation, or the next request reloads it.
+            "options": {"num_predict": 1}
+            | ({"num_ctx": self._num_ctx} if self._num_ctx is not None else {}),
+            **NO_CUTS,
+        }
         try:
-            resp = await self._client._request_raw(  # noqa: SLF001 - a plain POST
-                "POST",
-                "/api/chat",
-                json={
-                    "model": self._model,
-                    "messages": messages,
-                    "stream": False,
-                    "_debug_render_only": True,
-                    # Not cut: with truncate on, Ollama drops the first messages
-                    # of a conversation longer than the context from the render
-                    # too.  And the model is loaded for a render: num_ctx and
-                    # shift as for generation, or the next request reloads it.
-                    "options": {"num_predict": 1}
-                    | ({"num_ctx": self._num_ctx} if self._num_ctx is not None else {}),
-                    **NO_CUTS,
-                },
+            resp = await self._ask(
+                lambda: self._client._request_raw("POST", "/api/chat", json=body)  # noqa: SLF001
             )
-        except Exception as exc:  # noqa: BLE001 - translated below
-            translated = self._translate(exc)
-            if isinstance(translated, BackendError) and not translated.retryable:
+        except BackendError as exc:
+            if not exc.retryable:
                 return None  # 400: e.g. a model that cannot chat (an embedder)
-            raise translated from exc
+            raise
         info = resp.json().get("_debug_info")
         rendered = info.get("rendered_template") if isinstance(info, dict) else None
         return rendered if isinstance(rendered, str) else None

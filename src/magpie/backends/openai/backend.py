@@ -143,20 +143,57 @@ class OpenAIBackend(Backend):
 
     # -- plumbing -----------------------------------------------------------
     async def _get_json(self, path: str) -> Any:
+        """``GET path``'s JSON, retried as a start-up request."""
+
+        async def once() -> Any:
+            resp = await self._request("GET", path)
+            if resp.status_code >= 400:
+                raise self._status_error(resp.status_code, resp.content, path)
+            try:
+                return resp.json()
+            except ValueError:
+                raise BackendError(
+                    f"{self._host}{path} did not answer JSON: is --host an OpenAI-compatible "
+                    "server?",
+                    retryable=False,
+                    cause="bad_reply",
+                ) from None
+
+        return await self._start_request(once)
+
+    async def _optional(self, method: str, path: str, body: Any = None) -> Any:
+        """The JSON of an endpoint that not every server has (llama.cpp's
+        ``/props``, ``/tokenize``, ``/apply-template``), retried as a start-up
+        request: None where the server has no such endpoint (vLLM's 404, a
+        501) or answers no JSON.  A busy or failing server (5xx, 408, 429:
+        llama-server answers 503 "Loading model" while it loads) or a failed
+        connection raises, to be asked again: its answer is not "no such
+        endpoint" (a busy ``/tokenize`` had made the pre-query lose its first
+        token, a busy ``/apply-template`` the server's own rendering)."""
+
+        async def once() -> Any:
+            resp = await self._request(method, path, body)
+            status = resp.status_code
+            if status != 501 and retryable_status(status, _RETRYABLE_STATUS):
+                raise self._status_error(status, resp.content, path)
+            if status != 200:
+                return None
+            try:
+                return resp.json()
+            except ValueError:
+                return None
+
+        return await self._start_request(once)
+
+    async def _request(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        """One plain (not streamed) request, its transport errors translated."""
         try:
-            resp = await self._client.get(path)
+            return await self._client.request(method, path, json=body)
         except Exception as exc:  # noqa: BLE001 - translated below
-            raise self._translate(exc) from exc
-        if resp.status_code >= 400:
-            raise self._status_error(resp.status_code, resp.content, path)
-        try:
-            return resp.json()
-        except ValueError:
-            raise BackendError(
-                f"{self._host}{path} did not answer JSON: is --host an OpenAI-compatible server?",
-                retryable=False,
-                cause="bad_reply",
-            ) from None
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
 
     async def _post(
         self, path: str, body: dict[str, Any], abort: AbortCheck | None = None
@@ -367,31 +404,16 @@ class OpenAIBackend(Backend):
         the server's chat template rendered with the generation prompt, without
         running the model.  None where the server has no such endpoint (vLLM,
         SGLang: their pre-query comes from ``/props``-less marker matching)."""
-        try:
-            resp = await self._client.post("/apply-template", json={"messages": messages})
-        except Exception as exc:  # noqa: BLE001 - translated below
-            raise self._translate(exc) from exc
-        if resp.status_code != 200:
-            return None
-        with contextlib.suppress(ValueError):
-            prompt = resp.json().get("prompt")
-            if isinstance(prompt, str):
-                return prompt
-        return None
+        data = await self._optional("POST", "/apply-template", {"messages": messages})
+        prompt = data.get("prompt") if isinstance(data, dict) else None
+        return prompt if isinstance(prompt, str) else None
 
     async def _props(self) -> dict[str, Any] | None:
         """llama.cpp's ``GET /props``; None where the server has no such page."""
-        try:
-            resp = await self._client.get("/props")
-        except Exception as exc:  # noqa: BLE001 - translated below
-            raise self._translate(exc) from exc
-        if resp.status_code != 200:
-            return None
-        with contextlib.suppress(ValueError):
-            data = resp.json()
-            # Some servers answer 200 with an error object for unknown paths.
-            if isinstance(data, dict) and ("chat_template" in data or "build_info" in data):
-                return data
+        data = await self._optional("GET", "/props")
+        # Some servers answer 200 with an error object for unknown paths.
+        if isinstance(data, dict) and ("chat_template" in data or "build_info" in data):
+            return data
         return None
 
     async def _tokens(self, text: str, special: bool) -> list[Any] | None:
@@ -403,11 +425,8 @@ class OpenAIBackend(Backend):
             "prompt": text,
             "add_special_tokens": special,
         }
-        try:
-            resp = await self._client.post("/tokenize", json=body)
-            tokens = resp.json().get("tokens") if resp.status_code == 200 else None
-        except (httpx.HTTPError, ValueError, AttributeError):
-            return None
+        data = await self._optional("POST", "/tokenize", body)
+        tokens = data.get("tokens") if isinstance(data, dict) else None
         return tokens if isinstance(tokens, list) else None
 
     async def _adds_bos(self) -> bool | None:
