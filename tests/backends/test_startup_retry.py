@@ -326,3 +326,19 @@ def test_every_start_up_request_of_every_backend_is_retried(name: str) -> None:
         results.append(got)
     quiet, busy = results
     assert busy == quiet
+
+
+def test_auto_never_swaps_a_busy_ollama_for_the_embedded_model(tmp_path: Path) -> None:
+    """``--backend auto`` with no --model: an Ollama whose model list stays
+    busy (503 through every retry) is there; the run says so (exit 3) instead
+    of switching to the embedded model without a word."""
+    out = tmp_path / "d.jsonl"
+    with OllamaTestServer(build_models(["llama3.1"], ScriptedEngine())) as srv:
+        srv.inject(HttpError(503, BUSY), times=None, path="/api/tags")
+        proc = run_magpie(
+            "generate", "-n", "1", "--host", srv.url, "-o", str(out),
+            "--backoff-base", "0.01", "--max-retries", "2",
+        )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    assert "answers but stays busy" in proc.stderr and "backend embedded:" not in proc.stderr
+    assert not out.exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 from magpie.backends.base import Backend
 from magpie.backends.retry import RetryPolicy, call_with_retry
 from magpie.backends.spec import BackendSpec
-from magpie.errors import BackendUnavailable, MagpieError, UsageError
+from magpie.errors import BackendError, BackendUnavailable, MagpieError, UsageError
 
 #: The Ollama model ``auto`` uses when none is named and the server has it.
 DEFAULT_OLLAMA_MODEL = "llama3.1"
@@ -195,6 +195,15 @@ async def _choose_auto(spec: BackendSpec) -> BackendChoice:
                 lambda: asyncio.wait_for(probe.list_models(), PROBE_TIMEOUT * 2), policy
             )
             names = [m["model"] for m in models]
+        except BackendError as exc:
+            if not exc.retryable:  # something else answers there: not an Ollama
+                why = f"Ollama is not reachable at {probe.host}"
+            else:  # an Ollama that stays busy is there: never swap the model silently
+                raise BackendUnavailable(
+                    f"Ollama at {probe.host} answers but stays busy ({exc})",
+                    fix="rerun when it has room (or raise OLLAMA_MAX_QUEUE), pass --model to "
+                    "name its model, or --backend embedded for the embedded model",
+                ) from None
         except (BackendUnavailable, asyncio.TimeoutError, Exception):  # noqa: BLE001
             why = f"Ollama is not reachable at {probe.host}"
         else:
